@@ -1,0 +1,155 @@
+"""Images as the models see them: mask modes, resizing, caching and augmentation.
+
+Every image is decoded, masked (``mask_mode``) and resized once per run into a uint8 tensor held
+in memory; augmentation (torchvision transforms v2) then runs on those small tensors, which keeps
+the data loader far ahead of CPU training.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from pipeline.io import decode_image
+from pipeline.masks import MaskParams, compute_mask
+
+MASK_MODES = ("none", "crop", "suppress")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything needed to turn a raw image into model input; saved inside every checkpoint."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    mask_mode: str = "none"
+    mask_margin: float = 0.25
+    suppress_strength: float = 0.7
+
+    def __post_init__(self) -> None:
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, "
+                             f"not {self.mask_mode!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _square_pad(image: np.ndarray) -> np.ndarray:
+    height, width = image.shape[:2]
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    return cv2.copyMakeBorder(image, top, side - height - top, left, side - width - left,
+                              cv2.BORDER_REFLECT_101)
+
+
+def _crop_to_mask(image: np.ndarray, mask: np.ndarray, margin: float) -> np.ndarray:
+    """Square crop around the mask's bounding box, grown by ``margin`` of its side."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return image
+    centre_y, centre_x = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+    side = max(np.ptp(ys), np.ptp(xs), 1) * (1 + 2 * margin)
+    half = int(np.ceil(side / 2))
+    padded = cv2.copyMakeBorder(image, half, half, half, half, cv2.BORDER_REFLECT_101)
+    top, left = int(round(centre_y)), int(round(centre_x))
+    return padded[top:top + 2 * half, left:left + 2 * half]
+
+
+def _suppress_background(image: np.ndarray, mask: np.ndarray, strength: float) -> np.ndarray:
+    """Fade everything outside the (softened) mask toward the background's mean colour."""
+    if not mask.any() or mask.all():
+        return image
+    soft = cv2.GaussianBlur(mask.astype(np.float32) / 255, (0, 0), sigmaX=3)[..., None]
+    background = image[mask == 0].mean(axis=0)
+    faded = image * (1 - strength) + background * strength
+    return np.clip(image * soft + faded * (1 - soft), 0, 255).astype(np.uint8)
+
+
+def prepare_image(image: np.ndarray, mask: np.ndarray | None, prep: Preprocess) -> np.ndarray:
+    """Apply the mask mode and resize to a square ``image_size`` uint8 RGB array."""
+    if prep.mask_mode != "none":
+        if mask is None:
+            raise ValueError(f"mask_mode {prep.mask_mode!r} needs a mask")
+        if prep.mask_mode == "crop":
+            image = _crop_to_mask(image, mask, prep.mask_margin)
+        else:
+            image = _suppress_background(image, mask, prep.suppress_strength)
+    return cv2.resize(_square_pad(image), (prep.image_size, prep.image_size),
+                      interpolation=cv2.INTER_AREA)
+
+
+def _load_one(job: tuple[Path, Path | None, Preprocess, MaskParams]) -> np.ndarray:
+    image_path, mask_file, prep, mask_params = job
+    cv2.setNumThreads(1)
+    image = decode_image(image_path)
+    mask = None
+    if mask_file is not None:
+        mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE)
+    elif prep.mask_mode != "none":
+        mask, _ = compute_mask(image, mask_params)
+    return prepare_image(image, mask, prep)
+
+
+def load_prepared(paths: list[Path], prep: Preprocess, mask_files: list[Path] | None = None,
+                  mask_params: MaskParams | None = None, workers: int | None = None,
+                  desc: str = "load") -> torch.Tensor:
+    """Decode, mask and resize images in parallel into one uint8 tensor (N, 3, S, S).
+
+    Masks come from ``mask_files`` (the mask stage's output) or, without them, are computed on
+    the fly with ``mask_params`` (images from outside the pipeline).
+    """
+    files = mask_files if prep.mask_mode != "none" and mask_files else [None] * len(paths)
+    jobs = [(path, mask, prep, mask_params or MaskParams()) for path, mask in zip(paths, files,
+                                                                                   strict=True)]
+    with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        arrays = list(tqdm(pool.map(_load_one, jobs, chunksize=16), total=len(jobs), desc=desc,
+                           unit="img", leave=False))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def train_transform(prep: Preprocess) -> v2.Compose:
+    """Augmentation for smear images: orientation is arbitrary, stain and focus vary."""
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        v2.RandomChoice([v2.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)]),
+        v2.RandomAffine(degrees=10, translate=(0.04, 0.04), scale=(0.92, 1.08)),
+        v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.03),
+        *eval_transform(prep).transforms,
+    ])
+
+
+def eval_transform(prep: Preprocess) -> v2.Compose:
+    """uint8 tensor to normalised float tensor."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])
+
+
+class CellDataset(Dataset):
+    """Prepared uint8 images with integer labels and a transform applied on access."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: v2.Compose) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[index]), self.labels[index]
+
+
+def read_split(split_dir: Path, part: str) -> pd.DataFrame:
+    """One part (train/val/test) of the split, as manifest rows."""
+    return pd.read_csv(split_dir / f"{part}.csv", keep_default_na=False)

@@ -1,0 +1,34 @@
+"""Where the work runs: device choice and bf16 autocast, shared by training and inference."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA, else Apple MPS, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, enabled: bool) -> AbstractContextManager:
+    """bf16 autocast on CUDA and CPU when enabled; a no-op elsewhere."""
+    if not enabled or device.type == "mps":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def amp_supported(device: torch.device) -> bool:
+    """bf16 autocast pays off on CUDA with bf16 support and CPUs with AVX-512 bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return False

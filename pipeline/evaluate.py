@@ -1,0 +1,229 @@
+"""Scoring a trained model (or an ensemble) on the test split or on another data set.
+
+Writes, into one evaluation folder: ``report.csv`` (per class), ``predictions.csv`` (probability
+of every class per image), ``summary.json`` (the row of the comparison table), DVC plot data
+(``roc/``, ``precision_recall/``, ``reliability.csv``) and PNG figures (``figures/``); and the
+headline numbers to ``metrics/<model>/eval.json`` for ``dvc metrics diff``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from pipeline import plots
+from pipeline.data import Preprocess, eval_transform, load_prepared, read_split
+from pipeline.device import amp_supported, autocast, select_device
+from pipeline.io import atomic_path, decode_image, write_csv, write_json
+from pipeline.labels import normalize_label
+from pipeline.layout import scan_layout
+from pipeline.masks import MaskParams, mask_path
+from pipeline.metrics import classification_metrics, expected_calibration_error
+from pipeline.models import load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSet:
+    """Images to score: absolute paths, canonical labels, and stored masks when there are any."""
+
+    paths: list[Path]
+    labels: list[str]
+    names: list[str]
+    mask_files: list[Path] | None = None
+
+
+def test_set(split_dir: Path, images_dir: Path, masks_dir: Path) -> EvalSet:
+    """The pipeline's own test split, with the mask stage's masks."""
+    rows = read_split(split_dir, "test")
+    return EvalSet([images_dir / p for p in rows["path"]], list(rows["label"]), list(rows["path"]),
+                   [mask_path(masks_dir, p) for p in rows["path"]])
+
+
+def external_set(location: Path) -> EvalSet:
+    """Another data set: a folder in either layout, or a ``manifest.csv`` beside its ``images/``."""
+    if location.suffix == ".csv":
+        rows = pd.read_csv(location, keep_default_na=False)
+        root = location.parent / "images"
+        labels = [normalize_label(label) for label in rows["label"]]
+        return EvalSet([root / p for p in rows["path"]], labels, list(rows["path"]))
+    candidates, _ = scan_layout(location)
+    return EvalSet([c.source for c in candidates], [c.label for c in candidates],
+                   [c.relative for c in candidates])
+
+
+def restrict_to_classes(data: EvalSet, classes: list[str], ignore_unknown: bool) -> EvalSet:
+    """Keep images of classes the model knows; fail (or, if asked, skip) the others."""
+    unknown = sorted(set(data.labels) - set(classes))
+    if unknown and not ignore_unknown:
+        raise ValueError(
+            f"the model knows {', '.join(classes)} but the data has {', '.join(unknown)}; "
+            "set evaluate.ignore_unknown_classes (or --ignore-unknown) to score the rest")
+    keep = [i for i, label in enumerate(data.labels) if label in classes]
+    if unknown:
+        logger.warning("skipping %d images of classes the model does not know: %s",
+                       len(data.labels) - len(keep), ", ".join(unknown))
+    if not keep:
+        raise ValueError("no image of a class the model knows")
+    pick = lambda items: [items[i] for i in keep] if items is not None else None  # noqa: E731
+    return EvalSet(pick(data.paths), pick(data.labels), pick(data.names), pick(data.mask_files))
+
+
+def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips and 90-degree rotations of a batch (smear images have no up or left)."""
+    rotations = [torch.rot90(images, k, dims=(2, 3)) for k in range(4)]
+    return rotations + [view.flip(3) for view in rotations]
+
+
+@torch.no_grad()
+def infer(model: torch.nn.Module, images: torch.Tensor, prep: Preprocess, device: torch.device,
+          batch_size: int, tta: bool = False, attention: bool = False
+          ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """Logits (averaged over views with TTA), class-token attention maps and images/s."""
+    normalise = eval_transform(prep)
+    amp = amp_supported(device)
+    model.eval().to(device, memory_format=torch.channels_last)
+    outputs, maps = [], []
+    started = time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        batch = normalise(images[start:start + batch_size]).to(device)
+        views = dihedral_views(batch) if tta else [batch]
+        logits = 0
+        for view in views:
+            with autocast(device, amp):
+                logits = logits + model(view.contiguous(memory_format=torch.channels_last)).float()
+            if attention and view is views[0]:
+                maps.append(model.last_attention.float().cpu())
+        outputs.append((logits / len(views)).cpu())
+    seconds = time.perf_counter() - started
+    return torch.cat(outputs), torch.cat(maps) if maps else None, len(images) / seconds
+
+
+def score_checkpoint(model_path: Path, data: EvalSet, settings: dict[str, Any]
+                     ) -> dict[str, Any]:
+    """Run a trained model over an evaluation set; return everything the report needs."""
+    device = select_device(settings.get("device", "auto"))
+    model, checkpoint = load_checkpoint(model_path, device)
+    classes = checkpoint["classes"]
+    data = restrict_to_classes(data, classes, settings.get("ignore_unknown_classes", False))
+    prep = Preprocess(**checkpoint["preprocess"])
+    images = load_prepared(data.paths, prep, data.mask_files,
+                           MaskParams(**checkpoint["mask_params"]), desc="evaluate")
+    logits, maps, speed = infer(model, images, prep, device, settings["batch_size"],
+                                settings["tta"], attention=True)
+    temperature = checkpoint["temperature"]
+    return {
+        "name": checkpoint["name"], "classes": classes, "data": data,
+        "probabilities": torch.softmax(logits / temperature, 1).numpy(),
+        "uncalibrated": torch.softmax(logits, 1).numpy(),
+        "temperature": temperature, "images_per_second": speed, "device": str(device),
+        "prepared": images, "attention": maps, "training": checkpoint["summary"],
+    }
+
+
+def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
+                     settings: dict[str, Any]) -> dict[str, Any]:
+    """Compute metrics and write every evaluation output (see the module docstring)."""
+    classes, data = scored["classes"], scored["data"]
+    index = {label: i for i, label in enumerate(classes)}
+    labels = np.array([index[label] for label in data.labels])
+    probabilities = scored["probabilities"]
+    headline, per_class = classification_metrics(labels, probabilities, classes)
+    headline["ece_uncalibrated"] = expected_calibration_error(scored["uncalibrated"], labels)
+    headline |= {"temperature": scored["temperature"], "tta": bool(settings["tta"]),
+                 "inference_images_per_second": scored["images_per_second"],
+                 "device": scored["device"]}
+    predicted = probabilities.argmax(1)
+    predictions = pd.DataFrame({
+        "path": data.names, "label": data.labels, "predicted": [classes[i] for i in predicted],
+        "confidence": probabilities.max(1),
+        **{f"p_{name}": probabilities[:, i] for i, name in enumerate(classes)},
+    })
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        write_csv(tmp / "predictions.csv", predictions)
+        write_csv(tmp / "report.csv", pd.DataFrame(per_class))
+        np.savez(tmp / "probabilities.npz", calibrated=probabilities,
+                 uncalibrated=scored["uncalibrated"], classes=np.array(classes),
+                 names=np.array(data.names))
+        _write_curve_data(labels, probabilities, classes, tmp)
+        write_json(tmp / "summary.json", {"model": scored["name"], "metrics": headline,
+                                          "training": scored["training"]})
+        _write_figures(scored, labels, predicted, headline, tmp / "figures", settings)
+    write_json(metrics_path, headline)
+    logger.info("%s: accuracy %.4f, macro-F1 %.4f, ECE %.4f (uncalibrated %.4f) on %d images",
+                scored["name"], headline["accuracy"], headline["macro_f1"], headline["ece"],
+                headline["ece_uncalibrated"], len(labels))
+    return headline
+
+
+def _write_curve_data(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
+                      out_dir: Path) -> None:
+    """Per-class ROC and precision-recall points and reliability bins, for ``dvc plots``."""
+    for name in ("roc", "precision_recall"):
+        (out_dir / name).mkdir(exist_ok=True)
+    for i, name in enumerate(classes):
+        positive = labels == i
+        if not positive.any() or positive.all():
+            continue
+        fpr, tpr, _ = roc_curve(positive, probabilities[:, i])
+        write_csv(out_dir / "roc" / f"{name}.csv", pd.DataFrame({"fpr": fpr, "tpr": tpr}))
+        precision, recall, _ = precision_recall_curve(positive, probabilities[:, i])
+        write_csv(out_dir / "precision_recall" / f"{name}.csv",
+                  pd.DataFrame({"recall": recall, "precision": precision}))
+    confidence = probabilities.max(1)
+    correct = probabilities.argmax(1) == labels
+    bins = np.minimum((confidence * 10).astype(int), 9)
+    reliability = pd.DataFrame({"bin": bins, "confidence": confidence, "accuracy": correct})
+    write_csv(out_dir / "reliability.csv",
+              reliability.groupby("bin").agg(confidence=("confidence", "mean"),
+                                             accuracy=("accuracy", "mean"),
+                                             images=("accuracy", "size")).reset_index())
+
+
+def _thumbnail(path: Path, size: int = 200) -> np.ndarray:
+    import cv2
+
+    image = decode_image(path)
+    scale = size / max(image.shape[:2])
+    return cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+
+
+def _write_figures(scored: dict[str, Any], labels: np.ndarray, predicted: np.ndarray,
+                   headline: dict[str, Any], figures: Path, settings: dict[str, Any]) -> None:
+    classes, data, name = scored["classes"], scored["data"], scored["name"]
+    probabilities = scored["probabilities"]
+    title = (f"{name}: accuracy {headline['accuracy']:.3f}, macro-F1 {headline['macro_f1']:.3f}"
+             f" ({len(labels)} images)")
+    plots.confusion_matrix_png(labels, predicted, classes, title, figures / "confusion.png")
+    plots.curves_png(labels, probabilities, classes, title, figures / "roc_pr.png")
+    plots.reliability_png(labels, probabilities, headline["ece"], name,
+                          figures / "reliability.png")
+    wrong = np.nonzero(predicted != labels)[0]
+    worst = wrong[np.argsort(-probabilities[wrong].max(1))][: settings["mistakes"]]
+    plots.image_grid_png(
+        [_thumbnail(data.paths[i]) for i in worst],
+        [f"true {data.labels[i]}\npred {classes[predicted[i]]} ({probabilities[i].max():.0%})"
+         for i in worst],
+        f"{name}: most confident mistakes ({len(wrong)} errors in {len(labels)})",
+        figures / "mistakes.png")
+    if scored.get("attention") is not None:
+        picks = [i for c in range(len(classes))
+                 for i in np.nonzero(labels == c)[0][: settings["attention_per_class"]]]
+        prepared = scored["prepared"]
+        plots.image_grid_png(
+            [plots.attention_overlay(prepared[i].permute(1, 2, 0).numpy(),
+                                     scored["attention"][i].numpy()) for i in picks],
+            [f"{data.labels[i]} -> {classes[predicted[i]]}" for i in picks],
+            f"{name}: class-token attention over the feature grid",
+            figures / "attention.png", columns=max(settings["attention_per_class"], 4) * 2,
+            caption_colours=["black" if predicted[i] == labels[i] else "red" for i in picks])

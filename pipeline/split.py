@@ -1,0 +1,175 @@
+"""Leakage-safe stratified train/val/test split.
+
+Images that must not straddle parts are grouped first: identical bytes (same sha256), perceptual
+near-duplicates (pHash Hamming distance within a bound), and augmentations of one original image
+(a file-name pattern such as BCCD's ``_<original>_<n>.jpeg``). Whole groups are then dealt out to
+the parts, class by class, so every part keeps the class proportions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import imagehash
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+PARTS = ("train", "val", "test")
+
+
+class SplitError(ValueError):
+    """The data cannot be split as asked; the message names the class and the counts."""
+
+
+class _UnionFind:
+    def __init__(self, size: int) -> None:
+        self.parent = np.arange(size)
+
+    def find(self, item: int) -> int:
+        root = item
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[item] != root:
+            self.parent[item], item = root, self.parent[item]
+        return int(root)
+
+    def union(self, first: int, second: int) -> None:
+        self.parent[self.find(first)] = self.find(second)
+
+
+def _phash(path: Path) -> int:
+    with Image.open(path) as image:
+        return int(str(imagehash.phash(image)), 16)
+
+
+def perceptual_hashes(paths: list[Path], workers: int | None = None) -> np.ndarray:
+    """64-bit pHash of every image, as uint64."""
+    with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        hashes = list(tqdm(pool.map(_phash, paths, chunksize=64), total=len(paths),
+                           desc="phash", unit="img"))
+    return np.array(hashes, dtype=np.uint64)
+
+
+def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int]]:
+    """Index pairs whose pHash Hamming distance is at most ``max_distance`` (row-wise, O(n^2))."""
+    pairs = []
+    for index in range(len(hashes) - 1):
+        distance = np.bitwise_count(hashes[index + 1:] ^ hashes[index])
+        pairs.extend((index, index + 1 + int(j)) for j in np.nonzero(distance <= max_distance)[0])
+    return pairs
+
+
+def find_groups(manifest: pd.DataFrame, hashes: np.ndarray | None, max_distance: int,
+                original_pattern: str | None) -> tuple[np.ndarray, dict[str, int]]:
+    """Group rows that must stay together; return a group id per row and counts of each link."""
+    manifest = manifest.reset_index(drop=True)
+    sets = _UnionFind(len(manifest))
+    links = {"identical": 0, "near_duplicate": 0, "same_original": 0}
+
+    def link(first: int, second: int, kind: str) -> None:
+        if sets.find(first) != sets.find(second):
+            links[kind] += 1
+            sets.union(first, second)
+
+    def link_equal(keys: pd.Series, kind: str) -> None:
+        keys = keys.dropna()
+        for first, *others in keys.groupby(keys).groups.values():
+            for other in others:
+                link(first, other, kind)
+
+    link_equal(manifest["sha256"], "identical")
+    if hashes is not None and max_distance >= 0:
+        for first, second in near_duplicate_pairs(hashes, max_distance):
+            link(first, second, "near_duplicate")
+    if original_pattern:
+        originals = manifest["path"].map(lambda p: _original_id(p, original_pattern))
+        prefix = manifest["source_split"].fillna("") + "/" + manifest["label"] + "/"
+        link_equal((prefix + originals.fillna("")).where(originals.notna()), "same_original")
+    return np.array([sets.find(i) for i in range(len(manifest))]), links
+
+
+def _original_id(path: str, pattern: str) -> str | None:
+    match = re.search(pattern, Path(path).name)
+    return match.group(1) if match else None
+
+
+def _deal_groups(manifest: pd.DataFrame, groups: np.ndarray, fractions: dict[str, float],
+                 seed: int) -> pd.Series:
+    """Assign whole groups to parts, class by class, always to the part furthest below target."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"label": manifest["label"].to_numpy(), "group": groups})
+    group_label = frame.groupby("group")["label"].agg(lambda s: s.value_counts().index[0])
+    group_size = frame.groupby("group").size()
+    part_of_group: dict[int, str] = {}
+    for label in sorted(group_label.unique()):
+        members = group_label.index[group_label == label].to_numpy()
+        members = members[rng.permutation(len(members))]
+        total = group_size[members].sum()
+        filled = dict.fromkeys(fractions, 0)
+        for group in members:
+            target = max(fractions, key=lambda p: fractions[p] * total - filled[p])
+            filled[target] += group_size[group]
+            part_of_group[group] = target
+    return pd.Series(frame["group"].map(part_of_group).to_numpy(), index=manifest.index)
+
+
+def assign_parts(manifest: pd.DataFrame, groups: np.ndarray, val: float, test: float,
+                 seed: int) -> pd.Series:
+    """Return the part (train/val/test) of every row.
+
+    A source with a predefined test split keeps it; val is then carved out of its train part.
+    """
+    predefined = manifest["source_split"].fillna("").eq("test")
+    if predefined.any():
+        part = pd.Series("test", index=manifest.index)
+        train_rows = ~predefined
+        part[train_rows] = _deal_groups(manifest[train_rows], groups[train_rows.to_numpy()],
+                                        {"train": 1 - val, "val": val}, seed)
+    else:
+        part = _deal_groups(manifest, groups, {"train": 1 - val - test, "val": val, "test": test},
+                            seed)
+    _check_every_part(manifest, part)
+    return part
+
+
+def _check_every_part(manifest: pd.DataFrame, part: pd.Series) -> None:
+    counts = pd.crosstab(manifest["label"], part).reindex(columns=PARTS, fill_value=0)
+    for label, row in counts.iterrows():
+        missing = [p for p in PARTS if row[p] == 0]
+        if missing:
+            raise SplitError(
+                f"class {label!r} has {row.sum()} images ({dict(row)}), too few to appear in "
+                f"every part (missing: {', '.join(missing)}); add images or change split ratios"
+            )
+
+
+def split_dataset(manifest: pd.DataFrame, images_dir: Path, settings: dict[str, Any]
+                  ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Split a manifest as ``params.yaml: split`` says; return the parts and a summary."""
+    max_distance = int(settings["near_duplicate_distance"])
+    hashes = None
+    if max_distance >= 0:
+        hashes = perceptual_hashes([images_dir / p for p in manifest["path"]])
+    groups, links = find_groups(manifest, hashes, max_distance, settings["original_id_pattern"])
+    part = assign_parts(manifest, groups, settings["val"], settings["test"], settings["seed"])
+    parts = {name: manifest[part == name].sort_values("path") for name in PARTS}
+    group_sizes = pd.Series(groups).value_counts()
+    summary = {
+        "images": len(manifest),
+        "groups": int(group_sizes.size),
+        "groups_of_several": int((group_sizes > 1).sum()),
+        "links": links,
+        "counts": {name: frame["label"].value_counts().sort_index().to_dict()
+                   for name, frame in parts.items()},
+    }
+    logger.info("split: %s", {name: len(frame) for name, frame in parts.items()})
+    return parts, summary

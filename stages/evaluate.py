@@ -1,0 +1,27 @@
+"""Stage evaluate@<model>: score a trained model on the test split (or evaluate.dataset)."""
+
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.evaluate import external_set, score_checkpoint, test_set, write_evaluation
+from pipeline.io import load_params
+
+
+def main(name: str) -> None:
+    settings = load_params()["evaluate"]
+    if settings["dataset"]:
+        data = external_set(Path(settings["dataset"]))
+    else:
+        data = test_set(Path("data/split"), Path("data/raw/images"), Path("data/masks"))
+    try:
+        scored = score_checkpoint(Path("data/models") / name / "model.pt", data, settings)
+    except ValueError as error:
+        sys.exit(f"evaluate {name}: {error}")
+    write_evaluation(scored, Path("data/eval") / name, Path("metrics") / name / "eval.json",
+                     settings)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(sys.argv[1])
