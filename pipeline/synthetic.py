@@ -33,6 +33,7 @@ _REFERENCE_SIDE = 360.0
 _CELL_REACH = 135.0  # no central object extends further than this from its centre
 _SUBPIXEL_BITS = 4  # fractional bits of the coordinates given to OpenCV's drawing functions
 _SUBPIXEL = 1 << _SUBPIXEL_BITS
+_RED_CELL_OVERLAP = 1.6  # most red-cell density that overlapping cells reach
 
 _LAMP_RGB = np.array([255.0, 248.0, 244.0], np.float32)
 
@@ -43,8 +44,8 @@ _RED_CELL_RIM_RGB = (214, 172, 170)
 _NUCLEUS_RGB = (72, 28, 134)
 _NEUTROPHIL_CYTOPLASM_RGB = (222, 192, 202)
 _NEUTROPHIL_GRANULE_RGB = (150, 96, 160)
-_EOSINOPHIL_CYTOPLASM_RGB = (232, 180, 170)
-_EOSINOPHIL_GRANULE_RGB = (222, 124, 104)
+_EOSINOPHIL_CYTOPLASM_RGB = (234, 176, 158)
+_EOSINOPHIL_GRANULE_RGB = (224, 132, 116)
 _BASOPHIL_GRANULE_RGB = (62, 22, 112)
 _LYMPHOCYTE_CYTOPLASM_RGB = (186, 194, 232)
 _MONOCYTE_CYTOPLASM_RGB = (204, 188, 214)
@@ -66,9 +67,9 @@ class _Stain:
 
     def __init__(self, rng: np.random.Generator) -> None:
         self.tint = np.exp(rng.normal(0.0, 0.045, 3)).astype(np.float32)
-        self.strength = rng.uniform(0.85, 1.15)
-        self.eosin = rng.uniform(0.8, 1.2)  # extra factor for red cells and eosinophil granules
-        greyness = rng.beta(0.6, 2.5)  # most slides have cream plasma, a few a cool grey one
+        self.strength = rng.uniform(0.88, 1.12)
+        self.eosin = rng.uniform(0.85, 1.15)  # extra factor for red cells and eosinophil granules
+        greyness = rng.beta(0.5, 4.0)  # most slides have cream plasma, a few a cool grey one
         self.plasma = _optical_density(_mix(_PLASMA_CREAM_RGB, _PLASMA_GREY_RGB, greyness))
         self.plasma *= self.tint
         self.red_cell = self(_RED_CELL_RIM_RGB, eosin=True) - self.plasma
@@ -127,16 +128,18 @@ class _Canvas:
         cv2.fillPoly(coverage, [fixed], 255, cv2.LINE_AA, _SUBPIXEL_BITS)
         return coverage.astype(np.float32) / 255.0
 
-    def blob(self, center: np.ndarray, radius: float, aspect: float = 1.0,
-             wobble: float = 0.0) -> np.ndarray:
-        """Coverage of a randomly rotated ellipse whose outline wobbles by about ``wobble``."""
+    def blob(self, center: np.ndarray, radius: float, aspect: float = 1.0, wobble: float = 0.0,
+             angle: float | None = None) -> np.ndarray:
+        """Coverage of an ellipse (semi-axes ``radius * aspect`` and ``radius / aspect``) turned by
+        ``angle`` (default: random), whose outline wobbles by about ``wobble``."""
         theta = np.linspace(0.0, 2 * np.pi, 96, endpoint=False)
         harmonics = np.arange(2, 7)[:, None]
         amplitudes = self.rng.normal(0.0, wobble, (5, 1)) / harmonics
         phases = self.rng.uniform(0.0, 2 * np.pi, (5, 1))
         radial = radius * (1.0 + (amplitudes * np.cos(harmonics * theta + phases)).sum(axis=0))
         x, y = radial * np.cos(theta) * aspect, radial * np.sin(theta) / aspect
-        angle = self.rng.uniform(0.0, 2 * np.pi)
+        if angle is None:
+            angle = self.rng.uniform(0.0, 2 * np.pi)
         cos, sin = np.cos(angle), np.sin(angle)
         points = np.stack([center[0] + cos * x - sin * y, center[1] + sin * x + cos * y], axis=1)
         return self.polygon(points)
@@ -203,7 +206,7 @@ def _chromatin(canvas: _Canvas, nucleus: np.ndarray, level: float, contrast: flo
     return nucleus * np.clip(level * (1.0 + contrast * texture), 0.3 * level, 1.6)
 
 
-def _lobed_nucleus(canvas: _Canvas, center: np.ndarray, curve_radius: float, span: float,
+def _arc_nucleus(canvas: _Canvas, center: np.ndarray, curve_radius: float, span: float,
                    lobes: int, lobe_radius: float, strand_px: float, flatness: float,
                    gap: float) -> np.ndarray:
     """Nucleus laid along an arc of ``span`` radians: ``lobes`` swellings joined by strands.
@@ -226,6 +229,39 @@ def _lobed_nucleus(canvas: _Canvas, center: np.ndarray, curve_radius: float, spa
     return canvas.tube(points, (profile * sizes).max(axis=1) * irregularity, strand_px)
 
 
+def _segmented_nucleus(canvas: _Canvas, center: np.ndarray, cell_radius: float, lobes: int,
+                        lobe_length: float, lobe_width: float, gap: float,
+                        strand_px: float) -> np.ndarray:
+    """Separate oval lobes along a curling chain, each joined to the next by a thin strand.
+
+    ``gap`` is the strand's length between neighbouring lobes; a chain too long for the cell is
+    pulled together, so that its lobes may touch or overlap as they often do in a smear.
+    """
+    rng = canvas.rng
+    lengths = lobe_length * rng.uniform(0.8, 1.2, lobes)
+    heading = rng.uniform(0, 2 * np.pi)
+    curl = rng.choice([-1.0, 1.0])
+    positions, headings = [np.zeros(2)], [heading]
+    for previous, length in zip(lengths[:-1], lengths[1:], strict=True):
+        heading += curl * rng.uniform(0.4, 1.3) * (1.0 if rng.random() < 0.8 else -1.0)
+        step = previous + length + gap * rng.uniform(0.6, 1.4)
+        positions.append(positions[-1] + step * _unit(heading))
+        headings.append(heading)
+    offsets = np.array(positions) - np.mean(positions, axis=0)
+    reach = np.hypot(*offsets.T).max() + lobe_length
+    room = 0.75 * cell_radius
+    if reach > room:
+        offsets *= max(room - lobe_length, 0.0) / (reach - lobe_length)
+    points = center + offsets
+    nucleus = canvas.tube(points, np.zeros(lobes), strand_px)
+    for point, length, direction in zip(points, lengths, headings, strict=True):
+        width = lobe_width * rng.uniform(0.85, 1.15)
+        lobe = canvas.blob(point, np.sqrt(length * width), np.sqrt(length / width), 0.08,
+                           direction + rng.normal(0, 0.3))
+        np.maximum(nucleus, lobe, out=nucleus)
+    return nucleus
+
+
 def _cell_body(canvas: _Canvas, center: np.ndarray, radius: float, wobble: float) -> np.ndarray:
     return canvas.blob(center, radius, canvas.rng.uniform(1.0, 1.12), wobble)
 
@@ -246,20 +282,21 @@ def _cell(canvas: _Canvas, radius: float, body: np.ndarray, cytoplasm_rgb: Seque
 
 def _neutrophil(canvas: _Canvas, center: np.ndarray) -> _Painted:
     rng = canvas.rng
-    radius = canvas.px(rng.uniform(58, 80))
+    radius = canvas.px(rng.uniform(64, 86))
     body = _cell_body(canvas, center, radius, 0.05)
     nucleus_center = center + rng.normal(0, 0.08 * radius, 2)
     if rng.random() < 0.2:  # band form: one long sausage
-        nucleus = _lobed_nucleus(canvas, nucleus_center, radius * rng.uniform(0.3, 0.45),
-                                 rng.uniform(2.6, 4.4), 1, radius * rng.uniform(0.13, 0.18),
+        nucleus = _arc_nucleus(canvas, nucleus_center, radius * rng.uniform(0.3, 0.45),
+                                 rng.uniform(2.6, 4.4), 1, radius * rng.uniform(0.17, 0.23),
                                  canvas.px(3), rng.uniform(3.0, 6.0), 0.0)
     else:
         lobes = int(rng.choice([2, 3, 3, 4, 4, 5]))
-        nucleus = _lobed_nucleus(canvas, nucleus_center, radius * rng.uniform(0.35, 0.5),
-                                 min(rng.uniform(0.95, 1.35) * lobes, 5.0), lobes,
-                                 radius * rng.uniform(0.19, 0.26), canvas.px(rng.uniform(1.5, 3)),
-                                 rng.uniform(1.8, 2.6), rng.uniform(0.06, 0.16))
-    chromatin = _chromatin(canvas, np.minimum(nucleus, body), rng.uniform(0.8, 1.05), 0.3, 5)
+        nucleus = _segmented_nucleus(canvas, nucleus_center, radius, lobes,
+                                     radius * rng.uniform(0.32, 0.4),
+                                     radius * rng.uniform(0.25, 0.31),
+                                     radius * rng.uniform(0.02, 0.14),
+                                     canvas.px(rng.uniform(1.5, 3)))
+    chromatin = _chromatin(canvas, np.minimum(nucleus, body), rng.uniform(0.9, 1.15), 0.3, 5)
     fine = canvas.granules(body, rng.uniform(0.04, 0.1), canvas.px(1.0)) * rng.uniform(0.3, 0.6)
     return _cell(canvas, radius, body, _NEUTROPHIL_CYTOPLASM_RGB, rng.uniform(0.8, 1.3),
                  chromatin, [(fine, canvas.stain(_NEUTROPHIL_GRANULE_RGB))])
@@ -270,14 +307,13 @@ def _eosinophil(canvas: _Canvas, center: np.ndarray) -> _Painted:
     radius = canvas.px(rng.uniform(58, 80))
     body = _cell_body(canvas, center, radius, 0.04)
     lobes = int(rng.choice([2, 2, 2, 2, 3]))
-    nucleus = _lobed_nucleus(canvas, center + rng.normal(0, 0.1 * radius, 2),
-                             radius * rng.uniform(0.36, 0.5), rng.uniform(1.2, 1.6) * lobes,
-                             lobes, radius * rng.uniform(0.24, 0.32), canvas.px(rng.uniform(1.5, 3)),
-                             rng.uniform(1.8, 2.4), rng.uniform(0.06, 0.14))
+    nucleus = _segmented_nucleus(canvas, center + rng.normal(0, 0.1 * radius, 2), radius, lobes,
+                                 radius * rng.uniform(0.36, 0.44), radius * rng.uniform(0.28, 0.34),
+                                 radius * rng.uniform(0.03, 0.18), canvas.px(rng.uniform(1.5, 3)))
     nucleus = np.minimum(nucleus, body)
     chromatin = _chromatin(canvas, nucleus, rng.uniform(0.75, 1.0), 0.3, 5)
-    granule_radius = canvas.px(rng.uniform(2.2, 3.2))
-    coarse = canvas.granules(body, rng.uniform(1.0, 1.6), granule_radius) * rng.uniform(0.5, 0.8)
+    granule_radius = canvas.px(rng.uniform(2.5, 3.5))
+    coarse = canvas.granules(body, rng.uniform(0.9, 1.3), granule_radius) * rng.uniform(0.35, 0.6)
     coarse *= 1.0 - 0.6 * nucleus
     return _cell(canvas, radius, body, _EOSINOPHIL_CYTOPLASM_RGB, rng.uniform(0.7, 1.1),
                  chromatin, [(coarse, canvas.stain(_EOSINOPHIL_GRANULE_RGB, eosin=True))])
@@ -285,9 +321,9 @@ def _eosinophil(canvas: _Canvas, center: np.ndarray) -> _Painted:
 
 def _basophil(canvas: _Canvas, center: np.ndarray) -> _Painted:
     rng = canvas.rng
-    radius = canvas.px(rng.uniform(46, 66))
+    radius = canvas.px(rng.uniform(50, 70))
     body = _cell_body(canvas, center, radius, 0.07)
-    nucleus = _lobed_nucleus(canvas, center + rng.normal(0, 0.08 * radius, 2),
+    nucleus = _arc_nucleus(canvas, center + rng.normal(0, 0.08 * radius, 2),
                              radius * rng.uniform(0.15, 0.35), rng.uniform(1.0, 3.0),
                              int(rng.choice([1, 2])), radius * rng.uniform(0.4, 0.55),
                              canvas.px(3), rng.uniform(2.0, 3.0), rng.uniform(0.0, 0.1))
@@ -305,9 +341,9 @@ def _basophil(canvas: _Canvas, center: np.ndarray) -> _Painted:
 def _lymphocyte(canvas: _Canvas, center: np.ndarray) -> _Painted:
     rng = canvas.rng
     large = rng.random() < 0.15  # reactive and large granular lymphocytes: more cytoplasm
-    radius = canvas.px(rng.uniform(52, 70) if large else rng.uniform(38, 56))
+    radius = canvas.px(rng.uniform(54, 72) if large else rng.uniform(40, 58))
     body = _cell_body(canvas, center, radius, 0.04)
-    fill = rng.uniform(0.6, 0.8) if large else rng.uniform(0.75, 0.93)
+    fill = rng.uniform(0.6, 0.8) if large else rng.uniform(0.78, 0.95)
     nucleus_center = center + rng.normal(0, (1 - fill) * 0.5 * radius, 2)
     nucleus = canvas.blob(nucleus_center, radius * fill, rng.uniform(1.0, 1.12), 0.05)
     if rng.random() < 0.3:  # shallow indentation
@@ -324,13 +360,13 @@ def _lymphocyte(canvas: _Canvas, center: np.ndarray) -> _Painted:
 
 def _monocyte(canvas: _Canvas, center: np.ndarray) -> _Painted:
     rng = canvas.rng
-    radius = canvas.px(rng.uniform(66, 95))
+    radius = canvas.px(rng.uniform(70, 98))
     body = _cell_body(canvas, center, radius, 0.1)
-    nucleus = _lobed_nucleus(canvas, center + rng.normal(0, 0.12 * radius, 2),
-                             radius * rng.uniform(0.2, 0.42), rng.uniform(1.2, 3.2),
-                             int(rng.choice([1, 1, 2, 3])), radius * rng.uniform(0.3, 0.44),
+    nucleus = _arc_nucleus(canvas, center + rng.normal(0, 0.12 * radius, 2),
+                             radius * rng.uniform(0.18, 0.35), rng.uniform(1.2, 3.2),
+                             int(rng.choice([1, 1, 2, 3])), radius * rng.uniform(0.45, 0.58),
                              canvas.px(4), rng.uniform(2.0, 3.5), rng.uniform(-0.15, 0.0))
-    chromatin = _chromatin(canvas, np.minimum(nucleus, body), rng.uniform(0.55, 0.8), 0.45, 3)
+    chromatin = _chromatin(canvas, np.minimum(nucleus, body), rng.uniform(0.7, 0.95), 0.45, 3)
     fold = center + rng.uniform(-0.5, 0.5, (3, 2)) * radius
     chromatin *= 1.0 - 0.5 * rng.random() * canvas.tube(fold, np.zeros(3), canvas.px(2))
     vacuoles = canvas.zeros()
@@ -345,22 +381,22 @@ def _monocyte(canvas: _Canvas, center: np.ndarray) -> _Painted:
 
 def _immature_granulocyte(canvas: _Canvas, center: np.ndarray) -> _Painted:
     rng = canvas.rng
-    radius = canvas.px(rng.uniform(60, 92))
+    radius = canvas.px(rng.uniform(62, 92))
     body = _cell_body(canvas, center, radius, 0.05)
     nucleus_center = center + rng.normal(0, 0.15 * radius, 2)
     stage = rng.choice(["myelocyte", "metamyelocyte", "band"], p=[0.4, 0.4, 0.2])
     if stage == "myelocyte":  # round to oval, often eccentric
-        nucleus = canvas.blob(nucleus_center, radius * rng.uniform(0.5, 0.7),
+        nucleus = canvas.blob(nucleus_center, radius * rng.uniform(0.62, 0.82),
                               rng.uniform(1.0, 1.3), 0.06)
     elif stage == "metamyelocyte":  # kidney or bean
-        nucleus = _lobed_nucleus(canvas, nucleus_center, radius * rng.uniform(0.2, 0.35),
-                                 rng.uniform(1.2, 2.4), 1, radius * rng.uniform(0.3, 0.4),
+        nucleus = _arc_nucleus(canvas, nucleus_center, radius * rng.uniform(0.2, 0.35),
+                                 rng.uniform(1.2, 2.4), 1, radius * rng.uniform(0.42, 0.55),
                                  canvas.px(4), rng.uniform(2.5, 4.0), 0.0)
     else:
-        nucleus = _lobed_nucleus(canvas, nucleus_center, radius * rng.uniform(0.3, 0.42),
-                                 rng.uniform(2.4, 3.8), 1, radius * rng.uniform(0.16, 0.24),
+        nucleus = _arc_nucleus(canvas, nucleus_center, radius * rng.uniform(0.3, 0.42),
+                                 rng.uniform(2.4, 3.8), 1, radius * rng.uniform(0.22, 0.32),
                                  canvas.px(4), rng.uniform(3.0, 6.0), 0.0)
-    chromatin = _chromatin(canvas, np.minimum(nucleus, body), rng.uniform(0.55, 0.8), 0.35, 4)
+    chromatin = _chromatin(canvas, np.minimum(nucleus, body), rng.uniform(0.7, 0.95), 0.35, 4)
     cytoplasm_rgb = _mix(_IG_CYTOPLASM_RGB, _NEUTROPHIL_CYTOPLASM_RGB, rng.uniform(0.0, 0.7))
     fine = canvas.granules(body, rng.uniform(0.015, 0.05), canvas.px(1.1)) * rng.uniform(0.3, 0.6)
     azurophilic = canvas.granules(body, rng.uniform(0.0, 0.02), canvas.px(1.8)) * 0.6
@@ -371,9 +407,9 @@ def _immature_granulocyte(canvas: _Canvas, center: np.ndarray) -> _Painted:
 
 def _erythroblast(canvas: _Canvas, center: np.ndarray) -> _Painted:
     rng = canvas.rng
-    radius = canvas.px(rng.uniform(36, 58))
+    radius = canvas.px(rng.uniform(40, 60))
     body = _cell_body(canvas, center, radius, 0.03)
-    fill = rng.uniform(0.45, 0.85)
+    fill = rng.uniform(0.55, 0.9)
     nucleus_center = center + rng.normal(0, (1 - fill) * 0.4 * radius, 2)
     nucleus = canvas.blob(nucleus_center, radius * fill, rng.uniform(1.0, 1.05), 0.01)
     chromatin = _chromatin(canvas, np.minimum(nucleus, body), rng.uniform(0.95, 1.2), 0.35, 5)
@@ -384,9 +420,10 @@ def _erythroblast(canvas: _Canvas, center: np.ndarray) -> _Painted:
 def _platelet(canvas: _Canvas, center: np.ndarray, radius: float) -> _Painted:
     """One platelet: a pale bluish body with a purple granular centre."""
     rng = canvas.rng
-    body = canvas.blob(center, radius, rng.uniform(1.0, 1.4), 0.15)
-    core = canvas.blob(center + rng.normal(0, 0.1 * radius, 2), radius * rng.uniform(0.6, 0.9),
-                       rng.uniform(1.0, 1.3), 0.2)
+    body = canvas.blob(center, radius, rng.uniform(1.0, 1.25), 0.15)
+    core = canvas.blob(center + rng.normal(0, 0.1 * radius, 2), radius * rng.uniform(0.7, 0.95),
+                       rng.uniform(1.0, 1.2), 0.2)
+    core = np.minimum(core, body)
     granules = canvas.granules(core, 0.7, canvas.px(1.3)) * rng.uniform(0.7, 1.0)
     granules = np.maximum(granules, 0.45 * core)
     density = body[..., None] * canvas.stain(_PLATELET_BODY_RGB)
@@ -406,7 +443,7 @@ def _platelet_clump(canvas: _Canvas, center: np.ndarray) -> _Painted:
     clump = _Painted(canvas.zeros(), canvas.zeros(3), 0.0)
     spread = canvas.px(12) * np.sqrt(count - 1)
     for _ in range(count):
-        size = canvas.px(rng.uniform(18, 28) if count == 1 else rng.uniform(10, 20))
+        size = canvas.px(rng.uniform(22, 38) if count == 1 else rng.uniform(12, 24))
         window, local_center, box = canvas.window(center + rng.normal(0, spread, 2), 2 * size)
         _paste(clump, box, _platelet(window, local_center, size))
     ys, xs = np.nonzero(clump.coverage > 0.5)
@@ -459,16 +496,19 @@ def _red_cells(canvas: _Canvas, center: np.ndarray, keep_out: float) -> np.ndarr
     distances = np.hypot(*(candidates[:, None, :] - candidates[None, :, :]).transpose(2, 0, 1))
     conflicts = distances < crowding * (radii[:, None] + radii[None, :])
     clear_of_cell = np.hypot(*(candidates - center).T) >= keep_out + 0.5 * radii
+    blocked = ~clear_of_cell
     placed: list[int] = []
-    for index in np.flatnonzero(clear_of_cell):
-        if not conflicts[index, placed].any():
+    for index in range(len(candidates)):
+        if not blocked[index]:
             placed.append(index)
+            blocked |= conflicts[index]
     templates = [_red_cell_template(canvas, mean_radius) for _ in range(4)]
     density = canvas.zeros()
     for index in placed:
         template = templates[rng.integers(len(templates))]
         _add_red_cell(canvas, density, template, candidates[index], radii[index] / mean_radius)
-    return density
+    # Where red cells overlap they are thinner than two whole discs: soften the sum.
+    return _RED_CELL_OVERLAP * np.tanh(density / _RED_CELL_OVERLAP)
 
 
 def _add_red_cell(canvas: _Canvas, density: np.ndarray, template: np.ndarray,
@@ -479,10 +519,10 @@ def _add_red_cell(canvas: _Canvas, density: np.ndarray, template: np.ndarray,
     if window.empty:
         return
     ovality, angle = rng.uniform(0.0, 0.08), rng.uniform(0, np.pi)
-    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    linear = rotation @ np.diag([scale * (1 + ovality), scale * (1 - ovality)])
-    template_center = np.full(2, (len(template) - 1) / 2)
-    affine = np.column_stack([linear, local_position - linear @ template_center])
+    cos, sin = np.cos(angle), np.sin(angle)
+    linear = np.array([[cos, -sin], [sin, cos]]) * (scale * np.array([1 + ovality, 1 - ovality]))
+    template_center = (len(template) - 1) / 2
+    affine = np.hstack([linear, (local_position - linear.sum(axis=1) * template_center)[:, None]])
     density[box] += cv2.warpAffine(template, affine, (window.width, window.height),
                                    flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
 
