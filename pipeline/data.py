@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from pipeline.io import decode_image
+from pipeline.io import decode_image, opencv_threads
 from pipeline.masks import MaskParams, compute_mask
 
 MASK_MODES = ("none", "crop", "suppress")
@@ -93,7 +93,6 @@ def prepare_image(image: np.ndarray, mask: np.ndarray | None, prep: Preprocess) 
 
 def _load_one(job: tuple[Path, Path | None, Preprocess, MaskParams]) -> np.ndarray:
     image_path, mask_file, prep, mask_params = job
-    cv2.setNumThreads(1)
     image = decode_image(image_path)
     mask = None
     if mask_file is not None:
@@ -114,7 +113,7 @@ def load_prepared(paths: list[Path], prep: Preprocess, mask_files: list[Path] | 
     files = mask_files if prep.mask_mode != "none" and mask_files else [None] * len(paths)
     jobs = [(path, mask, prep, mask_params or MaskParams()) for path, mask in zip(paths, files,
                                                                                    strict=True)]
-    with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    with opencv_threads(1), ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
         arrays = list(tqdm(pool.map(_load_one, jobs, chunksize=16), total=len(jobs), desc=desc,
                            unit="img", leave=False))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import precision_recall_curve, roc_curve
+from tqdm import tqdm
 
 from pipeline import plots
 from pipeline.data import Preprocess, eval_transform, load_prepared, read_split
@@ -61,6 +62,14 @@ def external_set(location: Path) -> EvalSet:
                    [c.relative for c in candidates])
 
 
+def evaluation_set(settings: dict[str, Any], split_dir: Path, images_dir: Path,
+                   masks_dir: Path) -> EvalSet:
+    """``evaluate.dataset`` when set (another data set), else the pipeline's test split."""
+    if settings["dataset"]:
+        return external_set(Path(settings["dataset"]))
+    return test_set(split_dir, images_dir, masks_dir)
+
+
 def restrict_to_classes(data: EvalSet, classes: list[str], ignore_unknown: bool) -> EvalSet:
     """Keep images of classes the model knows; fail (or, if asked, skip) the others."""
     unknown = sorted(set(data.labels) - set(classes))
@@ -94,7 +103,8 @@ def infer(model: torch.nn.Module, images: torch.Tensor, prep: Preprocess, device
     model.eval().to(device, memory_format=torch.channels_last)
     outputs, maps = [], []
     started = time.perf_counter()
-    for start in range(0, len(images), batch_size):
+    for start in tqdm(range(0, len(images), batch_size), desc="infer", unit="batch",
+                      leave=False):
         batch = normalise(images[start:start + batch_size]).to(device)
         views = dihedral_views(batch) if tta else [batch]
         logits = 0
@@ -148,17 +158,16 @@ def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
         "confidence": probabilities.max(1),
         **{f"p_{name}": probabilities[:, i] for i, name in enumerate(classes)},
     })
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        write_csv(tmp / "predictions.csv", predictions)
-        write_csv(tmp / "report.csv", pd.DataFrame(per_class))
-        np.savez(tmp / "probabilities.npz", calibrated=probabilities,
-                 uncalibrated=scored["uncalibrated"], classes=np.array(classes),
-                 names=np.array(data.names))
-        _write_curve_data(labels, probabilities, classes, tmp)
-        write_json(tmp / "summary.json", {"model": scored["name"], "metrics": headline,
+    write_csv(out_dir / "predictions.csv", predictions)
+    write_csv(out_dir / "report.csv", pd.DataFrame(per_class))
+    with atomic_path(out_dir / "probabilities.npz") as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, calibrated=probabilities, uncalibrated=scored["uncalibrated"],
+                 classes=np.array(classes), names=np.array(data.names))
+    _write_curve_data(labels, probabilities, classes, out_dir)
+    with atomic_path(out_dir / "figures") as figures:
+        _write_figures(scored, labels, predicted, headline, figures, settings)
+    write_json(out_dir / "summary.json", {"model": scored["name"], "metrics": headline,
                                           "training": scored["training"]})
-        _write_figures(scored, labels, predicted, headline, tmp / "figures", settings)
     write_json(metrics_path, headline)
     logger.info("%s: accuracy %.4f, macro-F1 %.4f, ECE %.4f (uncalibrated %.4f) on %d images",
                 scored["name"], headline["accuracy"], headline["macro_f1"], headline["ece"],
@@ -169,17 +178,17 @@ def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
 def _write_curve_data(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
                       out_dir: Path) -> None:
     """Per-class ROC and precision-recall points and reliability bins, for ``dvc plots``."""
-    for name in ("roc", "precision_recall"):
-        (out_dir / name).mkdir(exist_ok=True)
-    for i, name in enumerate(classes):
-        positive = labels == i
-        if not positive.any() or positive.all():
-            continue
-        fpr, tpr, _ = roc_curve(positive, probabilities[:, i])
-        write_csv(out_dir / "roc" / f"{name}.csv", pd.DataFrame({"fpr": fpr, "tpr": tpr}))
-        precision, recall, _ = precision_recall_curve(positive, probabilities[:, i])
-        write_csv(out_dir / "precision_recall" / f"{name}.csv",
-                  pd.DataFrame({"recall": recall, "precision": precision}))
+    with atomic_path(out_dir / "roc") as roc, atomic_path(out_dir / "precision_recall") as pr:
+        roc.mkdir()
+        pr.mkdir()
+        for i, name in enumerate(classes):
+            positive = labels == i
+            if not positive.any() or positive.all():
+                continue
+            fpr, tpr, _ = roc_curve(positive, probabilities[:, i])
+            write_csv(roc / f"{name}.csv", pd.DataFrame({"fpr": fpr, "tpr": tpr}))
+            precision, recall, _ = precision_recall_curve(positive, probabilities[:, i])
+            write_csv(pr / f"{name}.csv", pd.DataFrame({"recall": recall, "precision": precision}))
     confidence = probabilities.max(1)
     correct = probabilities.argmax(1) == labels
     bins = np.minimum((confidence * 10).astype(int), 9)

@@ -12,6 +12,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 import yaml
@@ -81,3 +82,18 @@ def decode_image(source: str | Path | bytes) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ImageDecodeError(f"cannot decode {name}: {reason}") from error
+
+
+@contextmanager
+def opencv_threads(count: int) -> Iterator[None]:
+    """Limit OpenCV to ``count`` threads within the block; processes forked in it inherit that.
+
+    (Calling ``cv2.setNumThreads`` in a forked child instead hangs once the parent has started
+    OpenCV's thread pool.)
+    """
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(count)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.io import atomic_path, decode_image, write_csv
+from pipeline.io import atomic_path, decode_image, opencv_threads, write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,6 @@ def mask_path(masks_dir: Path, image_relative: str) -> Path:
 
 def _mask_one(job: tuple[str, Path, Path, MaskParams]) -> dict[str, Any]:
     relative, images_dir, masks_dir, params = job
-    cv2.setNumThreads(1)
     mask, info = compute_mask(decode_image(images_dir / relative), params)
     target = mask_path(masks_dir, relative)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +180,7 @@ def build_masks(manifest: pd.DataFrame, images_dir: Path, out_dir: Path, params:
     with atomic_path(out_dir) as tmp:
         jobs = [(rel, images_dir, tmp, params) for rel in manifest["path"]]
         workers = workers or os.cpu_count() or 1
-        with ProcessPoolExecutor(workers) as pool:
+        with opencv_threads(1), ProcessPoolExecutor(workers) as pool:
             rows = list(tqdm(pool.map(_mask_one, jobs, chunksize=16), total=len(jobs),
                              desc="masks", unit="img"))
         stats = pd.DataFrame(rows).merge(manifest[["path", "label"]], on="path")

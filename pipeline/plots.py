@@ -13,8 +13,10 @@ import numpy as np  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     ConfusionMatrixDisplay,
-    PrecisionRecallDisplay,
-    RocCurveDisplay,
+    auc,
+    average_precision_score,
+    precision_recall_curve,
+    roc_curve,
 )
 
 
@@ -46,13 +48,15 @@ def curves_png(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]
         positive = labels == index
         if not positive.any() or positive.all():
             continue
-        RocCurveDisplay.from_predictions(positive, probabilities[:, index], name=name, ax=roc_ax,
-                                         color=colours(index % 10))
-        PrecisionRecallDisplay.from_predictions(positive, probabilities[:, index], name=name,
-                                                ax=pr_ax, color=colours(index % 10))
+        scores, colour = probabilities[:, index], colours(index % 10)
+        fpr, tpr, _ = roc_curve(positive, scores)
+        roc_ax.plot(fpr, tpr, color=colour, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+        precision, recall, _ = precision_recall_curve(positive, scores)
+        pr_ax.plot(recall, precision, color=colour,
+                   label=f"{name} (AP {average_precision_score(positive, scores):.3f})")
     roc_ax.plot([0, 1], [0, 1], ls=":", color="grey")
-    roc_ax.set_title("ROC, one vs rest")
-    pr_ax.set_title("Precision-recall, one vs rest")
+    roc_ax.set(title="ROC, one vs rest", xlabel="false positive rate", ylabel="true positive rate")
+    pr_ax.set(title="Precision-recall, one vs rest", xlabel="recall", ylabel="precision")
     for ax in (roc_ax, pr_ax):
         ax.legend(fontsize=8, loc="lower right" if ax is roc_ax else "lower left")
     fig.suptitle(title)

@@ -22,11 +22,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, opencv_threads
 from pipeline.labels import PBC_CLASSES
 
 DEFAULT_SIZE: tuple[int, int] = (363, 360)  # (height, width) like PBC
-JPEG_QUALITY = 95
+_JPEG_QUALITY = 95
 
 # Every length below is in pixels of a 360-pixel-wide PBC image at its usual magnification.
 _REFERENCE_SIDE = 360.0
@@ -145,11 +145,13 @@ class _Canvas:
         return self.polygon(points)
 
     def tube(self, points: np.ndarray, radii: np.ndarray, strand_px: float) -> np.ndarray:
-        """Coverage of discs of ``radii`` along a path, joined by a strand ``strand_px`` thick."""
+        """Coverage of discs of ``radii`` along a path, joined by a strand ``strand_px`` thick
+        (none when 0)."""
         coverage = np.zeros(self.shape, np.uint8)
         fixed = np.round(points * _SUBPIXEL).astype(np.int32)
-        cv2.polylines(coverage, [fixed], False, 255, max(1, round(strand_px)), cv2.LINE_AA,
-                      _SUBPIXEL_BITS)
+        if strand_px > 0:
+            cv2.polylines(coverage, [fixed], False, 255, max(1, round(strand_px)), cv2.LINE_AA,
+                          _SUBPIXEL_BITS)
         fixed_radii = np.round(radii * _SUBPIXEL).astype(int)
         for (x, y), radius in zip(fixed, fixed_radii, strict=True):
             if radius > strand_px * _SUBPIXEL / 2:
@@ -165,19 +167,23 @@ class _Canvas:
         return cv2.resize(coarse, (self.width, self.height), interpolation=cv2.INTER_CUBIC)
 
     def granules(self, region: np.ndarray, fill: float, radius_px: float) -> np.ndarray:
-        """Density of round granules about ``radius_px`` in radius scattered over ``region``;
-        together they would cover a ``fill`` fraction of its area if none overlapped."""
-        ys, xs = np.nonzero(region > 0.5)
-        count = int(len(ys) * fill / (np.pi * radius_px * radius_px))
+        """Density of round granules about ``radius_px`` in radius over ``region``, covering a
+        ``fill`` fraction of it if none overlapped. Each cell of a grid gets one granule at a
+        random spot, so that they spread evenly instead of clumping."""
+        if fill <= 0:
+            return self.zeros()
+        spacing = radius_px * np.sqrt(np.pi / fill)
+        rows = np.arange(0.0, self.height, spacing)[:, None]
+        columns = np.arange(0.0, self.width, spacing)[None, :]
+        grid = (len(rows), columns.shape[1])
+        ys = np.minimum(rows + self.rng.uniform(0, spacing, grid), self.height - 1).astype(int)
+        xs = np.minimum(columns + self.rng.uniform(0, spacing, grid), self.width - 1).astype(int)
+        inside = region[ys, xs] > 0.5
         density = self.zeros()
-        if count == 0:
-            return density
-        picked = self.rng.integers(0, len(ys), count)
-        np.add.at(density, (ys[picked], xs[picked]), self.rng.uniform(0.6, 1.0, count))
+        np.add.at(density, (ys[inside], xs[inside]), self.rng.uniform(0.6, 1.0, inside.sum()))
         sigma = max(radius_px / 1.4, 0.5)
         density = cv2.GaussianBlur(density, (0, 0), sigma) * (2 * np.pi * sigma * sigma)
-        return np.minimum(density, 1.6)
-
+        return np.clip(1.5 * density - 0.2, 0.0, 1.5)  # crisp edges, clear gaps between them
 
 def _mix(first: Sequence[float], second: Sequence[float], weight: float) -> np.ndarray:
     return (1 - weight) * np.asarray(first, np.float32) + weight * np.asarray(second, np.float32)
@@ -193,7 +199,7 @@ class _Painted:
 
     coverage: np.ndarray  # H x W, 0..1
     density: np.ndarray  # H x W x 3 optical density
-    radius: float  # red cells keep this far from its centre
+    radius: float = 0.0  # red cells keep this far from its centre
 
 
 # --- the central object of each class ------------------------------------------------------
@@ -206,14 +212,14 @@ def _chromatin(canvas: _Canvas, nucleus: np.ndarray, level: float, contrast: flo
     return nucleus * np.clip(level * (1.0 + contrast * texture), 0.3 * level, 1.6)
 
 
-def _arc_nucleus(canvas: _Canvas, center: np.ndarray, curve_radius: float, span: float,
-                   lobes: int, lobe_radius: float, strand_px: float, flatness: float,
-                   gap: float) -> np.ndarray:
+def _arc_nucleus(canvas: _Canvas, center: np.ndarray, *, curve_radius: float, span: float,
+                 lobe_radius: float, flatness: float, lobes: int = 1, gap: float = 0.0,
+                 strand_px: float = 0.0) -> np.ndarray:
     """Nucleus laid along an arc of ``span`` radians: ``lobes`` swellings joined by strands.
 
     Each swelling has a superellipse profile (``flatness`` 2: lens, larger: sausage); ``gap`` is
     the fraction of the arc between neighbouring lobes (negative: they merge). One flat lobe over
-    the whole arc gives a band or a kidney; several with gaps give a segmented nucleus.
+    the whole arc gives a band or a kidney; merged lobes give a lumpy, folded nucleus.
     """
     rng = canvas.rng
     t = np.linspace(0.0, 1.0, 48)
@@ -229,9 +235,9 @@ def _arc_nucleus(canvas: _Canvas, center: np.ndarray, curve_radius: float, span:
     return canvas.tube(points, (profile * sizes).max(axis=1) * irregularity, strand_px)
 
 
-def _segmented_nucleus(canvas: _Canvas, center: np.ndarray, cell_radius: float, lobes: int,
-                        lobe_length: float, lobe_width: float, gap: float,
-                        strand_px: float) -> np.ndarray:
+def _segmented_nucleus(canvas: _Canvas, center: np.ndarray, *, cell_radius: float, lobes: int,
+                       lobe_length: float, lobe_width: float, gap: float,
+                       strand_px: float) -> np.ndarray:
     """Separate oval lobes along a curling chain, each joined to the next by a thin strand.
 
     ``gap`` is the strand's length between neighbouring lobes; a chain too long for the cell is
@@ -286,16 +292,17 @@ def _neutrophil(canvas: _Canvas, center: np.ndarray) -> _Painted:
     body = _cell_body(canvas, center, radius, 0.05)
     nucleus_center = center + rng.normal(0, 0.08 * radius, 2)
     if rng.random() < 0.2:  # band form: one long sausage
-        nucleus = _arc_nucleus(canvas, nucleus_center, radius * rng.uniform(0.3, 0.45),
-                                 rng.uniform(2.6, 4.4), 1, radius * rng.uniform(0.17, 0.23),
-                                 canvas.px(3), rng.uniform(3.0, 6.0), 0.0)
+        nucleus = _arc_nucleus(canvas, nucleus_center, curve_radius=radius * rng.uniform(0.3, 0.45),
+                               span=rng.uniform(2.6, 4.4),
+                               lobe_radius=radius * rng.uniform(0.17, 0.23),
+                               flatness=rng.uniform(3.0, 6.0))
     else:
         lobes = int(rng.choice([2, 3, 3, 4, 4, 5]))
-        nucleus = _segmented_nucleus(canvas, nucleus_center, radius, lobes,
-                                     radius * rng.uniform(0.32, 0.4),
-                                     radius * rng.uniform(0.25, 0.31),
-                                     radius * rng.uniform(0.02, 0.14),
-                                     canvas.px(rng.uniform(1.5, 3)))
+        nucleus = _segmented_nucleus(canvas, nucleus_center, cell_radius=radius, lobes=lobes,
+                                     lobe_length=radius * rng.uniform(0.32, 0.4),
+                                     lobe_width=radius * rng.uniform(0.25, 0.31),
+                                     gap=radius * rng.uniform(0.02, 0.14),
+                                     strand_px=canvas.px(rng.uniform(1.5, 3)))
     chromatin = _chromatin(canvas, np.minimum(nucleus, body), rng.uniform(0.9, 1.15), 0.3, 5)
     fine = canvas.granules(body, rng.uniform(0.04, 0.1), canvas.px(1.0)) * rng.uniform(0.3, 0.6)
     return _cell(canvas, radius, body, _NEUTROPHIL_CYTOPLASM_RGB, rng.uniform(0.8, 1.3),
@@ -307,9 +314,12 @@ def _eosinophil(canvas: _Canvas, center: np.ndarray) -> _Painted:
     radius = canvas.px(rng.uniform(58, 80))
     body = _cell_body(canvas, center, radius, 0.04)
     lobes = int(rng.choice([2, 2, 2, 2, 3]))
-    nucleus = _segmented_nucleus(canvas, center + rng.normal(0, 0.1 * radius, 2), radius, lobes,
-                                 radius * rng.uniform(0.36, 0.44), radius * rng.uniform(0.28, 0.34),
-                                 radius * rng.uniform(0.03, 0.18), canvas.px(rng.uniform(1.5, 3)))
+    nucleus = _segmented_nucleus(canvas, center + rng.normal(0, 0.1 * radius, 2),
+                                 cell_radius=radius, lobes=lobes,
+                                 lobe_length=radius * rng.uniform(0.36, 0.44),
+                                 lobe_width=radius * rng.uniform(0.28, 0.34),
+                                 gap=radius * rng.uniform(0.03, 0.18),
+                                 strand_px=canvas.px(rng.uniform(1.5, 3)))
     nucleus = np.minimum(nucleus, body)
     chromatin = _chromatin(canvas, nucleus, rng.uniform(0.75, 1.0), 0.3, 5)
     granule_radius = canvas.px(rng.uniform(2.5, 3.5))
@@ -324,9 +334,10 @@ def _basophil(canvas: _Canvas, center: np.ndarray) -> _Painted:
     radius = canvas.px(rng.uniform(50, 70))
     body = _cell_body(canvas, center, radius, 0.07)
     nucleus = _arc_nucleus(canvas, center + rng.normal(0, 0.08 * radius, 2),
-                             radius * rng.uniform(0.15, 0.35), rng.uniform(1.0, 3.0),
-                             int(rng.choice([1, 2])), radius * rng.uniform(0.4, 0.55),
-                             canvas.px(3), rng.uniform(2.0, 3.0), rng.uniform(0.0, 0.1))
+                           curve_radius=radius * rng.uniform(0.15, 0.35),
+                           span=rng.uniform(1.0, 3.0), lobe_radius=radius * rng.uniform(0.4, 0.55),
+                           flatness=rng.uniform(2.0, 3.0), lobes=int(rng.choice([1, 2])),
+                           gap=rng.uniform(0.0, 0.1), strand_px=canvas.px(3))
     nucleus = np.minimum(nucleus, body)
     chromatin = _chromatin(canvas, nucleus, rng.uniform(0.6, 0.85), 0.3, 6)
     obscuring = rng.uniform(0.6, 1.0)  # how thickly the granules hide the nucleus
@@ -363,11 +374,12 @@ def _monocyte(canvas: _Canvas, center: np.ndarray) -> _Painted:
     radius = canvas.px(rng.uniform(70, 98))
     body = _cell_body(canvas, center, radius, 0.1)
     nucleus = _arc_nucleus(canvas, center + rng.normal(0, 0.12 * radius, 2),
-                             radius * rng.uniform(0.18, 0.35), rng.uniform(1.2, 3.2),
-                             int(rng.choice([1, 1, 2, 3])), radius * rng.uniform(0.45, 0.58),
-                             canvas.px(4), rng.uniform(2.0, 3.5), rng.uniform(-0.15, 0.0))
+                           curve_radius=radius * rng.uniform(0.18, 0.35),
+                           span=rng.uniform(1.2, 3.2), lobe_radius=radius * rng.uniform(0.45, 0.58),
+                           flatness=rng.uniform(2.0, 3.5), lobes=int(rng.choice([1, 1, 2, 3])),
+                           gap=rng.uniform(-0.15, 0.0))
     chromatin = _chromatin(canvas, np.minimum(nucleus, body), rng.uniform(0.7, 0.95), 0.45, 3)
-    fold = center + rng.uniform(-0.5, 0.5, (3, 2)) * radius
+    fold = center + rng.uniform(-0.5, 0.5, (3, 2)) * radius  # a fold shows as a paler line
     chromatin *= 1.0 - 0.5 * rng.random() * canvas.tube(fold, np.zeros(3), canvas.px(2))
     vacuoles = canvas.zeros()
     for _ in range(int(rng.choice([0, 0, 1, 2, 4]))):
@@ -389,13 +401,15 @@ def _immature_granulocyte(canvas: _Canvas, center: np.ndarray) -> _Painted:
         nucleus = canvas.blob(nucleus_center, radius * rng.uniform(0.62, 0.82),
                               rng.uniform(1.0, 1.3), 0.06)
     elif stage == "metamyelocyte":  # kidney or bean
-        nucleus = _arc_nucleus(canvas, nucleus_center, radius * rng.uniform(0.2, 0.35),
-                                 rng.uniform(1.2, 2.4), 1, radius * rng.uniform(0.42, 0.55),
-                                 canvas.px(4), rng.uniform(2.5, 4.0), 0.0)
+        nucleus = _arc_nucleus(canvas, nucleus_center, curve_radius=radius * rng.uniform(0.2, 0.35),
+                               span=rng.uniform(1.2, 2.4),
+                               lobe_radius=radius * rng.uniform(0.42, 0.55),
+                               flatness=rng.uniform(2.5, 4.0))
     else:
-        nucleus = _arc_nucleus(canvas, nucleus_center, radius * rng.uniform(0.3, 0.42),
-                                 rng.uniform(2.4, 3.8), 1, radius * rng.uniform(0.22, 0.32),
-                                 canvas.px(4), rng.uniform(3.0, 6.0), 0.0)
+        nucleus = _arc_nucleus(canvas, nucleus_center, curve_radius=radius * rng.uniform(0.3, 0.42),
+                               span=rng.uniform(2.4, 3.8),
+                               lobe_radius=radius * rng.uniform(0.22, 0.32),
+                               flatness=rng.uniform(3.0, 6.0))
     chromatin = _chromatin(canvas, np.minimum(nucleus, body), rng.uniform(0.7, 0.95), 0.35, 4)
     cytoplasm_rgb = _mix(_IG_CYTOPLASM_RGB, _NEUTROPHIL_CYTOPLASM_RGB, rng.uniform(0.0, 0.7))
     fine = canvas.granules(body, rng.uniform(0.015, 0.05), canvas.px(1.1)) * rng.uniform(0.3, 0.6)
@@ -440,7 +454,7 @@ def _paste(target: _Painted, box: tuple[slice, slice], painted: _Painted) -> Non
 def _platelet_clump(canvas: _Canvas, center: np.ndarray) -> _Painted:
     rng = canvas.rng
     count = int(rng.choice([1, 1, 1, 2, 3, 4, 6]))
-    clump = _Painted(canvas.zeros(), canvas.zeros(3), 0.0)
+    clump = _Painted(canvas.zeros(), canvas.zeros(3))
     spread = canvas.px(12) * np.sqrt(count - 1)
     for _ in range(count):
         size = canvas.px(rng.uniform(22, 38) if count == 1 else rng.uniform(12, 24))
@@ -478,8 +492,8 @@ def _red_cell_template(canvas: _Canvas, radius: float) -> np.ndarray:
     outline = radius * (1.0 + rng.normal(0, 0.02) * np.cos(3 * angle + rng.uniform(0, 2 * np.pi)))
     inside = np.clip(outline - distance + 0.5, 0.0, 1.0)
     relative = distance / outline
-    pallor = rng.uniform(0.4, 0.7) * np.exp(-((relative / rng.uniform(0.45, 0.6)) ** 2))
-    rim = 0.1 * np.exp(-(((relative - 0.85) / 0.12) ** 2))
+    pallor = rng.uniform(0.45, 0.75) * np.exp(-((relative / rng.uniform(0.45, 0.6)) ** 2))
+    rim = 0.2 * np.exp(-(((relative - 0.88) / 0.08) ** 2))
     return (inside * (1.0 - pallor + rim)).astype(np.float32)
 
 
@@ -515,10 +529,11 @@ def _add_red_cell(canvas: _Canvas, density: np.ndarray, template: np.ndarray,
                   position: np.ndarray, scale: float) -> None:
     """Add ``template`` to ``density`` at ``position``: rescaled, made oval and rotated."""
     rng = canvas.rng
-    window, local_position, box = canvas.window(position, 0.6 * len(template) * scale * 1.1)
+    ovality, angle = rng.uniform(0.0, 0.08), rng.uniform(0, np.pi)
+    half_extent = 0.5 * len(template) * scale * (1 + ovality) + 1
+    window, local_position, box = canvas.window(position, half_extent)
     if window.empty:
         return
-    ovality, angle = rng.uniform(0.0, 0.08), rng.uniform(0, np.pi)
     cos, sin = np.cos(angle), np.sin(angle)
     linear = np.array([[cos, -sin], [sin, cos]]) * (scale * np.array([1 + ovality, 1 - ovality]))
     template_center = (len(template) - 1) / 2
@@ -550,7 +565,7 @@ def _expose(canvas: _Canvas, density: np.ndarray) -> np.ndarray:
     lamp = _LAMP_RGB * rng.uniform(0.98, 1.03) * np.exp(rng.normal(0, 0.012, 3)).astype(np.float32)
     image = cv2.exp(-density) * lamp
     image *= illumination[..., None]
-    image = cv2.GaussianBlur(image, (0, 0), canvas.px(rng.uniform(0.5, 1.5)))
+    image = cv2.GaussianBlur(image, (0, 0), canvas.px(rng.uniform(0.4, 1.2)))
     sensor_noise = rng.standard_normal(canvas.shape, np.float32) * np.float32(rng.uniform(1, 3.5))
     image += sensor_noise[..., None]
     return cv2.convertScaleAbs(image)  # rounds and saturates to 0..255 (values are >= 0)
@@ -570,7 +585,7 @@ def render_cell(label: str, rng: np.random.Generator,
     center = np.array([canvas.width / 2, canvas.height / 2]) + rng.normal(0, canvas.px(8), 2)
     window, local_center, box = canvas.window(center, canvas.px(_CELL_REACH))
     cell = _PAINTERS[label](window, local_center)
-    foreground = _Painted(canvas.zeros(), canvas.zeros(3), cell.radius)
+    foreground = _Painted(canvas.zeros(), canvas.zeros(3))
     _paste(foreground, box, cell)
     mask = foreground.coverage > 0.5
     _add_stray_platelets(canvas, foreground, center, cell.radius)
@@ -592,10 +607,10 @@ def render_example(label: str, index: int, seed: int,
     return render_cell(label, rng, size)
 
 
-def encode_jpeg(rgb: np.ndarray) -> bytes:
+def _encode_jpeg(rgb: np.ndarray) -> bytes:
     """JPEG bytes of an RGB image at the data set's fixed quality."""
     ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                               [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+                               [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
     if not ok:
         raise RuntimeError("OpenCV could not encode a JPEG")
     return encoded.tobytes()
@@ -611,11 +626,7 @@ def _relative_path(label: str, index: int) -> Path:
 def _write_example(job: tuple[Path, str, int, int, tuple[int, int]]) -> None:
     root, label, index, seed, size = job
     rgb, _ = render_example(label, index, seed, size)
-    (root / _relative_path(label, index)).write_bytes(encode_jpeg(rgb))
-
-
-def _use_one_opencv_thread() -> None:
-    cv2.setNumThreads(1)  # the pool's processes already occupy every core
+    (root / _relative_path(label, index)).write_bytes(_encode_jpeg(rgb))
 
 
 def generate_dataset(out_dir: Path, images_per_class: int, seed: int = 0,
@@ -628,6 +639,10 @@ def generate_dataset(out_dir: Path, images_per_class: int, seed: int = 0,
 
     ``workers`` processes render in parallel (default: one per CPU; 1 renders in this process).
     """
+    if not classes:
+        raise ValueError("classes must name at least one class")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes must not repeat a class, got {list(classes)}")
     for label in classes:
         _check_label(label)
     if images_per_class < 1:
@@ -645,7 +660,8 @@ def generate_dataset(out_dir: Path, images_per_class: int, seed: int = 0,
                     _write_example(job)
                     progress.update()
             else:
-                with ProcessPoolExecutor(workers, initializer=_use_one_opencv_thread) as pool:
+                # One OpenCV thread per process: the processes already occupy every core.
+                with opencv_threads(1), ProcessPoolExecutor(workers) as pool:
                     for _ in pool.map(_write_example, jobs, chunksize=8):
                         progress.update()
     return sorted(out_dir / _relative_path(label, index)

@@ -4,16 +4,13 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.evaluate import external_set, score_checkpoint, test_set, write_evaluation
+from pipeline.evaluate import evaluation_set, score_checkpoint, write_evaluation
 from pipeline.io import load_params
 
 
 def main(name: str) -> None:
     settings = load_params()["evaluate"]
-    if settings["dataset"]:
-        data = external_set(Path(settings["dataset"]))
-    else:
-        data = test_set(Path("data/split"), Path("data/raw/images"), Path("data/masks"))
+    data = evaluation_set(settings, Path("data/split"), Path("data/raw/images"), Path("data/masks"))
     try:
         scored = score_checkpoint(Path("data/models") / name / "model.pt", data, settings)
     except ValueError as error:

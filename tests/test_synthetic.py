@@ -10,13 +10,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.labels import PBC_CLASSES
-from pipeline.synthetic import (
-    DEFAULT_SIZE,
-    encode_jpeg,
-    generate_dataset,
-    render_cell,
-    render_example,
-)
+from pipeline.synthetic import DEFAULT_SIZE, generate_dataset, render_cell, render_example
 
 SMALL = (121, 120)  # a third of PBC's size: same scene, rendered faster
 
@@ -42,11 +36,11 @@ def test_render_cell_returns_an_rgb_image_and_a_boolean_mask_of_the_requested_si
     assert default_rgb.shape == (*DEFAULT_SIZE, 3)
 
 
-def test_same_seed_gives_identical_jpeg_bytes_and_masks():
+def test_same_seed_gives_identical_images_and_masks():
     first_rgb, first_mask = render_example("neutrophil", 3, seed=11)
     render_example("eosinophil", 0, seed=11)  # what was drawn in between must not matter
     second_rgb, second_mask = render_example("neutrophil", 3, seed=11)
-    assert encode_jpeg(first_rgb) == encode_jpeg(second_rgb)
+    assert np.array_equal(first_rgb, second_rgb)
     assert np.array_equal(first_mask, second_mask)
     rng = np.random.default_rng([11, PBC_CLASSES.index("neutrophil"), 3])
     assert np.array_equal(render_cell("neutrophil", rng)[0], first_rgb)
@@ -58,7 +52,6 @@ def test_same_seed_gives_identical_jpeg_bytes_and_masks():
 def test_changing_seed_index_or_class_changes_the_image(label, index, seed):
     reference, _ = render_example("neutrophil", 3, seed=11)
     other, _ = render_example(label, index, seed=seed)
-    assert encode_jpeg(other) != encode_jpeg(reference)
     assert np.abs(other.astype(int) - reference.astype(int)).mean() > 5
 
 
@@ -106,14 +99,17 @@ def test_generate_dataset_writes_a_balanced_class_per_folder_layout(tmp_path):
     for label in PBC_CLASSES:
         assert len(list((out_dir / label).iterdir())) == 2
     assert [path.name for path in tmp_path.iterdir()] == ["synthetic"], "temporary folder left"
-    decoded = cv2.imread(str(out_dir / "platelet" / "platelet_00001.jpg"))
+    decoded = cv2.imread(str(out_dir / "platelet" / "platelet_00001.jpg"))[..., ::-1]
     assert decoded.shape == (*DEFAULT_SIZE, 3)
     expected, _ = render_example("platelet", 1, seed=3)
-    assert (out_dir / "platelet" / "platelet_00001.jpg").read_bytes() == encode_jpeg(expected)
+    assert np.abs(decoded.astype(int) - expected.astype(int)).mean() < 2  # only JPEG's loss
 
 
-def test_generate_dataset_is_identical_for_any_worker_count_and_replaces_old_output(tmp_path):
+def test_generate_dataset_bytes_ignore_worker_count_and_old_output_is_replaced(tmp_path):
     classes = ("basophil", "platelet")
+    # Start OpenCV's thread pool here first, as rendering in this process does: forking the
+    # workers must not deadlock them.
+    cv2.GaussianBlur(np.zeros((1000, 1000), np.float32), (0, 0), 3.0)
     serial = generate_dataset(tmp_path / "serial", 3, seed=8, size=SMALL, classes=classes,
                               workers=1)
     out_dir = tmp_path / "parallel"
@@ -135,6 +131,10 @@ def test_bad_inputs_raise_a_clear_value_error(tmp_path):
         generate_dataset(tmp_path / "out", 1, classes=("neutrophil", "blast"))
     with pytest.raises(ValueError, match="images_per_class must be at least 1"):
         generate_dataset(tmp_path / "out", 0)
+    with pytest.raises(ValueError, match="at least one class"):
+        generate_dataset(tmp_path / "out", 1, classes=())
+    with pytest.raises(ValueError, match="must not repeat a class"):
+        generate_dataset(tmp_path / "out", 1, classes=("ig", "ig"))
     assert not any(tmp_path.iterdir()), "nothing may be written for invalid arguments"
 
 
@@ -155,10 +155,10 @@ def _feature_set(seed: int, images_per_class: int) -> tuple[np.ndarray, np.ndarr
 def test_classes_are_distinguishable_but_not_trivially():
     """Mean colour plus stained area separates the classes only in part.
 
-    With these settings and six other pairs of train/test seeds, held-out accuracy (160 images)
-    was 0.39-0.44; chance is 0.125 and one binomial standard deviation about 0.04. The bounds sit
-    more than three of those outside that range: below 0.25 the classes would hardly differ,
-    above 0.7 a trivial feature would nearly solve them.
+    Held-out accuracy (160 images) is 0.40 with these seeds and was 0.41-0.48 with six other
+    pairs of train/test seeds; chance is 0.125, one binomial standard deviation about 0.04. The
+    bounds sit more than three of those outside that range: below 0.25 the classes would hardly
+    differ, above 0.7 a trivial feature would nearly solve them.
     """
     train_x, train_y = _feature_set(seed=100, images_per_class=30)
     test_x, test_y = _feature_set(seed=101, images_per_class=20)

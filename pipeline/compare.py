@@ -1,0 +1,77 @@
+"""The comparison of every evaluated model (and the original work's figures) in one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline import plots
+from pipeline.io import atomic_path, read_json, write_json
+
+COLUMNS = {
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced acc.",
+    "macro_f1": "macro-F1",
+    "weighted_f1": "weighted-F1",
+    "cohen_kappa": "kappa",
+    "roc_auc_ovr": "ROC-AUC",
+    "ece": "ECE",
+    "ece_uncalibrated": "ECE (uncal.)",
+}
+
+
+def collect(eval_dir: Path) -> pd.DataFrame:
+    """One row per evaluation folder holding a ``summary.json``, best macro-F1 first."""
+    rows = []
+    for summary_file in sorted(eval_dir.glob("*/summary.json")):
+        summary = read_json(summary_file)
+        metrics, training = summary["metrics"], summary["training"]
+        rows.append({
+            "model": summary["model"],
+            **{key: metrics.get(key) for key in COLUMNS},
+            "images": metrics["images"],
+            "parameters_m": training.get("parameters", 0) / 1e6,
+            "train_minutes": training.get("train_seconds", 0.0) / 60,
+            "train_images_per_s": training.get("images_per_second"),
+            "inference_images_per_s": metrics["inference_images_per_second"],
+            "weights": training.get("weight_source", "members: " + ", ".join(
+                f"{m} {w:.2f}" for m, w in training.get("members", {}).items())),
+        })
+    if not rows:
+        raise ValueError(f"no evaluation results under {eval_dir}")
+    return pd.DataFrame(rows).sort_values("macro_f1", ascending=False, kind="stable")
+
+
+def write_comparison(table: pd.DataFrame, references: dict[str, float], metrics_path: Path,
+                     report_dir: Path) -> None:
+    """``metrics/summary.json``, ``reports/summary.md`` and ``reports/summary.png``."""
+    write_json(metrics_path, {row["model"]: {k: row[k] for k in (*COLUMNS, "images")}
+                              for row in table.to_dict("records")})
+    reference_rows = pd.DataFrame([{"model": f"{name} (reference)", "accuracy": value}
+                                   for name, value in references.items()])
+    shown = pd.concat([table, reference_rows], ignore_index=True).rename(columns={
+        **COLUMNS, "images": "test images", "parameters_m": "params (M)",
+        "train_minutes": "train (min)", "train_images_per_s": "train img/s",
+        "inference_images_per_s": "infer img/s"})
+    with atomic_path(report_dir) as tmp:
+        tmp.mkdir(parents=True)
+        (tmp / "summary.md").write_text(
+            "# Model comparison\n\nTest-split metrics of every model, best macro-F1 first; ECE "
+            "after temperature scaling, with the uncalibrated value beside it. Reference rows "
+            "are the figures reported by the original work.\n\n"
+            + shown.to_markdown(index=False, floatfmt=".4g", missingval="") + "\n",
+            encoding="utf-8")
+        plots.bar_chart_png(
+            list(table["model"]),
+            {COLUMNS[k]: list(table[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+            "Test metrics by model", tmp / "summary.png", references)
+
+
+def compare(eval_dir: Path, settings: dict[str, Any], metrics_path: Path, report_dir: Path
+            ) -> pd.DataFrame:
+    """Build and write the comparison of everything evaluated under ``eval_dir``."""
+    table = collect(eval_dir)
+    write_comparison(table, settings["references"], metrics_path, report_dir)
+    return table

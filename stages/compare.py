@@ -1,0 +1,17 @@
+"""Stage compare: every evaluated model side by side (metrics/summary.json, reports/)."""
+
+import logging
+from pathlib import Path
+
+from pipeline.compare import compare
+from pipeline.io import load_params
+
+
+def main() -> None:
+    settings = load_params()["compare"]
+    compare(Path("data/eval"), settings, Path("metrics/summary.json"), Path("reports"))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

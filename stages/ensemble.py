@@ -1,0 +1,28 @@
+"""Stage ensemble: evaluate the weighted average of the members' calibrated probabilities."""
+
+import logging
+from pathlib import Path
+
+from pipeline.ensemble import combine_evaluations, member_weights, write_spec
+from pipeline.evaluate import evaluation_set, write_evaluation
+from pipeline.io import load_params, read_json
+
+
+def main() -> None:
+    params = load_params()
+    settings, evaluate_settings = params["ensemble"], params["evaluate"]
+    members = settings["members"]
+    val_f1 = {m: read_json(Path("metrics") / m / "train.json")["val_macro_f1"] for m in members}
+    weights = member_weights(members, settings["weighting"], val_f1)
+    write_spec(Path("data/models/ensemble/ensemble.json"),
+               {m: Path("data/models") / m / "model.pt" for m in members}, weights)
+    data = evaluation_set(evaluate_settings, Path("data/split"), Path("data/raw/images"),
+                          Path("data/masks"))
+    scored = combine_evaluations({m: Path("data/eval") / m for m in members}, weights, data)
+    write_evaluation(scored, Path("data/eval/ensemble"), Path("metrics/ensemble/eval.json"),
+                     evaluate_settings)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()
