@@ -55,7 +55,8 @@ def find_layout(root: Path) -> tuple[Path, str]:
         if {"train", "test"} <= names:
             return folder, "split"
         class_dirs = [child for child in children if _has_files(child)]
-        if len(class_dirs) >= 2 and len(class_dirs) == len(children):
+        empty_dirs = [child for child in children if not any(child.iterdir())]
+        if len(class_dirs) >= 2 and len(class_dirs) + len(empty_dirs) == len(children):
             return folder, "class"
         queue.extend(children)
     raise LayoutError(

@@ -1,0 +1,44 @@
+"""Shared fixtures: small synthetic data sets that the project generates itself."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.masks import MaskParams, build_masks
+from pipeline.sources import ingest
+from pipeline.split import split_dataset
+from pipeline.synthetic import generate_dataset
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+for role in ("AUTHOR", "COMMITTER"):  # tests commit into throw-away repositories
+    os.environ.setdefault(f"GIT_{role}_NAME", "tests")
+    os.environ.setdefault(f"GIT_{role}_EMAIL", "tests@wbc.local")
+
+SPLIT_SETTINGS = {"val": 0.2, "test": 0.2, "seed": 0, "near_duplicate_distance": 4,
+                  "original_id_pattern": r"^_(\d+)_\d+\."}
+
+
+@pytest.fixture(scope="session")
+def synthetic_folder(tmp_path_factory) -> Path:
+    """10 generated images per PBC class, in the class-per-folder layout."""
+    root = tmp_path_factory.mktemp("synthetic") / "cells"
+    generate_dataset(root, images_per_class=10, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, synthetic_folder) -> Path:
+    """A data/ folder as the pipeline's first three stages leave it: raw, masks, split."""
+    data = tmp_path_factory.mktemp("data")
+    manifest = ingest(synthetic_folder, data / "raw", {"source": "test"})
+    build_masks(manifest, data / "raw" / "images", data / "masks", MaskParams(),
+                gallery_per_class=2)
+    parts, _ = split_dataset(manifest, data / "raw" / "images", SPLIT_SETTINGS)
+    (data / "split").mkdir()
+    for name, rows in parts.items():
+        rows.to_csv(data / "split" / f"{name}.csv", index=False)
+    return data
+

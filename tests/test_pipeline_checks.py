@@ -1,0 +1,252 @@
+"""dvc.yaml checked against the code and params.yaml, and the pipeline run end to end with DVC."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+import pipeline_checks as pc  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = [sys.executable, "-m", "dvc"]
+
+
+@pytest.fixture(scope="module")
+def stages() -> list[pc.StageInfo]:
+    return pc.stages_from_repo(ROOT)
+
+
+@pytest.fixture(scope="module")
+def params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _by_name(stages: list[pc.StageInfo]) -> dict[str, pc.StageInfo]:
+    return {stage.name: stage for stage in stages}
+
+
+# ---------------------------------------------------------------- deps and params from the code
+
+def test_foreach_stages_are_expanded(stages, params):
+    names = set(_by_name(stages))
+    for model in params["models"]:
+        assert f"train@{model}" in names and f"evaluate@{model}" in names
+
+
+def test_every_stage_lists_exactly_its_modules_and_params(stages):
+    problems = [problem for stage in stages for problem in pc.check_stage(ROOT, stage)]
+    assert not problems, "\n".join(problems)
+
+
+def test_checker_reports_a_dropped_module(stages):
+    stage = _by_name(stages)["evaluate@mobilenet_attention"]
+    assert "pipeline/plots.py" in stage.deps  # imported only as `from pipeline import plots`
+    broken = dataclasses.replace(stage, deps=[d for d in stage.deps if d != "pipeline/plots.py"])
+    problems = pc.check_stage(ROOT, broken)
+    assert problems == [
+        "stage evaluate@mobilenet_attention: missing dep pipeline/plots.py "
+        "(imported by stages/evaluate.py)"]
+
+
+def test_checker_reports_transitive_module_and_params(stages):
+    stage = _by_name(stages)["train@xception_attention"]
+    broken = dataclasses.replace(
+        stage, deps=[d for d in stage.deps if d != "pipeline/data.py"],  # via pipeline/train.py
+        params=[p for p in stage.params if p != "models.xception_attention"] + ["evaluate"])
+    problems = "\n".join(pc.check_stage(ROOT, broken))
+    assert "train@xception_attention: missing dep pipeline/data.py" in problems
+    assert "reads params key models[['xception_attention']]" in problems
+    assert "params key evaluate is listed but never read" in problems
+
+
+def test_params_reads_are_found(tmp_path):
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "__init__.py").write_text("")
+    (tmp_path / "pipeline" / "helper.py").write_text(
+        "def f():\n    from pipeline.io import load_params\n    return load_params()['deep']\n")
+    (tmp_path / "pipeline" / "io.py").write_text("def load_params():\n    return {}\n")
+    (tmp_path / "script.py").write_text(
+        "from pipeline import helper\nfrom pipeline.io import load_params\n"
+        "p = load_params()\nx = p['models'][name], p['a']['b'], load_params()['c']\n")
+    assert pc.module_closure(tmp_path, "script.py") == {
+        "script.py", "pipeline/__init__.py", "pipeline/helper.py", "pipeline/io.py"}
+    assert pc.params_read(tmp_path, "script.py") == {
+        ("models", pc.DYNAMIC), ("a", "b"), ("c", None)}
+    assert pc.params_read(tmp_path, "pipeline/helper.py") == {("deep", None)}
+
+
+# ---------------------------------------------------------------- dvc.yaml against params.yaml
+
+def _lookup(params: dict, dotted: str) -> bool:
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def test_params_keys_exist(stages, params):
+    missing = [f"{s.name}: {key}" for s in stages for key in s.params if not _lookup(params, key)]
+    assert not missing, f"params keys not in params.yaml: {missing}"
+
+
+def test_models_have_backbone_and_image_size(params):
+    for name, model in params["models"].items():
+        assert model.get("backbone"), f"models.{name} has no backbone"
+        assert isinstance(model.get("image_size"), int), f"models.{name} has no image_size"
+
+
+def test_every_output_has_one_producer():
+    from dvc.repo import Repo
+
+    producers: dict[str, list[str]] = {}
+    with Repo(str(ROOT)) as repo:
+        for stage in repo.index.stages:
+            for out in stage.outs:
+                producers.setdefault(str(out.def_path), []).append(stage.name)
+    duplicated = {path: names for path, names in producers.items() if len(names) > 1}
+    assert not duplicated, f"outputs with several producers: {duplicated}"
+    paths = sorted(producers)
+    nested = [(a, b) for a in paths for b in paths if a != b and b.startswith(a.rstrip("/") + "/")]
+    assert not nested, f"outputs inside other outputs: {nested}"
+
+
+def test_ensemble_deps_match_members(stages, params):
+    deps = _by_name(stages)["ensemble"].deps
+    members = params["ensemble"]["members"]
+    assert set(members) <= set(params["models"]), "ensemble.members must be models"
+    member_deps = {d for d in deps if d.startswith(("metrics/", "data/eval/"))}
+    expected = {f"metrics/{m}/train.json" for m in members} | {f"data/eval/{m}" for m in members}
+    assert member_deps == expected
+
+
+# ---------------------------------------------------------------- ruff
+
+def test_ruff_clean():
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- end to end
+
+SKIP_COPY = ("data/", "metrics/", "dvclive/", "reports/", "dvc.lock", ".dvc/cache", ".dvc/tmp")
+GIT_USER = ["-c", "user.name=pipeline-test", "-c", "user.email=pipeline-test@example.invalid"]
+
+
+def _run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(cwd), DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, (
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def _git(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return _run(["git", *GIT_USER, *args], cwd)
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    result = _run([*DVC, *args], cwd)
+    return result.stdout + result.stderr
+
+
+def _status(cwd: Path) -> dict:
+    return json.loads(_run([*DVC, "status", "--json"], cwd).stdout or "{}")
+
+
+def _edit_params(path: Path, edit) -> None:
+    params = yaml.safe_load(path.read_text())
+    edit(params)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _tiny(params: dict) -> None:
+    params["data"]["source"] = "synthetic"
+    params["data"]["synthetic"]["images_per_class"] = 10
+    params["train"].update(epochs=1, batch_size=16, amp=False)  # bf16 autocast: slow on most CPUs
+    params["masks"]["gallery_per_class"] = 2
+    params["evaluate"].update(attention_per_class=1, mistakes=2)
+    for model in params["models"].values():
+        model.update(image_size=64, embed_dim=32, heads=2)
+
+
+@pytest.mark.slow
+def test_end_to_end(tmp_path):
+    files = _run(["git", "ls-files", "-co", "--exclude-standard"], ROOT).stdout.splitlines()
+    repo = tmp_path / "repo"
+    for name in files:
+        if name.startswith(SKIP_COPY) or not (ROOT / name).is_file():
+            continue
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
+    _edit_params(repo / "params.yaml", _tiny)
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "tiny pipeline")
+
+    # first run: everything
+    _dvc(repo, "repro")
+    for model in yaml.safe_load((repo / "params.yaml").read_text())["models"]:
+        assert (repo / "metrics" / model / "eval.json").is_file()
+    assert (repo / "metrics" / "ensemble" / "eval.json").is_file()
+    assert (repo / "reports" / "summary.md").is_file()
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "run")
+
+    # nothing changed: nothing runs, status clean
+    again = _dvc(repo, "repro")
+    assert "Running stage" not in again, again
+    assert _status(repo) == {}
+
+    # a model's param: only that model's training is stale
+    _edit_params(repo / "params.yaml",
+                 lambda p: p["models"]["xception_attention"].update(dropout=0.3))
+    assert set(_status(repo)) == {"train@xception_attention"}
+    rerun = _dvc(repo, "repro")
+    ran = {line.split("'")[1] for line in rerun.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@xception_attention", "evaluate@xception_attention", "ensemble",
+                   "compare"}, rerun
+    diff = json.loads(_run([*DVC, "metrics", "diff", "--json"], repo).stdout or "{}")
+    changed = {f"{path}:{key}" for path, metrics in diff.items() for key, value in metrics.items()
+               if value.get("diff") not in (None, 0)}
+    assert any(name.startswith("metrics/xception_attention/") for name in changed), diff
+
+    # revert: back to the committed run (dvc autostage has staged the new files: reset --hard)
+    _git(repo, "reset", "-q", "--hard")
+    _dvc(repo, "checkout", "--force")
+    assert _status(repo) == {}
+
+    # a masks param: masks and the stages reading masks params, not download/split/evaluate
+    _edit_params(repo / "params.yaml", lambda p: p["masks"].update(close_px=6))
+    stale = set(_status(repo))
+    assert "masks" in stale
+    assert {"download", "split"}.isdisjoint(stale)
+    models = yaml.safe_load((repo / "params.yaml").read_text())["models"]
+    assert stale == {"masks"} | {f"train@{m}" for m in models}
+    _git(repo, "reset", "-q", "--hard")
+    assert _status(repo) == {}
+
+    # push to a local remote, clone, pull: up to date, nothing to run
+    remote = tmp_path / "remote"
+    _dvc(repo, "remote", "add", "-d", "local", str(remote))
+    _dvc(repo, "push")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "remote")
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert "local" in (clone / ".dvc" / "config").read_text()
+    _dvc(clone, "pull")
+    assert _status(clone) == {}
+    assert "Running stage" not in _dvc(clone, "repro")

@@ -1,0 +1,61 @@
+"""Stratification, duplicate grouping, predefined splits and too-small classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.split import SplitError, assign_parts, find_groups
+
+
+def _manifest(per_class: int = 20, classes=("a", "b", "c"), source_split: str = "") -> pd.DataFrame:
+    rows = [{"path": f"{c}/{i}.jpg", "label": c, "source_split": source_split,
+             "sha256": f"{c}{i}"} for c in classes for i in range(per_class)]
+    return pd.DataFrame(rows)
+
+
+def test_stratified_parts():
+    manifest = _manifest()
+    groups, _ = find_groups(manifest, None, -1, None)
+    part = assign_parts(manifest, groups, 0.2, 0.2, seed=0)
+    counts = pd.crosstab(manifest["label"], part)
+    assert (counts["test"] == 4).all() and (counts["val"] == 4).all()
+    assert (counts["train"] == 12).all()
+    again = assign_parts(manifest, groups, 0.2, 0.2, seed=0)
+    assert part.equals(again)
+
+
+def test_identical_bytes_and_near_duplicates_stay_together():
+    manifest = _manifest()
+    manifest.loc[5, "sha256"] = manifest.loc[17, "sha256"]
+    hashes = np.random.default_rng(0).integers(0, 2**63, len(manifest)).astype(np.uint64)
+    hashes[30] = hashes[41] ^ np.uint64(0b111)  # 3 bits apart
+    groups, links = find_groups(manifest, hashes, 4, None)
+    assert links["identical"] == 1 and links["near_duplicate"] == 1
+    for seed in range(5):
+        part = assign_parts(manifest, groups, 0.2, 0.2, seed=seed)
+        assert part[5] == part[17] and part[30] == part[41]
+
+
+def test_predefined_test_kept_and_augmentations_grouped():
+    train = _manifest(24, source_split="train")
+    train["path"] = [f"train/{label}/_{i // 4}_{i}.jpeg" for label, i in
+                     zip(train["label"], list(range(24)) * 3, strict=True)]
+    test = _manifest(5, source_split="test")
+    manifest = pd.concat([train, test], ignore_index=True)
+    groups, links = find_groups(manifest, None, -1, r"^_(\d+)_\d+\.")
+    assert links["same_original"] == 3 * 6 * 3
+    part = assign_parts(manifest, groups, 0.25, 0.0, seed=1)
+    assert (part[manifest["source_split"] == "test"] == "test").all()
+    assert set(part[manifest["source_split"] == "train"]) == {"train", "val"}
+    originals = manifest["path"].str.extract(r"/(\w+)/_(\d+)_")
+    for _, members in part.groupby([originals[0], originals[1]]):
+        assert members.nunique() == 1
+
+
+def test_class_too_small_fails_clearly():
+    manifest = pd.concat([_manifest(20, ("a", "b")), _manifest(2, ("tiny",))], ignore_index=True)
+    groups, _ = find_groups(manifest, None, -1, None)
+    with pytest.raises(SplitError, match="'tiny'.*missing"):
+        assign_parts(manifest, groups, 0.2, 0.2, seed=0)
