@@ -43,7 +43,7 @@ class EvalSet:
     mask_files: list[Path] | None = None
 
 
-def test_set(split_dir: Path, images_dir: Path, masks_dir: Path) -> EvalSet:
+def held_out_set(split_dir: Path, images_dir: Path, masks_dir: Path) -> EvalSet:
     """The pipeline's own test split, with the mask stage's masks."""
     rows = read_split(split_dir, "test")
     return EvalSet([images_dir / p for p in rows["path"]], list(rows["label"]), list(rows["path"]),
@@ -67,7 +67,7 @@ def evaluation_set(settings: dict[str, Any], split_dir: Path, images_dir: Path,
     """``evaluate.dataset`` when set (another data set), else the pipeline's test split."""
     if settings["dataset"]:
         return external_set(Path(settings["dataset"]))
-    return test_set(split_dir, images_dir, masks_dir)
+    return held_out_set(split_dir, images_dir, masks_dir)
 
 
 def restrict_to_classes(data: EvalSet, classes: list[str], ignore_unknown: bool) -> EvalSet:

@@ -13,7 +13,7 @@ from pipeline import predict as predict_module
 from pipeline.cli import main as wbc
 from pipeline.compare import compare
 from pipeline.ensemble import combine_evaluations, member_weights, write_spec
-from pipeline.evaluate import external_set, score_checkpoint, test_set, write_evaluation
+from pipeline.evaluate import external_set, held_out_set, score_checkpoint, write_evaluation
 from pipeline.io import read_json
 from pipeline.masks import MaskParams
 from pipeline.models import ModelConfig
@@ -40,7 +40,7 @@ def trained(prepared, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def evaluated(prepared, trained, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval")
-    data = test_set(prepared / "split", prepared / "raw" / "images", prepared / "masks")
+    data = held_out_set(prepared / "split", prepared / "raw" / "images", prepared / "masks")
     for name, path in trained.items():
         scored = score_checkpoint(path, data, SETTINGS)
         write_evaluation(scored, root / "eval" / name, root / "metrics" / name / "eval.json",
@@ -86,7 +86,7 @@ def test_cross_dataset_with_class_mismatch(trained, synthetic_folder, tmp_path):
 def test_ensemble_and_compare(evaluated, prepared, tmp_path):
     weights = member_weights(["first", "second"], "val_f1", {"first": 0.3, "second": 0.1})
     assert weights == pytest.approx({"first": 0.75, "second": 0.25})
-    data = test_set(prepared / "split", prepared / "raw" / "images", prepared / "masks")
+    data = held_out_set(prepared / "split", prepared / "raw" / "images", prepared / "masks")
     scored = combine_evaluations({n: evaluated / "eval" / n for n in weights}, weights, data)
     members = [np.load(evaluated / "eval" / n / "probabilities.npz")["calibrated"]
                for n in weights]
