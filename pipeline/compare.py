@@ -61,7 +61,8 @@ def write_comparison(table: pd.DataFrame, references: dict[str, float], metrics_
             "# Model comparison\n\nTest-split metrics of every model, best macro-F1 first; ECE "
             "after temperature scaling, with the uncalibrated value beside it. Reference rows "
             "are the figures reported by the original work.\n\n"
-            + shown.to_markdown(index=False, floatfmt=".4g", missingval="") + "\n",
+            + shown.astype(object).where(shown.notna(), None).to_markdown(
+                index=False, floatfmt=".4g", missingval="") + "\n",
             encoding="utf-8")
         plots.bar_chart_png(
             list(table["model"]),

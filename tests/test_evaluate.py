@@ -98,6 +98,7 @@ def test_ensemble_and_compare(evaluated, prepared, tmp_path):
     assert set(table["model"]) == {"first", "second", "ensemble"}
     report = (tmp_path / "reports" / "summary.md").read_text()
     assert "original (PBC-1560) (reference)" in report and "ensemble" in report
+    assert "nan" not in report
     assert (tmp_path / "reports" / "summary.png").stat().st_size > 5_000
     assert set(read_json(tmp_path / "summary.json")) == {"first", "second", "ensemble"}
     with pytest.raises(ValueError, match="weighting"):
