@@ -91,7 +91,8 @@ def prepare_image(image: np.ndarray, mask: np.ndarray | None, prep: Preprocess) 
                       interpolation=cv2.INTER_AREA)
 
 
-def _load_one(job: tuple[Path, Path | None, Preprocess, MaskParams]) -> np.ndarray:
+def prepare_file(job: tuple[Path, Path | None, Preprocess, MaskParams]) -> np.ndarray:
+    """Decode one image, mask it (stored mask, or computed when none is given) and resize."""
     image_path, mask_file, prep, mask_params = job
     image = decode_image(image_path)
     mask = None
@@ -114,7 +115,7 @@ def load_prepared(paths: list[Path], prep: Preprocess, mask_files: list[Path] | 
     jobs = [(path, mask, prep, mask_params or MaskParams()) for path, mask in zip(paths, files,
                                                                                    strict=True)]
     with opencv_threads(1), ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        arrays = list(tqdm(pool.map(_load_one, jobs, chunksize=16), total=len(jobs), desc=desc,
+        arrays = list(tqdm(pool.map(prepare_file, jobs, chunksize=16), total=len(jobs), desc=desc,
                            unit="img", leave=False))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 

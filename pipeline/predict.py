@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.data import Preprocess, prepare_image
+from pipeline.data import Preprocess, prepare_file
 from pipeline.device import select_device
 from pipeline.ensemble import read_spec
 from pipeline.evaluate import infer
-from pipeline.io import ImageDecodeError, decode_image, opencv_threads
-from pipeline.masks import MaskParams, compute_mask
+from pipeline.io import ImageDecodeError, opencv_threads
+from pipeline.masks import MaskParams
 from pipeline.models import load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -57,11 +57,9 @@ def _prepare(job: tuple[Path, Preprocess, MaskParams]) -> np.ndarray | str:
     """The model input for one file, or the one-line reason it cannot be read."""
     path, prep, mask_params = job
     try:
-        image = decode_image(path)
+        return prepare_file((path, None, prep, mask_params))
     except (ImageDecodeError, FileNotFoundError, IsADirectoryError) as error:
         return str(error).splitlines()[0]
-    mask = compute_mask(image, mask_params)[0] if prep.mask_mode != "none" else None
-    return prepare_image(image, mask, prep)
 
 
 def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
