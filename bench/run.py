@@ -2,7 +2,8 @@
 
 Usage::
 
-    python bench/run.py [--models a,b] [--image-size N] [--quick] [--out bench/results.json]
+    python bench/run.py [--models a,b] [--image-size N] [--mask-images DIR] [--quick]
+                        [--out bench/results.json]
 
 Every model runs in its own spawned process, so its peak RSS is its own. Models are built with
 ``pretrained: false`` (weights do not change speed). Inputs are random tensors of the right shape:
@@ -37,6 +38,7 @@ from pipeline.data import CellDataset, Preprocess, train_transform
 from pipeline.device import amp_supported, autocast, select_device
 from pipeline.evaluate import infer
 from pipeline.labels import PBC_CLASSES
+from pipeline.layout import scan_layout
 from pipeline.masks import MaskParams, build_masks, compute_mask
 from pipeline.models import ModelConfig, build_model, data_config
 from pipeline.synthetic import generate_dataset, render_example
@@ -213,27 +215,41 @@ def bench_models(models: dict[str, ModelConfig], budget: Budget) -> list[dict[st
     return results
 
 
-def bench_masks(params: MaskParams, budget: Budget) -> dict[str, Any]:
-    """compute_mask on full-size synthetic images: one process, and build_masks with 2 workers."""
+def _image_folder_manifest(root: Path) -> pd.DataFrame:
+    """Manifest rows (path relative to ``root``, label) of a real data set's class folders."""
+    candidates, _ = scan_layout(root)
+    return pd.DataFrame({"path": [c.source.relative_to(root).as_posix() for c in candidates],
+                         "label": [c.label for c in candidates]})
+
+
+def bench_masks(params: MaskParams, budget: Budget, images_root: Path | None) -> dict[str, Any]:
+    """compute_mask in one process, and build_masks with 2 workers over a whole data set.
+
+    The data set is ``images_root`` (real images, e.g. ../shared/datasets/pbc-1560) when given,
+    else a generated synthetic one.
+    """
     images = [render_example(PBC_CLASSES[i % len(PBC_CLASSES)], i, seed=0)[0]
               for i in range(budget.mask_single)]
     started = time.perf_counter()
     for image in images:
         compute_mask(image, params)
     single = len(images) / (time.perf_counter() - started)
-    per_class = max(1, budget.mask_pool // len(PBC_CLASSES))
     with tempfile.TemporaryDirectory(prefix="wbc-bench-") as tmp:
-        images_dir = Path(tmp) / "images"
-        paths = generate_dataset(images_dir, per_class, seed=0)
-        manifest = pd.DataFrame({"path": [p.relative_to(images_dir).as_posix() for p in paths],
-                                 "label": [p.parent.name for p in paths]})
+        if images_root is None:
+            images_dir = Path(tmp) / "images"
+            generate_dataset(images_dir, max(1, budget.mask_pool // len(PBC_CLASSES)), seed=0)
+        else:
+            images_dir = images_root
+        manifest = _image_folder_manifest(images_dir)
         started = time.perf_counter()
-        build_masks(manifest, images_dir, Path(tmp) / "masks", params, workers=2)
+        stats = build_masks(manifest, images_dir, Path(tmp) / "masks", params, workers=2)
         pool_seconds = time.perf_counter() - started
     return {
         "image_size": list(images[0].shape[:2]), "single_images": len(images),
-        "single_process_images_per_s": single, "pool_workers": 2, "pool_images": len(paths),
-        "pool_images_per_s": len(paths) / pool_seconds,
+        "single_process_images_per_s": single, "pool_workers": 2, "pool_images": len(manifest),
+        "pool_images_per_s": len(manifest) / pool_seconds,
+        "pool_source": str(images_root) if images_root else "synthetic",
+        "pool_ok_share": float((stats["status"] == "ok").mean()),
         "pool_note": "build_masks end to end: decode, mask, PNG write, stats.csv and gallery",
     }
 
@@ -313,7 +329,8 @@ def format_report(report: dict[str, Any]) -> str:
                       f"1 process {masks['single_process_images_per_s']:.1f} img/s "
                       f"({masks['single_images']} images); build_masks {masks['pool_workers']} "
                       f"workers {masks['pool_images_per_s']:.1f} img/s ({masks['pool_images']} "
-                      f"images, incl. PNG writes + gallery)"]
+                      f"{masks['pool_source']} images, incl. PNG writes + gallery; "
+                      f"{masks['pool_ok_share']:.1%} ok; target 40 img/s)"]
     dvc = report.get("dvc")
     if dvc:
         status = f"{dvc['status_s']:.2f} s" if dvc["status_s"] is not None else "n/a"
@@ -329,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", help="comma-separated names from params.yaml models")
     parser.add_argument("--image-size", type=int, help="override every model's image_size")
     parser.add_argument("--quick", action="store_true", help="fewer steps and images (smoke test)")
+    parser.add_argument("--mask-images", type=Path,
+                        help="real image folder for the masks benchmark (default: synthetic)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     return parser.parse_args(argv)
 
@@ -354,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
                               else "default"}
     os.environ["TQDM_DISABLE"] = "1"  # inherited by the spawned model processes
     print("[bench] masks ...", flush=True)
-    report["masks"] = bench_masks(mask_params(params), budget)
+    report["masks"] = bench_masks(mask_params(params), budget, args.mask_images)
     print("[bench] dvc ...", flush=True)
     report["dvc"] = bench_dvc()
     report["models"] = bench_models(configs, budget)

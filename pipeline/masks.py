@@ -30,7 +30,7 @@ STATUSES = ("ok", "fallback", "whole-image", "empty")
 class MaskParams:
     """Every knob of the mask stage (``params.yaml: masks``)."""
 
-    work_size: int = 160
+    work_size: int = 128
     saturation_min: int = 75
     green_max: int = 140
     prior_open_px: int = 2
