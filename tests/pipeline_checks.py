@@ -1,8 +1,9 @@
 """Static checks of dvc.yaml against the code: deps and params each stage needs, found with ast.
 
-A stage's script is the ``python stages/X.py`` of its cmd. Its required deps are the script plus
-every ``pipeline`` module it imports, transitively (``import pipeline.x``, ``from pipeline.x import
-y``, ``from pipeline import x``, relative imports, imports inside functions). Its required params
+A stage's script is the ``python -m stages.X`` (or ``python stages/X.py``) of its cmd. Its
+required deps are the script plus every ``pipeline`` module it imports, transitively
+(``import pipeline.x``, ``from pipeline.x import y``, ``from pipeline import x``, relative
+imports, imports inside functions). Its required params
 are the ``params.yaml`` keys subscripted on the result of ``load_params()``, directly
 (``load_params()["masks"]``) or through a variable (``params = load_params(); params["train"]``),
 with one more level where the first one is subscripted again (``params["models"][name]``).
@@ -52,12 +53,14 @@ def stages_from_repo(root: Path) -> list[StageInfo]:
 
 
 def script_of(cmd: str) -> tuple[str, list[str]]:
-    """``python stages/train.py m1`` -> ("stages/train.py", ["m1"])."""
+    """``python -m stages.train m1`` (or ``stages/train.py m1``) -> ("stages/train.py", ["m1"])."""
     words = shlex.split(cmd)
     for i, word in enumerate(words):
+        if word == "-m" and i + 1 < len(words):
+            return f"{words[i + 1].replace('.', '/')}.py", words[i + 2:]
         if word.endswith(".py"):
             return word, words[i + 1:]
-    raise ValueError(f"no python script in cmd {cmd!r}")
+    raise ValueError(f"no python script or module in cmd {cmd!r}")
 
 
 def _module_file(root: Path, dotted: str) -> str | None:
