@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -62,12 +63,22 @@ def _prepare(job: tuple[Path, Preprocess, MaskParams]) -> np.ndarray | str:
         return str(error).splitlines()[0]
 
 
+def prepare_inputs(files: list[Path], prep: Preprocess, mask_params: MaskParams,
+                   workers: int | None = None) -> list[np.ndarray | str]:
+    """Decode, mask and resize every file in parallel; an error line where a file is unreadable."""
+    jobs = [(f, prep, mask_params) for f in files]
+    with opencv_threads(1), ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        return list(tqdm(pool.map(_prepare, jobs, chunksize=8), total=len(jobs),
+                         desc=f"read {prep.image_size}px {prep.mask_mode}", unit="img"))
+
+
 def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
             batch_size: int = 64, device: str = "auto", tta: bool = False,
             workers: int | None = None) -> list[dict[str, Any]]:
     """One row per input file: the top-k classes with probabilities, or an ``error``.
 
-    Ensemble members' calibrated probabilities are averaged with their weights.
+    Ensemble members' calibrated probabilities are averaged with their weights; members with the
+    same preprocessing share one pass of decoding and masking.
     """
     members = resolve_model(model)
     files = collect_inputs(inputs)
@@ -75,16 +86,18 @@ def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
         raise FileNotFoundError("no input files")
     torch_device = select_device(device)
     total, classes, errors = None, None, {}
+    prepared_by_setting: dict[str, list[np.ndarray | str]] = {}
     for checkpoint_path, weight in members:
         network, checkpoint = load_checkpoint(checkpoint_path, torch_device)
         if classes is not None and checkpoint["classes"] != classes:
             raise ValueError(f"{checkpoint_path} predicts other classes than the first member")
         classes = checkpoint["classes"]
         prep = Preprocess(**checkpoint["preprocess"])
-        jobs = [(f, prep, MaskParams(**checkpoint["mask_params"])) for f in files]
-        with opencv_threads(1), ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            prepared = list(tqdm(pool.map(_prepare, jobs, chunksize=8), total=len(jobs),
-                                 desc=f"read {checkpoint['name']}", unit="img"))
+        setting = json.dumps([checkpoint["preprocess"], checkpoint["mask_params"]], sort_keys=True)
+        if setting not in prepared_by_setting:
+            prepared_by_setting[setting] = prepare_inputs(
+                files, prep, MaskParams(**checkpoint["mask_params"]), workers)
+        prepared = prepared_by_setting[setting]
         errors = {i: p for i, p in enumerate(prepared) if isinstance(p, str)}
         good = [i for i in range(len(files)) if i not in errors]
         probabilities = np.zeros((len(files), len(classes)))

@@ -25,6 +25,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
 
 from pipeline.data import (
     CellDataset,
@@ -277,7 +278,9 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
         if frozen:
             model.backbone.eval()  # keep batch-norm statistics frozen too
         epoch_start, loss_sum, correct, count = time.perf_counter(), 0.0, 0, 0
-        for images, targets in train_loader:
+        progress = tqdm(train_loader, desc=f"{name} epoch {epoch + 1}/{config.epochs}",
+                        unit="batch", leave=False, disable=not runtime.is_main)
+        for images, targets in progress:
             images = images.to(runtime.device, non_blocking=True)
             targets = targets.to(runtime.device, non_blocking=True)
             if config.channels_last:
@@ -295,6 +298,7 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
             loss_sum += loss.item() * len(targets)
             correct += (logits.argmax(1) == targets).sum().item()
             count += len(targets)
+            progress.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
         train_seconds += time.perf_counter() - epoch_start
         totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64)
         if runtime.distributed:
@@ -333,6 +337,7 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
     summary = {
         "model": name,
         "backbone": model_config.backbone,
+        "image_size": model_config.image_size,
         "weight_source": weight_source,
         "best_epoch": best["epoch"],
         "epochs_run": len(history),

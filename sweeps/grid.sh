@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Queue a grid of experiments (backbone x image size x mask mode), run it, show the best first.
-#   bash sweeps/grid.sh            # queue + run + table
-#   dvc exp branch <exp-name> best-model   # promote the winner to a branch
+# Queue a grid of DVC experiments for one model (backbone x image size x mask mode), run the
+# queue, and print the results best test macro-F1 first. Each point retrains only that model.
+#
+#   bash sweeps/grid.sh
+#   MODEL=mobilenet_attention BACKBONES=mobilenetv2_100,mobilenetv3_large_100 SIZES=128,192 \
+#     MODES=crop,none bash sweeps/grid.sh
+#   dvc exp branch <experiment> best-model     # then promote the winner to a branch
+#
+# Comma-separated values make DVC queue one experiment per combination. Offline, only
+# efficientnet_lite0 has ImageNet weights (pretrained: true fails for other backbones).
 set -euo pipefail
-for model in mobilenet_attention efficientnet_lite0_attention; do
-  for size in 128 160; do
-    for mode in crop none; do
-      dvc exp run --queue -S "models.${model}.image_size=${size}" -S "train.mask_mode=${mode}" \
-        --name "${model%_attention}-${size}-${mode}"
-    done
-  done
-done
-dvc queue start --jobs 1
-dvc queue status
-while dvc queue status | grep -qE "Queued|Running"; do sleep 10; done
-dvc exp show --sort-by metrics/summary.json:ensemble.macro_f1 --sort-order desc \
-  --only-changed --md
+model="${MODEL:-efficientnet_lite0_attention}"
+dvc exp run --queue "evaluate@${model}" \
+  -S "models.${model}.backbone=${BACKBONES:-efficientnet_lite0}" \
+  -S "models.${model}.image_size=${SIZES:-128,160}" \
+  -S "train.mask_mode=${MODES:-crop,none}"
+dvc exp run --run-all --jobs "${JOBS:-1}"
+dvc exp show --sort-by "metrics/${model}/eval.json:macro_f1" --sort-order desc --only-changed \
+  --md

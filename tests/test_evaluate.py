@@ -105,6 +105,28 @@ def test_ensemble_and_compare(evaluated, prepared, tmp_path):
         member_weights(["first"], "median", {})
 
 
+def test_ensemble_members_share_preprocessing(trained, synthetic_folder, tmp_path, monkeypatch):
+    images = sorted((synthetic_folder / "lymphocyte").iterdir())[:2]
+    passes = []
+    real_prepare = predict_module.prepare_inputs
+
+    def counting_prepare(files, prep, *args):
+        passes.append(prep.mask_mode)
+        return real_prepare(files, prep, *args)
+
+    monkeypatch.setattr(predict_module, "prepare_inputs", counting_prepare)
+    same = tmp_path / "same.json"
+    write_spec(same, {"a": trained["first"], "b": trained["first"]}, {"a": 0.5, "b": 0.5})
+    single = predict_module.predict(trained["first"], images)
+    assert passes == ["crop"]
+    assert predict_module.predict(same, images) == single  # same model twice: same answer
+    assert passes == ["crop", "crop"]  # one read for both members
+    mixed = tmp_path / "mixed.json"
+    write_spec(mixed, trained, {"first": 0.5, "second": 0.5})
+    predict_module.predict(mixed, images)
+    assert passes[2:] == ["crop", "none"]
+
+
 def test_predict_folder_with_corrupt_file(trained, synthetic_folder, tmp_path):
     folder = tmp_path / "inputs"
     folder.mkdir()

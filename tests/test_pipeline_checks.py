@@ -182,10 +182,11 @@ def _tiny(params: dict) -> None:
         model.update(image_size=64, embed_dim=32, heads=2)
 
 
-@pytest.mark.slow
-def test_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A git + DVC copy of the project on a tiny synthetic config, run once and committed."""
     files = _run(["git", "ls-files", "-co", "--exclude-standard"], ROOT).stdout.splitlines()
-    repo = tmp_path / "repo"
+    repo = tmp_path_factory.mktemp("tiny") / "repo"
     for name in files:
         if name.startswith(SKIP_COPY) or not (ROOT / name).is_file():
             continue
@@ -195,15 +196,26 @@ def test_end_to_end(tmp_path):
     _git(repo, "init", "-q", "-b", "main")
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "tiny pipeline")
-
-    # first run: everything
     _dvc(repo, "repro")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "run")
+    return repo
+
+
+def _copy_run(tiny_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the committed tiny run (git history and DVC cache included)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_run, repo, ignore=shutil.ignore_patterns("tmp"))
+    return repo
+
+
+@pytest.mark.slow
+def test_end_to_end(tiny_run, tmp_path):
+    repo = _copy_run(tiny_run, tmp_path)
     for model in yaml.safe_load((repo / "params.yaml").read_text())["models"]:
         assert (repo / "metrics" / model / "eval.json").is_file()
     assert (repo / "metrics" / "ensemble" / "eval.json").is_file()
     assert (repo / "reports" / "summary.md").is_file()
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", "run")
 
     # nothing changed: nothing runs, status clean
     again = _dvc(repo, "repro")
@@ -250,3 +262,46 @@ def test_end_to_end(tmp_path):
     _dvc(clone, "pull")
     assert _status(clone) == {}
     assert "Running stage" not in _dvc(clone, "repro")
+
+
+def _experiments(repo: Path) -> list[dict]:
+    """``dvc exp show --json`` flattened: one dict (name, params, metrics) per experiment."""
+    shown = json.loads(_run([*DVC, "exp", "show", "--json"], repo).stdout)
+    found = []
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            data = experiment["revs"][0]["data"]
+            found.append({
+                "name": experiment["name"],
+                "params": data["params"]["params.yaml"]["data"],
+                "metrics": {path: value["data"] for path, value in data["metrics"].items()},
+            })
+    return found
+
+
+@pytest.mark.slow
+def test_queued_sweep_runs_both_points(tiny_run, tmp_path):
+    """A 2-point grid queued with ``dvc exp run --queue -S a,b``, run, then listed and sorted."""
+    repo = _copy_run(tiny_run, tmp_path)
+    swept = "models.mobilenet_attention.image_size"
+    _dvc(repo, "exp", "run", "--queue", "-S", f"{swept}=48,56")
+    _dvc(repo, "exp", "run", "--run-all")
+
+    experiments = _experiments(repo)
+    assert len(experiments) == 2, experiments
+    sizes = sorted(e["params"]["models"]["mobilenet_attention"]["image_size"] for e in experiments)
+    assert sizes == [48, 56]
+    for experiment in experiments:
+        evaluation = experiment["metrics"]["metrics/mobilenet_attention/eval.json"]
+        assert 0.0 <= evaluation["macro_f1"] <= 1.0
+        assert "mobilenet_attention" in experiment["metrics"]["metrics/summary.json"]
+    trainings = [e["metrics"]["metrics/mobilenet_attention/train.json"] for e in experiments]
+    assert trainings[0]["image_size"] != trainings[1]["image_size"]
+    # the untouched models' results are reused from the baseline, not retrained
+    baseline = json.loads((repo / "metrics/xception_attention/train.json").read_text())
+    for experiment in experiments:
+        assert experiment["metrics"]["metrics/xception_attention/train.json"] == baseline
+
+    table = _run([*DVC, "exp", "show", "--csv", "--sort-by",
+                  "metrics/summary.json:ensemble.macro_f1", "--sort-order", "desc"], repo).stdout
+    assert all(e["name"] in table for e in experiments), table
