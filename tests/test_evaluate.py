@@ -55,7 +55,7 @@ def test_evaluation_outputs_are_well_formed(evaluated, prepared):
     assert len(predictions) == len(test_rows)
     probability_columns = [c for c in predictions if c.startswith("p_")]
     assert len(probability_columns) == 8
-    assert np.allclose(predictions[probability_columns].sum(1), 1, atol=1e-4)
+    assert np.allclose(predictions[probability_columns].sum(axis=1), 1, atol=1e-4)
     assert (predictions["predicted"] == predictions[probability_columns].idxmax(1).str[2:]).all()
     headline = read_json(evaluated / "metrics" / "first" / "eval.json")
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "cohen_kappa",
