@@ -23,7 +23,7 @@ from sklearn.metrics import (  # noqa: E402
 def _save(fig: plt.Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -120,10 +120,9 @@ def bar_chart_png(names: list[str], series: dict[str, list[float]], title: str, 
         ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
     for (label, value), style in zip((references or {}).items(), ("--", ":", "-."),
                                      strict=False):
-        ax.axhline(value, ls=style, color="grey", lw=1)
-        ax.text(len(names) - 0.5, value, f" {label}", va="bottom", ha="right", fontsize=8)
+        ax.axhline(value, ls=style, color="grey", lw=1, label=f"{label}: {value:g}")
     ax.set_xticks(positions + width * (len(series) - 1) / 2, names, rotation=20, ha="right")
-    ax.set_ylim(0, 1.08)
+    ax.set_ylim(0, 1.12)
     ax.set_title(title)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     _save(fig, path)
