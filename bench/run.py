@@ -60,7 +60,7 @@ class Budget:
     infer1_images: int = 16
     infer64_images: int = 128
     mask_single: int = 20
-    mask_pool: int = 120
+    mask_pool: int = 480
 
 
 QUICK = Budget(loader_images=128, train_warmup=1, train_steps=2, infer1_images=8,
