@@ -47,10 +47,17 @@ def test_seeded_runs_are_identical(prepared, tmp_path):
                for k in weights_a["state_dict"])
 
 
-def test_early_stopping(prepared, tmp_path):
-    frozen = TrainConfig(epochs=6, batch_size=16, lr=0.0, patience=2, warmup_epochs=0)
-    summary = run(prepared, tmp_path, recipe=frozen)
-    assert summary["best_epoch"] == 1 and summary["epochs_run"] == 3
+@pytest.mark.parametrize(("val_scores", "best_epoch", "epochs_run"), [
+    ([0.5, 0.4, 0.5, 0.9, 0.9, 0.9, 0.9, 0.9], 1, 3),  # ties do not count as a gain
+    ([0.2, 0.5, 0.4, 0.6, 0.3, 0.3, 0.9, 0.9], 4, 6),  # each gain restarts the patience window
+])
+def test_early_stopping(prepared, tmp_path, monkeypatch, val_scores, best_epoch, epochs_run):
+    scores = iter(val_scores)
+    monkeypatch.setattr(training, "macro_f1", lambda *_args: next(scores))
+    recipe = TrainConfig(epochs=8, batch_size=16, lr=1e-3, patience=2, warmup_epochs=0)
+    summary = run(prepared, tmp_path, recipe=recipe)
+    assert (summary["best_epoch"], summary["epochs_run"]) == (best_epoch, epochs_run)
+    assert summary["val_macro_f1"] == val_scores[best_epoch - 1]
 
 
 def test_interrupted_run_leaves_previous_outputs(prepared, tmp_path, monkeypatch):
