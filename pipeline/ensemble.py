@@ -1,8 +1,10 @@
 """Ensembles: the (validation-weighted) average of members' temperature-calibrated probabilities.
 
-An ensemble is described by ``ensemble.json`` (members' checkpoints and weights), which
-``wbc predict`` accepts like a ``model.pt``. Evaluating it reuses the members' test
-probabilities from their evaluation folders, so no member is run twice.
+Averaging calibrated members still gives a badly calibrated ensemble (members that disagree
+flatten it), so the ensemble fits a temperature of its own on the validation split.
+An ensemble is described by ``ensemble.json`` (members' checkpoints, weights and temperature),
+which ``wbc predict`` accepts like a ``model.pt``. Evaluating it reuses the members' test and
+validation probabilities from their evaluation folders, so no member is run twice.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.evaluate import EvalSet
 from pipeline.io import read_json, write_json
+from pipeline.metrics import fit_temperature
 
 WEIGHTINGS = ("mean", "val_f1")
 
@@ -31,28 +35,42 @@ def member_weights(members: list[str], weighting: str, val_f1: dict[str, float]
     return {m: w / total for m, w in raw.items()}
 
 
-def write_spec(path: Path, members: dict[str, Path], weights: dict[str, float]) -> None:
-    """Record the ensemble for ``wbc predict``: member checkpoints (relative paths) and weights."""
+def _log(probabilities: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.log(np.clip(probabilities, 1e-12, None)))
+
+
+def temper(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Rescale averaged probabilities: ``softmax(log(p) / T)`` (T = 1 leaves them unchanged)."""
+    return torch.softmax(_log(probabilities) / temperature, 1).numpy()
+
+
+def write_spec(path: Path, members: dict[str, Path], weights: dict[str, float],
+               temperature: float = 1.0) -> None:
+    """Record the ensemble for ``wbc predict``: member checkpoints, weights and temperature."""
     write_json(path, {
         "kind": "ensemble",
         "members": [{"name": name, "checkpoint": str(checkpoint), "weight": weights[name]}
                     for name, checkpoint in members.items()],
+        "temperature": temperature,
     })
 
 
-def read_spec(path: Path) -> list[dict[str, Any]]:
-    """Members of an ensemble file, checkpoints resolved relative to the working directory."""
+def read_spec(path: Path) -> dict[str, Any]:
+    """An ensemble file: ``members`` (checkpoints relative to the working directory) and
+    ``temperature``."""
     spec = read_json(path)
     if spec.get("kind") != "ensemble":
         raise ValueError(f"{path} is not an ensemble description")
-    return spec["members"]
+    return {"members": spec["members"], "temperature": float(spec.get("temperature", 1.0))}
 
 
-def combine_evaluations(eval_dirs: dict[str, Path], weights: dict[str, float], data: EvalSet
-                        ) -> dict[str, Any]:
+def combine_evaluations(eval_dirs: dict[str, Path], weights: dict[str, float], data: EvalSet,
+                        validation: EvalSet | None = None) -> dict[str, Any]:
     """Average members' saved probabilities on ``data`` into one scored result.
 
-    Every member must have been evaluated on exactly these images with the same classes.
+    Every member must have been evaluated on exactly these images with the same classes. With
+    ``validation``, the ensemble's temperature is fitted on the members' saved validation
+    probabilities (which must cover exactly those images); without it, the temperature is 1.
     """
     loaded = {name: np.load(folder / "probabilities.npz") for name, folder in eval_dirs.items()}
     summaries = {name: read_json(folder / "summary.json") for name, folder in eval_dirs.items()}
@@ -61,14 +79,22 @@ def combine_evaluations(eval_dirs: dict[str, Path], weights: dict[str, float], d
         if list(arrays["classes"]) != classes or list(arrays["names"]) != data.names:
             raise ValueError(f"member {name} was evaluated on other images or classes; "
                              "rerun its evaluate stage")
-    average = {key: sum(weights[name] * loaded[name][key] for name in loaded)
-               for key in ("calibrated", "uncalibrated")}
+        if validation is not None and list(arrays["val_names"]) != validation.names:
+            raise ValueError(f"member {name} has no probabilities for these validation images; "
+                             "rerun its evaluate stage")
+    keys = ("calibrated", "uncalibrated") + (("val_calibrated",) if validation else ())
+    average = {key: sum(weights[name] * loaded[name][key] for name in loaded) for key in keys}
+    temperature = 1.0
+    if validation is not None:
+        labels = torch.tensor([classes.index(label) for label in validation.labels])
+        temperature = fit_temperature(_log(average["val_calibrated"]), labels)
     seconds_per_image = sum(1.0 / s["metrics"]["inference_images_per_second"]
                             for s in summaries.values())
     return {
         "name": "ensemble", "classes": classes, "data": data,
-        "probabilities": average["calibrated"], "uncalibrated": average["uncalibrated"],
-        "temperature": None, "images_per_second": 1.0 / seconds_per_image,
+        "probabilities": temper(average["calibrated"], temperature),
+        "uncalibrated": average["uncalibrated"],
+        "temperature": temperature, "images_per_second": 1.0 / seconds_per_image,
         "device": next(iter(summaries.values()))["metrics"]["device"],
         "training": {
             "members": weights,

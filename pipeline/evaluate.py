@@ -43,9 +43,10 @@ class EvalSet:
     mask_files: list[Path] | None = None
 
 
-def held_out_set(split_dir: Path, images_dir: Path, masks_dir: Path) -> EvalSet:
-    """The pipeline's own test split, with the mask stage's masks."""
-    rows = read_split(split_dir, "test")
+def held_out_set(split_dir: Path, images_dir: Path, masks_dir: Path, part: str = "test"
+                 ) -> EvalSet:
+    """One part of the pipeline's own split (test by default), with the mask stage's masks."""
+    rows = read_split(split_dir, part)
     return EvalSet([images_dir / p for p in rows["path"]], list(rows["label"]), list(rows["path"]),
                    [mask_path(masks_dir, p) for p in rows["path"]])
 
@@ -118,26 +119,38 @@ def infer(model: torch.nn.Module, images: torch.Tensor, prep: Preprocess, device
     return torch.cat(outputs), torch.cat(maps) if maps else None, len(images) / seconds
 
 
-def score_checkpoint(model_path: Path, data: EvalSet, settings: dict[str, Any]
-                     ) -> dict[str, Any]:
-    """Run a trained model over an evaluation set; return everything the report needs."""
+def score_checkpoint(model_path: Path, data: EvalSet, settings: dict[str, Any],
+                     validation: EvalSet | None = None) -> dict[str, Any]:
+    """Run a trained model over an evaluation set; return everything the report needs.
+
+    With ``validation``, the model's calibrated probabilities on it are returned too (same
+    TTA setting), so that an ensemble can fit its own temperature on them.
+    """
     device = select_device(settings.get("device", "auto"))
     model, checkpoint = load_checkpoint(model_path, device)
     classes = checkpoint["classes"]
     data = restrict_to_classes(data, classes, settings.get("ignore_unknown_classes", False))
     prep = Preprocess(**checkpoint["preprocess"])
-    images = load_prepared(data.paths, prep, data.mask_files,
-                           MaskParams(**checkpoint["mask_params"]), desc="evaluate")
+    mask_params = MaskParams(**checkpoint["mask_params"])
+    images = load_prepared(data.paths, prep, data.mask_files, mask_params, desc="evaluate")
     logits, maps, speed = infer(model, images, prep, device, settings["batch_size"],
                                 settings["tta"], attention=True)
     temperature = checkpoint["temperature"]
-    return {
+    scored = {
         "name": checkpoint["name"], "classes": classes, "data": data,
         "probabilities": torch.softmax(logits / temperature, 1).numpy(),
         "uncalibrated": torch.softmax(logits, 1).numpy(),
         "temperature": temperature, "images_per_second": speed, "device": str(device),
         "prepared": images, "attention": maps, "training": checkpoint["summary"],
     }
+    if validation is not None:
+        val_images = load_prepared(validation.paths, prep, validation.mask_files, mask_params,
+                                   desc="validation")
+        val_logits, _, _ = infer(model, val_images, prep, device, settings["batch_size"],
+                                 settings["tta"])
+        scored["validation"] = {"names": validation.names,
+                                "probabilities": torch.softmax(val_logits / temperature, 1).numpy()}
+    return scored
 
 
 def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
@@ -161,8 +174,11 @@ def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
     write_csv(out_dir / "predictions.csv", predictions)
     write_csv(out_dir / "report.csv", pd.DataFrame(per_class))
     with atomic_path(out_dir / "probabilities.npz") as tmp, open(tmp, "wb") as handle:
+        validation = scored.get("validation") or {"names": [], "probabilities": np.zeros(0)}
         np.savez(handle, calibrated=probabilities, uncalibrated=scored["uncalibrated"],
-                 classes=np.array(classes), names=np.array(data.names))
+                 classes=np.array(classes), names=np.array(data.names),
+                 val_calibrated=validation["probabilities"],
+                 val_names=np.array(validation["names"]))
     _write_curve_data(labels, probabilities, classes, out_dir)
     with atomic_path(out_dir / "figures") as figures:
         _write_figures(scored, labels, predicted, headline, figures, settings)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pipeline.data import Preprocess, prepare_file
 from pipeline.device import select_device
-from pipeline.ensemble import read_spec
+from pipeline.ensemble import read_spec, temper
 from pipeline.evaluate import infer
 from pipeline.io import ImageDecodeError, opencv_threads
 from pipeline.masks import MaskParams
@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_model(model: str | Path, models_dir: Path = Path("data/models")
-                  ) -> list[tuple[Path, float]]:
-    """``(checkpoint, weight)`` members for a ``model.pt``, an ``ensemble.json`` or a model name."""
+                  ) -> tuple[list[tuple[Path, float]], float]:
+    """``(checkpoint, weight)`` members and the ensemble temperature for a ``model.pt``, an
+    ``ensemble.json`` or a model name."""
     path = Path(model)
     if not path.exists() and (models_dir / str(model)).is_dir():
         folder = models_dir / str(model)
@@ -38,8 +39,10 @@ def resolve_model(model: str | Path, models_dir: Path = Path("data/models")
         raise FileNotFoundError(f"no model at {model}: give a model.pt, an ensemble.json or the "
                                 f"name of a folder in {models_dir}")
     if path.suffix == ".json":
-        return [(Path(m["checkpoint"]), float(m["weight"])) for m in read_spec(path)]
-    return [(path, 1.0)]
+        spec = read_spec(path)
+        return ([(Path(m["checkpoint"]), float(m["weight"])) for m in spec["members"]],
+                spec["temperature"])
+    return [(path, 1.0)], 1.0
 
 
 def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -77,10 +80,11 @@ def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
             workers: int | None = None) -> list[dict[str, Any]]:
     """One row per input file: the top-k classes with probabilities, or an ``error``.
 
-    Ensemble members' calibrated probabilities are averaged with their weights; members with the
-    same preprocessing share one pass of decoding and masking.
+    Ensemble members' calibrated probabilities are averaged with their weights and rescaled by
+    the ensemble's temperature; members with the same preprocessing share one pass of decoding
+    and masking.
     """
-    members = resolve_model(model)
+    members, temperature = resolve_model(model)
     files = collect_inputs(inputs)
     if not files:
         raise FileNotFoundError("no input files")
@@ -106,6 +110,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
             logits, _, _ = infer(network, images, prep, torch_device, batch_size, tta)
             probabilities[good] = torch.softmax(logits / checkpoint["temperature"], 1).numpy()
         total = probabilities * weight if total is None else total + probabilities * weight
+    total = temper(total, temperature)
     rows = []
     for i, path in enumerate(files):
         row: dict[str, Any] = {"path": str(path), "error": errors.get(i, "")}

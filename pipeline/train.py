@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
@@ -62,6 +63,7 @@ class TrainConfig:
     freeze_epochs: int = 0
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0: off; else validate and keep an exponential moving average
     patience: int = 5
     balance: str = "loss_weights"
     mask_mode: str = "crop"
@@ -76,6 +78,8 @@ class TrainConfig:
     distributed: str | bool = "auto"
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), not {self.ema_decay}")
         if self.balance not in ("none", "loss_weights", "sampler"):
             raise ValueError(f"train.balance must be none, loss_weights or sampler, "
                              f"not {self.balance!r}")
@@ -245,6 +249,9 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     amp = config.amp and amp_supported(runtime.device)
+    # The average's decay warms up (1 - (1 + step)^(-2/3), capped at ema_decay): short runs work.
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
+    kept = ema.module if ema is not None else model  # the weights validated and saved
     class_weights = None
     if config.balance == "loss_weights":
         counts = torch.bincount(train_set.labels, minlength=len(classes)).clamp(min=1).float()
@@ -294,6 +301,8 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             step += 1
+            if ema is not None:
+                ema.update(model, step=step)
             scheduler.step_update(step)
             loss_sum += loss.item() * len(targets)
             correct += (logits.argmax(1) == targets).sum().item()
@@ -304,7 +313,7 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
         if runtime.distributed:
             dist.all_reduce(totals)
         seen_images += int(totals[2])
-        val_logits, val_labels = predict_logits(model, val_loader, runtime, amp,
+        val_logits, val_labels = predict_logits(kept, val_loader, runtime, amp,
                                                 config.channels_last)
         val_logits, val_labels = _gather(val_logits, runtime), _gather(val_labels, runtime)
         record = {
@@ -324,7 +333,7 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
                         " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
         if record["val_macro_f1"] > best["f1"]:
             best = {"f1": record["val_macro_f1"], "epoch": epoch + 1,
-                    "state": copy.deepcopy(model.state_dict()), "record": record,
+                    "state": copy.deepcopy(kept.state_dict()), "record": record,
                     "val": (val_logits, val_labels)}
         elif epoch + 1 - best["epoch"] >= config.patience:
             if runtime.is_main:

@@ -1,10 +1,11 @@
-"""Stage ensemble: evaluate the weighted average of the members' calibrated probabilities."""
+"""Stage ensemble: evaluate the weighted average of the members' calibrated probabilities,
+with a temperature of its own fitted on the validation split."""
 
 import logging
 from pathlib import Path
 
 from pipeline.ensemble import combine_evaluations, member_weights, write_spec
-from pipeline.evaluate import evaluation_set, write_evaluation
+from pipeline.evaluate import evaluation_set, held_out_set, write_evaluation
 from pipeline.io import load_params, read_json
 
 
@@ -14,11 +15,15 @@ def main() -> None:
     members = settings["members"]
     val_f1 = {m: read_json(Path("metrics") / m / "train.json")["val_macro_f1"] for m in members}
     weights = member_weights(members, settings["weighting"], val_f1)
+    split, images, masks = Path("data/split"), Path("data/raw/images"), Path("data/masks")
+    data = evaluation_set(evaluate_settings, split, images, masks)
+    validation = (held_out_set(split, images, masks, part="val")
+                  if settings["temperature_scaling"] else None)
+    scored = combine_evaluations({m: Path("data/eval") / m for m in members}, weights, data,
+                                 validation)
     write_spec(Path("data/models/ensemble/ensemble.json"),
-               {m: Path("data/models") / m / "model.pt" for m in members}, weights)
-    data = evaluation_set(evaluate_settings, Path("data/split"), Path("data/raw/images"),
-                          Path("data/masks"))
-    scored = combine_evaluations({m: Path("data/eval") / m for m in members}, weights, data)
+               {m: Path("data/models") / m / "model.pt" for m in members}, weights,
+               scored["temperature"])
     write_evaluation(scored, Path("data/eval/ensemble"), Path("metrics/ensemble/eval.json"),
                      evaluate_settings)
 

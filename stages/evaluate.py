@@ -4,15 +4,18 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.evaluate import evaluation_set, score_checkpoint, write_evaluation
+from pipeline.evaluate import evaluation_set, held_out_set, score_checkpoint, write_evaluation
 from pipeline.io import load_params
 
 
 def main(name: str) -> None:
     settings = load_params()["evaluate"]
-    data = evaluation_set(settings, Path("data/split"), Path("data/raw/images"), Path("data/masks"))
+    split, images, masks = Path("data/split"), Path("data/raw/images"), Path("data/masks")
+    data = evaluation_set(settings, split, images, masks)
+    validation = held_out_set(split, images, masks, part="val")  # for the ensemble's temperature
     try:
-        scored = score_checkpoint(Path("data/models") / name / "model.pt", data, settings)
+        scored = score_checkpoint(Path("data/models") / name / "model.pt", data, settings,
+                                  validation)
     except ValueError as error:
         sys.exit(f"evaluate {name}: {error}")
     write_evaluation(scored, Path("data/eval") / name, Path("metrics") / name / "eval.json",

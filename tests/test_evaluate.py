@@ -12,10 +12,17 @@ import pytest
 from pipeline import predict as predict_module
 from pipeline.cli import main as wbc
 from pipeline.compare import compare
-from pipeline.ensemble import combine_evaluations, member_weights, write_spec
-from pipeline.evaluate import external_set, held_out_set, score_checkpoint, write_evaluation
-from pipeline.io import read_json
+from pipeline.ensemble import combine_evaluations, member_weights, temper, write_spec
+from pipeline.evaluate import (
+    EvalSet,
+    external_set,
+    held_out_set,
+    score_checkpoint,
+    write_evaluation,
+)
+from pipeline.io import read_json, write_json
 from pipeline.masks import MaskParams
+from pipeline.metrics import expected_calibration_error
 from pipeline.models import ModelConfig
 from pipeline.train import TrainConfig, train_model
 
@@ -40,9 +47,10 @@ def trained(prepared, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def evaluated(prepared, trained, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval")
-    data = held_out_set(prepared / "split", prepared / "raw" / "images", prepared / "masks")
+    folders = (prepared / "split", prepared / "raw" / "images", prepared / "masks")
+    data, validation = held_out_set(*folders), held_out_set(*folders, part="val")
     for name, path in trained.items():
-        scored = score_checkpoint(path, data, SETTINGS)
+        scored = score_checkpoint(path, data, SETTINGS, validation)
         write_evaluation(scored, root / "eval" / name, root / "metrics" / name / "eval.json",
                          SETTINGS)
     return root
@@ -86,11 +94,28 @@ def test_cross_dataset_with_class_mismatch(trained, synthetic_folder, tmp_path):
 def test_ensemble_and_compare(evaluated, prepared, tmp_path):
     weights = member_weights(["first", "second"], "val_f1", {"first": 0.3, "second": 0.1})
     assert weights == pytest.approx({"first": 0.75, "second": 0.25})
-    data = held_out_set(prepared / "split", prepared / "raw" / "images", prepared / "masks")
-    scored = combine_evaluations({n: evaluated / "eval" / n for n in weights}, weights, data)
-    members = [np.load(evaluated / "eval" / n / "probabilities.npz")["calibrated"]
-               for n in weights]
-    assert np.allclose(scored["probabilities"], 0.75 * members[0] + 0.25 * members[1])
+    folders = (prepared / "split", prepared / "raw" / "images", prepared / "masks")
+    data, validation = held_out_set(*folders), held_out_set(*folders, part="val")
+    eval_dirs = {n: evaluated / "eval" / n for n in weights}
+    plain = combine_evaluations(eval_dirs, weights, data)
+    members = [np.load(folder / "probabilities.npz") for folder in eval_dirs.values()]
+    assert plain["temperature"] == 1.0
+    assert np.allclose(plain["probabilities"], 0.75 * members[0]["calibrated"]
+                       + 0.25 * members[1]["calibrated"])
+    scored = combine_evaluations(eval_dirs, weights, data, validation)
+    val_average = 0.75 * members[0]["val_calibrated"] + 0.25 * members[1]["val_calibrated"]
+    index = {label: i for i, label in enumerate(scored["classes"])}
+    val_labels = np.array([index[label] for label in validation.labels])
+
+    def val_nll(temperature: float) -> float:
+        tempered = temper(val_average, temperature)
+        return -np.log(tempered[np.arange(len(val_labels)), val_labels]).mean()
+
+    fitted = scored["temperature"]
+    assert val_nll(fitted) <= min(val_nll(fitted * 1.25), val_nll(fitted / 1.25), val_nll(1.0))
+    assert (scored["probabilities"].argmax(1) == plain["probabilities"].argmax(1)).all()
+    with pytest.raises(ValueError, match="validation images"):
+        combine_evaluations(eval_dirs, weights, data, held_out_set(*folders, part="train"))
     write_evaluation(scored, evaluated / "eval" / "ensemble",
                      evaluated / "metrics" / "ensemble" / "eval.json", SETTINGS)
     table = compare(evaluated / "eval", {"references": {"original (PBC-1560)": 0.98}},
@@ -103,6 +128,49 @@ def test_ensemble_and_compare(evaluated, prepared, tmp_path):
     assert set(read_json(tmp_path / "summary.json")) == {"first", "second", "ensemble"}
     with pytest.raises(ValueError, match="weighting"):
         member_weights(["first"], "median", {})
+
+
+def _fake_member(folder: Path, test: np.ndarray, val: np.ndarray, data: EvalSet,
+                 validation: EvalSet, classes: list[str]) -> Path:
+    """An evaluation folder as the evaluate stage writes it, with given probabilities."""
+    folder.mkdir(parents=True)
+    np.savez(folder / "probabilities.npz", calibrated=test, uncalibrated=test,
+             classes=np.array(classes), names=np.array(data.names), val_calibrated=val,
+             val_names=np.array(validation.names))
+    write_json(folder / "summary.json", {
+        "metrics": {"inference_images_per_second": 100.0, "device": "cpu"},
+        "training": {"parameters": 1, "train_seconds": 1.0}})
+    return folder
+
+
+def test_ensemble_temperature_sharpens_disagreeing_members(tmp_path):
+    """Two members, each right 90% of the time with confidence 0.9, wrong on different images:
+    where they agree (80% of the images) their average is always right yet says 0.9, so the
+    ensemble is under-confident. The temperature fitted on validation sharpens it."""
+    classes, rng = ["a", "b", "c"], np.random.default_rng(0)
+
+    def part(n: int, name: str) -> tuple[EvalSet, np.ndarray, np.ndarray]:
+        labels = rng.integers(0, 3, n)
+        members = []
+        for wrong in (np.arange(n) % 10 == 0, np.arange(n) % 10 == 5):
+            answer = np.where(wrong, (labels + 1) % 3, labels)
+            probabilities = np.full((n, 3), 0.05)
+            probabilities[np.arange(n), answer] = 0.9
+            members.append(probabilities)
+        names = [f"{name}{i}.png" for i in range(n)]
+        return EvalSet([Path(x) for x in names], [classes[i] for i in labels], names), *members
+
+    data, test_a, test_b = part(400, "test")
+    validation, val_a, val_b = part(400, "val")
+    eval_dirs = {"a": _fake_member(tmp_path / "a", test_a, val_a, data, validation, classes),
+                 "b": _fake_member(tmp_path / "b", test_b, val_b, data, validation, classes)}
+    weights = {"a": 0.5, "b": 0.5}
+    labels = np.array([classes.index(label) for label in data.labels])
+    plain = combine_evaluations(eval_dirs, weights, data)
+    scored = combine_evaluations(eval_dirs, weights, data, validation)
+    assert scored["temperature"] < 0.8
+    assert (expected_calibration_error(scored["probabilities"], labels)
+            < expected_calibration_error(plain["probabilities"], labels) / 2)
 
 
 def test_ensemble_members_share_preprocessing(trained, synthetic_folder, tmp_path, monkeypatch):
@@ -121,10 +189,15 @@ def test_ensemble_members_share_preprocessing(trained, synthetic_folder, tmp_pat
     assert passes == ["crop"]
     assert predict_module.predict(same, images) == single  # same model twice: same answer
     assert passes == ["crop", "crop"]  # one read for both members
+    sharper = tmp_path / "sharper.json"
+    write_spec(sharper, {"a": trained["first"]}, {"a": 1.0}, temperature=0.5)
+    tempered = predict_module.predict(sharper, images)
+    assert [row["top1"] for row in tempered] == [row["top1"] for row in single]
+    assert all(t["p1"] > s["p1"] for t, s in zip(tempered, single, strict=True))
     mixed = tmp_path / "mixed.json"
     write_spec(mixed, trained, {"first": 0.5, "second": 0.5})
     predict_module.predict(mixed, images)
-    assert passes[2:] == ["crop", "none"]
+    assert passes[3:] == ["crop", "none"]
 
 
 def test_predict_folder_with_corrupt_file(trained, synthetic_folder, tmp_path):

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -58,6 +58,18 @@ def test_early_stopping(prepared, tmp_path, monkeypatch, val_scores, best_epoch,
     summary = run(prepared, tmp_path, recipe=recipe)
     assert (summary["best_epoch"], summary["epochs_run"]) == (best_epoch, epochs_run)
     assert summary["val_macro_f1"] == val_scores[best_epoch - 1]
+
+
+def test_moving_average_is_the_kept_model(prepared, tmp_path):
+    plain = run(prepared, tmp_path / "plain")
+    averaged = run(prepared, tmp_path / "ema", recipe=replace(TINY_RECIPE, ema_decay=0.99))
+    assert averaged["val_macro_f1"] >= 0 and plain["epochs_run"] == averaged["epochs_run"] == 1
+    states = [torch.load(tmp_path / kind / "model" / "model.pt", weights_only=False)["state_dict"]
+              for kind in ("plain", "ema")]
+    differing = [k for k in states[0] if not torch.equal(states[0][k], states[1][k])]
+    assert differing, "the saved weights are the raw weights, not their moving average"
+    with pytest.raises(ValueError, match="ema_decay"):
+        replace(TINY_RECIPE, ema_decay=1.0)
 
 
 def test_interrupted_run_leaves_previous_outputs(prepared, tmp_path, monkeypatch):
