@@ -40,7 +40,9 @@ def _log(probabilities: np.ndarray) -> torch.Tensor:
 
 
 def temper(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """Rescale averaged probabilities: ``softmax(log(p) / T)`` (T = 1 leaves them unchanged)."""
+    """Rescale averaged probabilities: ``softmax(log(p) / T)`` (T = 1 returns them as they are)."""
+    if temperature == 1.0:
+        return probabilities
     return torch.softmax(_log(probabilities) / temperature, 1).numpy()
 
 

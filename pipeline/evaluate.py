@@ -132,10 +132,15 @@ def score_checkpoint(model_path: Path, data: EvalSet, settings: dict[str, Any],
     data = restrict_to_classes(data, classes, settings.get("ignore_unknown_classes", False))
     prep = Preprocess(**checkpoint["preprocess"])
     mask_params = MaskParams(**checkpoint["mask_params"])
-    images = load_prepared(data.paths, prep, data.mask_files, mask_params, desc="evaluate")
-    logits, maps, speed = infer(model, images, prep, device, settings["batch_size"],
-                                settings["tta"], attention=True)
     temperature = checkpoint["temperature"]
+
+    def run(subset: EvalSet, desc: str, attention: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+        images = load_prepared(subset.paths, prep, subset.mask_files, mask_params, desc=desc)
+        return images, *infer(model, images, prep, device, settings["batch_size"],
+                              settings["tta"], attention=attention)
+
+    images, logits, maps, speed = run(data, "evaluate", attention=True)
     scored = {
         "name": checkpoint["name"], "classes": classes, "data": data,
         "probabilities": torch.softmax(logits / temperature, 1).numpy(),
@@ -144,10 +149,7 @@ def score_checkpoint(model_path: Path, data: EvalSet, settings: dict[str, Any],
         "prepared": images, "attention": maps, "training": checkpoint["summary"],
     }
     if validation is not None:
-        val_images = load_prepared(validation.paths, prep, validation.mask_files, mask_params,
-                                   desc="validation")
-        val_logits, _, _ = infer(model, val_images, prep, device, settings["batch_size"],
-                                 settings["tta"])
+        val_logits = run(validation, "validation")[1]
         scored["validation"] = {"names": validation.names,
                                 "probabilities": torch.softmax(val_logits / temperature, 1).numpy()}
     return scored
