@@ -6,22 +6,20 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from pipeline.errors import PipelineError, run_entry_point
 from pipeline.io import write_csv
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from pipeline.predict import predict
+    from pipeline.predict import output_columns, predict
 
-    try:
-        rows = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                       device=args.device, tta=args.tta)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"wbc predict: {error}", file=sys.stderr)
-        return 2
-    table = pd.DataFrame(rows)
+    rows = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                   device=args.device, tta=args.tta)
+    table = pd.DataFrame(rows, columns=output_columns(args.top_k))
     if args.output:
         write_csv(args.output, table)
         print(f"wrote {len(table)} rows to {args.output}")
@@ -33,17 +31,32 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failed.all() else 0
 
 
+def _score(model: str, data: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """Score a single model or an ensemble (weighted member probabilities, its temperature)."""
+    from pipeline.ensemble import temper
+    from pipeline.evaluate import score_checkpoint
+    from pipeline.predict import resolve_model
+
+    members, temperature = resolve_model(model)
+    scored_members = [(score_checkpoint(path, data, settings), weight) for path, weight in members]
+    scored = scored_members[0][0]
+    if len(members) > 1:
+        if any(s["classes"] != scored["classes"] for s, _ in scored_members):
+            raise PipelineError(f"{model}: its members predict different classes")
+        for key in ("probabilities", "uncalibrated"):
+            mixed = sum(s[key] * w for s, w in scored_members) / sum(w for _, w in members)
+            scored[key] = temper(mixed, temperature) if key == "probabilities" else mixed
+        scored |= {"name": Path(model).stem, "temperature": temperature, "attention": None}
+    return scored
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import external_set, score_checkpoint, write_evaluation
+    from pipeline.evaluate import external_set, write_evaluation
 
     settings = {"batch_size": args.batch_size, "tta": args.tta, "device": args.device,
                 "ignore_unknown_classes": args.ignore_unknown, "mistakes": 18,
-                "attention_per_class": 2}
-    try:
-        scored = score_checkpoint(args.model, external_set(args.data), settings)
-    except ValueError as error:
-        print(f"wbc evaluate: {error}", file=sys.stderr)
-        return 2
+                "attention_per_class": 2, "strict_images": args.strict}
+    scored = _score(args.model, external_set(args.data), settings)
     headline = write_evaluation(scored, args.output, args.output / "eval.json", settings)
     print(f"accuracy {headline['accuracy']:.4f}  macro-F1 {headline['macro_f1']:.4f}  "
           f"({headline['images']} images) -> {args.output}")
@@ -54,30 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wbc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     predict = commands.add_parser("predict", help="top-k classes for images or folders")
-    predict.add_argument("model", help="model.pt, ensemble.json, or a name in data/models/")
+    model_help = "a model.safetensors, an ensemble.json, or a name in data/models/"
+    predict.add_argument("model", help=model_help)
     predict.add_argument("inputs", nargs="+", help="image files and/or folders")
     predict.add_argument("-o", "--output", type=Path, help="CSV to write (default: stdout)")
     predict.add_argument("-k", "--top-k", type=int, default=3)
     predict.set_defaults(run=_predict)
     evaluate = commands.add_parser("evaluate", help="score a model on another labelled data set")
-    evaluate.add_argument("model", type=Path, help="a model.pt")
+    evaluate.add_argument("model", help=model_help)
     evaluate.add_argument("data", type=Path,
                           help="a folder (<class>/* or TRAIN|TEST/<CLASS>/*) or a manifest.csv")
     evaluate.add_argument("-o", "--output", type=Path, required=True, help="report folder")
     evaluate.add_argument("--ignore-unknown", action="store_true",
                           help="skip images of classes the model does not know")
+    evaluate.add_argument("--strict", action="store_true",
+                          help="fail on the first unreadable image instead of skipping it")
     evaluate.set_defaults(run=_evaluate)
     for command in (predict, evaluate):
         command.add_argument("--batch-size", type=int, default=64)
         command.add_argument("--device", default="auto")
         command.add_argument("--tta", action="store_true", help="average flips and rotations")
+        command.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    return run_entry_point(args.run, args, debug=args.debug or None)
 
 
 if __name__ == "__main__":

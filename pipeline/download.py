@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
+
 logger = logging.getLogger(__name__)
 
 USER_AGENT = "wbc-pipeline/0.1 (+urllib)"
@@ -28,7 +30,7 @@ READ_CHUNK = 1 << 16
 RETRY_STATUSES = frozenset({408, 429})
 
 
-class DownloadError(RuntimeError):
+class DownloadError(PipelineError, RuntimeError):
     """A download failed; ``str(error)`` is one line naming the URL and the reason."""
 
 

@@ -9,12 +9,14 @@ validation probabilities from their evaluation folders, so no member is run twic
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.errors import PipelineError, one_line
 from pipeline.evaluate import EvalSet
 from pipeline.io import read_json, write_json
 from pipeline.metrics import fit_temperature
@@ -51,19 +53,26 @@ def write_spec(path: Path, members: dict[str, Path], weights: dict[str, float],
     """Record the ensemble for ``wbc predict``: member checkpoints, weights and temperature."""
     write_json(path, {
         "kind": "ensemble",
-        "members": [{"name": name, "checkpoint": str(checkpoint), "weight": weights[name]}
+        "members": [{"name": name, "checkpoint": os.path.relpath(checkpoint, path.parent),
+                     "weight": weights[name]}
                     for name, checkpoint in members.items()],
         "temperature": temperature,
     })
 
 
 def read_spec(path: Path) -> dict[str, Any]:
-    """An ensemble file: ``members`` (checkpoints relative to the working directory) and
+    """An ensemble file: ``members`` (checkpoints relative to the file itself, resolved here) and
     ``temperature``."""
-    spec = read_json(path)
-    if spec.get("kind") != "ensemble":
-        raise ValueError(f"{path} is not an ensemble description")
-    return {"members": spec["members"], "temperature": float(spec.get("temperature", 1.0))}
+    try:
+        spec = read_json(path)
+        members = [{**m, "checkpoint": Path(path).parent / m["checkpoint"],
+                    "weight": float(m["weight"])} for m in spec["members"]]
+        temperature = float(spec.get("temperature", 1.0))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise PipelineError(f"{path}: not an ensemble description ({one_line(error)})") from error
+    if spec.get("kind") != "ensemble" or not members:
+        raise PipelineError(f"{path}: not an ensemble description")
+    return {"members": members, "temperature": temperature}
 
 
 def combine_evaluations(eval_dirs: dict[str, Path], weights: dict[str, float], data: EvalSet,

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -16,13 +17,21 @@ import cv2
 import numpy as np
 import pandas as pd
 import yaml
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from pipeline.errors import PipelineError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+MAX_IMAGE_PIXELS = 50_000_000  # params data.max_image_pixels; PBC images are 360x363
+MIN_IMAGE_SIDE = 32            # params data.min_image_side
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(PipelineError, ValueError):
     """An image file is corrupt, truncated or not an image at all."""
+
+
+class UnsafePathError(PipelineError):
+    """A path to be written would land outside its output folder."""
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -51,6 +60,13 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def ensure_inside(path: Path, root: Path) -> Path:
+    """``path`` itself if it resolves inside ``root``; raise UnsafePathError otherwise."""
+    if not Path(path).resolve().is_relative_to(Path(root).resolve()):
+        raise UnsafePathError(f"refusing to write {path}: it resolves outside {root}")
+    return path
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write pretty JSON atomically."""
     with atomic_path(path) as tmp:
@@ -68,20 +84,76 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def decode_image(source: str | Path | bytes) -> np.ndarray:
+def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS,
+                 min_side: int = MIN_IMAGE_SIDE) -> np.ndarray:
     """Decode a whole image to RGB uint8 (H, W, 3); raise ImageDecodeError on any defect.
 
-    The full decode (not just the header) is what catches truncated JPEGs.
+    The size is checked against ``max_pixels`` before any pixel is decoded (decompression
+    bombs) and against ``min_side`` (too small to hold a cell). The full decode (not just the
+    header) is what catches truncated files. 16-bit and float images are scaled to 8 bits by
+    their real range; transparent images are composited on white.
     """
-    handle = BytesIO(source) if isinstance(source, bytes) else source
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        with Image.open(handle) as image:
-            image.load()
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(BytesIO(data)) as image:
+                _check_size(image.size, max_pixels, min_side)
+                image.load()
+                pixels = _to_rgb8(image, data)
+    except ImageDecodeError as error:
+        raise ImageDecodeError(f"cannot decode {name}: {error}") from None
+    except (IsADirectoryError, FileNotFoundError, PermissionError) as error:
+        raise ImageDecodeError(f"cannot read {name}: {type(error).__name__}") from error
+    except Exception as error:  # noqa: BLE001 - any decoder failure is a defect of the file
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ImageDecodeError(f"cannot decode {name}: {reason}") from error
+    if pixels.min() == pixels.max():
+        raise ImageDecodeError(f"cannot decode {name}: blank image (every pixel is "
+                               f"{pixels.flat[0]})")
+    return pixels
+
+
+def _check_size(size: tuple[int, int], max_pixels: int, min_side: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageDecodeError(f"{width}x{height} pixels exceeds the limit of {max_pixels} "
+                               "(data.max_image_pixels)")
+    if min(width, height) < min_side:
+        raise ImageDecodeError(f"image too small to hold a cell: {width}x{height}, under "
+                               f"{min_side} px a side (data.min_image_side)")
+
+
+def _to_rgb8(image: Image.Image, data: bytes) -> np.ndarray:
+    """RGB uint8 pixels of a loaded image, whatever its mode and bit depth."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return np.repeat(_stretch(np.asarray(image))[..., None], 3, axis=2)
+    if image.format in ("PNG", "TIFF") and _is_16_bit_colour(image, data):
+        deep = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if deep is not None and deep.dtype != np.uint8 and deep.ndim == 3:
+            return np.ascontiguousarray(_stretch(deep[..., 2::-1]))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def _is_16_bit_colour(image: Image.Image, data: bytes) -> bool:
+    if image.format == "PNG":
+        return len(data) > 24 and data[24] == 16  # IHDR bit depth
+    bits = image.tag_v2.get(258, (8,))
+    return max(bits if isinstance(bits, tuple) else (bits,)) > 8
+
+
+def _stretch(array: np.ndarray) -> np.ndarray:
+    """Scale to uint8 by the image's own range (a 12-bit image in 16 bits is not all dark)."""
+    values = array.astype(np.float64)
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    if high <= low:
+        return np.zeros(array.shape, np.uint8)
+    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
 @contextmanager

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+import unicodedata
+
+from pipeline.errors import PipelineError
 
 PBC_CLASSES: tuple[str, ...] = (
     "basophil",
@@ -33,10 +37,42 @@ _ALIASES: dict[str, str] = {
 }
 
 
+_UNSAFE_CHARACTERS = re.compile(r"[/\\\x00-\x1f\x7f:]")
+
+
+class UnsafeNameError(PipelineError, ValueError):
+    """A file or folder name cannot be made into a safe path component."""
+
+
+def safe_name(name: str) -> str:
+    """``name`` as one safe path component, or UnsafeNameError saying why it cannot be one.
+
+    The one place where names from data sets and archives are cleaned: Unicode NFKC (so a
+    full-width solidus becomes ``/``), surrounding whitespace stripped; what is then empty,
+    ``.``, ``..``, or holds a separator, a drive colon or a control character is refused.
+    """
+    clean = unicodedata.normalize("NFKC", name).strip()
+    if clean in ("", ".", ".."):
+        raise UnsafeNameError(f"unsafe name {name!r}: it is {clean!r} once normalised")
+    if _UNSAFE_CHARACTERS.search(clean):
+        raise UnsafeNameError(f"unsafe name {name!r}: it holds a path separator, colon or "
+                              "control character once normalised")
+    return clean
+
+
 def normalize_label(name: str) -> str:
     """Map a folder name such as ``EOSINOPHIL`` or ``Immature Granulocytes`` to its canonical form.
 
-    Unknown names are kept, lower-cased with separators unified, so new classes still work.
+    Unknown names are kept, lower-cased with separators unified, so new classes still work;
+    names that cannot be a safe folder name raise UnsafeNameError.
     """
-    key = re.sub(r"[\s\-]+", "_", name.strip().lower())
+    key = re.sub(r"[\s\-]+", "_", safe_name(name).lower())
     return _ALIASES.get(key, key)
+
+
+def closest_known_class(label: str, known: tuple[str, ...] = PBC_CLASSES) -> str | None:
+    """The known class ``label`` is probably a typo of (``neutrophills``), else None."""
+    if label in known:
+        return None
+    matches = difflib.get_close_matches(label, known, n=1, cutoff=0.8)
+    return matches[0] if matches else None

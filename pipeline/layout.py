@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.labels import normalize_label
+from pipeline.errors import PipelineError
+from pipeline.io import IMAGE_SUFFIXES
+from pipeline.labels import UnsafeNameError, closest_known_class, normalize_label, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +18,7 @@ SPLIT_FOLDERS = {"train": "train", "test": "test"}
 IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db"}
 
 
-class LayoutError(ValueError):
+class LayoutError(PipelineError, ValueError):
     """No known dataset layout was found; the message says which layouts are expected."""
 
 
@@ -37,15 +39,18 @@ def _visible_dirs(folder: Path) -> list[Path]:
     )
 
 
-def _has_files(folder: Path) -> bool:
-    return any(p.is_file() and not p.name.startswith(".") for p in folder.iterdir())
+def _has_images(folder: Path) -> bool:
+    """Whether ``folder`` directly holds a file with an image extension."""
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+               for p in folder.iterdir())
 
 
 def find_layout(root: Path) -> tuple[Path, str]:
     """Find the shallowest folder holding a known layout below ``root``.
 
     Returns ``(folder, "split")`` for ``TRAIN|TEST/<CLASS>/*`` and ``(folder, "class")`` for
-    ``<class>/*``; raises SourceError when neither is found.
+    ``<class>/*`` (at least two folders holding images; stray folders and files beside them are
+    ignored with a warning); raises LayoutError when neither is found.
     """
     queue = [root]
     while queue:
@@ -54,9 +59,7 @@ def find_layout(root: Path) -> tuple[Path, str]:
         names = {child.name.lower() for child in children}
         if {"train", "test"} <= names:
             return folder, "split"
-        class_dirs = [child for child in children if _has_files(child)]
-        empty_dirs = [child for child in children if not any(child.iterdir())]
-        if len(class_dirs) >= 2 and len(class_dirs) + len(empty_dirs) == len(children):
+        if sum(_has_images(child) for child in children) >= 2:
             return folder, "class"
         queue.extend(children)
     raise LayoutError(
@@ -65,26 +68,51 @@ def find_layout(root: Path) -> tuple[Path, str]:
     )
 
 
-def _class_candidates(folder: Path, source_split: str) -> Iterator[Candidate]:
+def _is_outside_link(path: Path, root: Path) -> bool:
+    return path.is_symlink() and not path.resolve().is_relative_to(root.resolve())
+
+
+def _class_candidates(folder: Path, source_split: str, root: Path) -> Iterator[Candidate]:
     prefix = f"{source_split}/" if source_split else ""
+    stray = sorted(p.name for p in folder.iterdir()
+                   if p.is_file() or (p.is_dir() and not _has_images(p)))
+    if stray:
+        logger.warning("ignoring %s in %s: not class folders of images", ", ".join(stray), folder)
     for class_dir in _visible_dirs(folder):
-        label = normalize_label(class_dir.name)
-        files = sorted(
-            p for p in class_dir.rglob("*")
-            if p.is_file() and not p.name.startswith(".") and p.name not in IGNORED_NAMES
-            and "__MACOSX" not in p.parts
-        )
-        if not files:
-            logger.warning("skipping empty class folder %s", class_dir)
-        for path in files:
-            yield Candidate(path, label, source_split, f"{prefix}{label}/{path.name}")
+        if not _has_images(class_dir) or _is_outside_link(class_dir, root):
+            continue
+        try:
+            label = normalize_label(class_dir.name)
+        except UnsafeNameError as error:
+            logger.warning("skipping class folder %s: %s", class_dir, error)
+            continue
+        if (known := closest_known_class(label)) is not None:
+            logger.warning("class %r (folder %s) looks like a typo of %r", label, class_dir, known)
+        yield from _file_candidates(class_dir, label, source_split, prefix, root)
+
+
+def _file_candidates(class_dir: Path, label: str, source_split: str, prefix: str, root: Path
+                     ) -> Iterator[Candidate]:
+    for path in sorted(class_dir.rglob("*")):
+        if (not path.is_file() or path.name.startswith(".") or path.name in IGNORED_NAMES
+                or "__MACOSX" in path.parts):
+            continue
+        if _is_outside_link(path, root):
+            logger.warning("skipping %s: a symbolic link pointing outside %s", path, root)
+            continue
+        try:
+            name = safe_name(path.name)
+        except UnsafeNameError as error:
+            logger.warning("skipping %s: %s", path, error)
+            continue
+        yield Candidate(path, label, source_split, f"{prefix}{label}/{name}")
 
 
 def scan_layout(root: Path) -> tuple[list[Candidate], str]:
     """List every candidate image of the layout found under ``root`` and the layout's kind."""
     folder, layout = find_layout(root)
     if layout == "class":
-        candidates = list(_class_candidates(folder, ""))
+        candidates = list(_class_candidates(folder, "", root))
     else:
         candidates = []
         for split_dir in _visible_dirs(folder):
@@ -92,7 +120,7 @@ def scan_layout(root: Path) -> tuple[list[Candidate], str]:
             if split is None:
                 logger.warning("ignoring %s: not a TRAIN or TEST folder", split_dir)
                 continue
-            candidates.extend(_class_candidates(split_dir, split))
+            candidates.extend(_class_candidates(split_dir, split, root))
     return _unique_relatives(candidates), layout
 
 

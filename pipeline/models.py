@@ -8,6 +8,7 @@ token's attention over the spatial grid is kept for visualisation.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -20,13 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import PipelineError, one_line
+
 logger = logging.getLogger(__name__)
 
 HUB_HOST = ("huggingface.co", 443)
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 1 was a pickled model.pt, never loaded any more
+MODEL_FILE = "model.safetensors"
+LEGACY_MODEL_FILE = "model.pt"  # pickled: refused with a message
+METADATA_KEY = "wbc_checkpoint"
+REQUIRED_KEYS = ("format", "name", "classes", "model_config", "preprocess", "mask_params",
+                 "temperature", "summary")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(PipelineError, RuntimeError):
     """Pretrained weights were asked for and none could be found; the message says what to do."""
 
 
@@ -227,13 +235,59 @@ def data_config(model: AttentionClassifier) -> dict[str, Any]:
             "std": list(cfg.get("std", (0.229, 0.224, 0.225)))}
 
 
+class CheckpointError(PipelineError, ValueError):
+    """A model file is not a readable checkpoint of this pipeline (one line naming the file)."""
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
+    """Write weights as safetensors with every other entry as JSON in the header metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone()
+               for k, v in checkpoint["state_dict"].items()}
+    metadata = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata)})
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint stored at ``path``; CheckpointError for anything else. Never unpickles."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model file")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        raise CheckpointError(f"{path}: old pickle format (model.pt), which is never loaded since "
+                              f"it can run code; retrain or convert it to {MODEL_FILE}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = json.loads((handle.metadata() or {})[METADATA_KEY])
+            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: not a safetensors model file of this pipeline "
+                              f"({one_line(error)})") from error
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: its metadata is not a JSON object")
+    missing = sorted(set(REQUIRED_KEYS) - set(metadata))
+    if missing:
+        raise CheckpointError(f"{path}: missing {', '.join(missing)}")
+    if metadata["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {metadata['format']!r}, expected "
+                              f"{CHECKPOINT_FORMAT}")
+    return {**metadata, "state_dict": state}
+
+
 def load_checkpoint(path: Path, device: torch.device | str = "cpu"
                     ) -> tuple[AttentionClassifier, dict[str, Any]]:
-    """Rebuild a trained model from its ``model.pt`` (no pretrained weights are fetched)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a model checkpoint of this pipeline")
-    model, _ = build_model(ModelConfig(**checkpoint["model_config"]), len(checkpoint["classes"]),
-                           load_weights=False)
-    model.load_state_dict(checkpoint["state_dict"])
+    """Rebuild a trained model from its ``model.safetensors`` (no pretrained weights fetched)."""
+    checkpoint = _read_checkpoint(path)
+    try:
+        model, _ = build_model(ModelConfig(**checkpoint["model_config"]),
+                               len(checkpoint["classes"]), load_weights=False)
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"{path}: weights do not fit its model config "
+                              f"({one_line(error)})") from error
     return model.to(device).eval(), checkpoint

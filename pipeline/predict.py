@@ -17,44 +17,65 @@ from tqdm import tqdm
 from pipeline.data import Preprocess, prepare_file
 from pipeline.device import select_device
 from pipeline.ensemble import read_spec, temper
+from pipeline.errors import PipelineError, one_line
 from pipeline.evaluate import infer
-from pipeline.io import ImageDecodeError, opencv_threads
+from pipeline.io import IMAGE_SUFFIXES, opencv_threads
 from pipeline.masks import MaskParams
-from pipeline.models import load_checkpoint
+from pipeline.models import LEGACY_MODEL_FILE, MODEL_FILE, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
+def _model_file(folder: Path) -> Path:
+    """The model inside a folder: its checkpoint, else its ensemble description."""
+    for name in (MODEL_FILE, "ensemble.json", LEGACY_MODEL_FILE):
+        if (folder / name).is_file():
+            return folder / name
+    return folder / MODEL_FILE
+
+
 def resolve_model(model: str | Path, models_dir: Path = Path("data/models")
                   ) -> tuple[list[tuple[Path, float]], float]:
-    """``(checkpoint, weight)`` members and the ensemble temperature for a ``model.pt``, an
-    ``ensemble.json`` or a model name."""
+    """``(checkpoint, weight)`` members and the ensemble temperature for a checkpoint, an
+    ``ensemble.json``, a folder holding either, or a model name in ``models_dir``."""
     path = Path(model)
     if not path.exists() and (models_dir / str(model)).is_dir():
-        folder = models_dir / str(model)
-        path = folder / "model.pt" if (folder / "model.pt").exists() else folder / "ensemble.json"
+        path = models_dir / str(model)
     if path.is_dir():
-        path = path / "model.pt" if (path / "model.pt").exists() else path / "ensemble.json"
+        path = _model_file(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no model at {model}: give a model.pt, an ensemble.json or the "
-                                f"name of a folder in {models_dir}")
+        raise PipelineError(f"no model at {model}: give a {MODEL_FILE}, an ensemble.json or the "
+                            f"name of a folder in {models_dir}")
     if path.suffix == ".json":
         spec = read_spec(path)
-        return ([(Path(m["checkpoint"]), float(m["weight"])) for m in spec["members"]],
-                spec["temperature"])
+        return [(m["checkpoint"], m["weight"]) for m in spec["members"]], spec["temperature"]
     return [(path, 1.0)], 1.0
 
 
 def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files given directly, and every visible file below folders given, in a stable order."""
+    """Files given directly, and every visible image file below folders given, in a stable
+    order; files in folders without an image extension are skipped and counted."""
     files: list[Path] = []
+    skipped = 0
     for item in map(Path, inputs):
         if item.is_dir():
-            files.extend(sorted(p for p in item.rglob("*")
-                                if p.is_file() and not p.name.startswith(".")))
+            found = sorted(p for p in item.rglob("*")
+                           if p.is_file() and not p.name.startswith("."))
+            images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+            skipped += len(found) - len(images)
+            files.extend(images)
         else:
             files.append(item)
+    if skipped:
+        logger.warning("skipped %d files without an image extension (%s)", skipped,
+                       " ".join(sorted(IMAGE_SUFFIXES)))
     return files
+
+
+def output_columns(top_k: int) -> list[str]:
+    """The CSV header of ``wbc predict``, the same whether or not any file could be read."""
+    return ["path", "error"] + [f"{kind}{rank}" for rank in range(1, top_k + 1)
+                                for kind in ("top", "p")]
 
 
 def _prepare(job: tuple[Path, Preprocess, MaskParams]) -> np.ndarray | str:
@@ -62,8 +83,8 @@ def _prepare(job: tuple[Path, Preprocess, MaskParams]) -> np.ndarray | str:
     path, prep, mask_params = job
     try:
         return prepare_file((path, None, prep, mask_params))
-    except (ImageDecodeError, FileNotFoundError, IsADirectoryError) as error:
-        return str(error).splitlines()[0]
+    except (PipelineError, OSError, ValueError, MemoryError) as error:
+        return one_line(error)
 
 
 def prepare_inputs(files: list[Path], prep: Preprocess, mask_params: MaskParams,
@@ -87,14 +108,14 @@ def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
     members, temperature = resolve_model(model)
     files = collect_inputs(inputs)
     if not files:
-        raise FileNotFoundError("no input files")
+        raise PipelineError("no input files")
     torch_device = select_device(device)
     total, classes, errors = None, None, {}
     prepared_by_setting: dict[str, list[np.ndarray | str]] = {}
     for checkpoint_path, weight in members:
         network, checkpoint = load_checkpoint(checkpoint_path, torch_device)
         if classes is not None and checkpoint["classes"] != classes:
-            raise ValueError(f"{checkpoint_path} predicts other classes than the first member")
+            raise PipelineError(f"{checkpoint_path} predicts other classes than the first member")
         classes = checkpoint["classes"]
         prep = Preprocess(**checkpoint["preprocess"])
         setting = json.dumps([checkpoint["preprocess"], checkpoint["mask_params"]], sort_keys=True)

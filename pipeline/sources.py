@@ -19,9 +19,19 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.archive import safe_extract
+from pipeline.archive import ArchiveLimits, safe_extract
 from pipeline.download import DownloadError, download, sha256_file
-from pipeline.io import ImageDecodeError, atomic_path, decode_image, write_csv, write_json
+from pipeline.errors import PipelineError, one_line
+from pipeline.io import (
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
+    ImageDecodeError,
+    atomic_path,
+    decode_image,
+    ensure_inside,
+    write_csv,
+    write_json,
+)
 from pipeline.layout import Candidate, scan_layout
 from pipeline.synthetic import generate_dataset
 
@@ -30,7 +40,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_COLUMNS = ["path", "label", "source_split", "sha256", "width", "height", "bytes"]
 
 
-class SourceError(RuntimeError):
+class SourceError(PipelineError, RuntimeError):
     """A data source cannot be read; the message is one line saying what to do."""
 
 
@@ -56,16 +66,30 @@ REMOTE_SOURCES: dict[str, RemoteSource] = {
 }
 
 
-def _ingest_one(job: tuple[Candidate, Path]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an image must satisfy to be ingested (``params.yaml: data``)."""
+
+    max_pixels: int = MAX_IMAGE_PIXELS
+    min_side: int = MIN_IMAGE_SIDE
+
+    @classmethod
+    def from_params(cls, data: dict[str, Any]) -> ImageLimits:
+        return cls(data.get("max_image_pixels", MAX_IMAGE_PIXELS),
+                   data.get("min_image_side", MIN_IMAGE_SIDE))
+
+
+def _ingest_one(job: tuple[Candidate, Path, Path, ImageLimits]) -> dict[str, Any]:
     """Validate one file by decoding it whole; copy it into place when it is a good image."""
-    cand, images_dir = job
-    data = cand.source.read_bytes()
+    cand, root, images_dir, limits = job
+    shown = cand.source.relative_to(root).as_posix()
     try:
-        pixels = decode_image(data)
-    except ImageDecodeError as error:
-        reason = str(error).split(": ", 1)[-1]
-        return {"file": str(cand.source), "reason": reason}
-    target = images_dir / cand.relative
+        data = cand.source.read_bytes()
+        pixels = decode_image(data, limits.max_pixels, limits.min_side)
+    except (ImageDecodeError, OSError) as error:
+        reason = one_line(error).removeprefix("cannot decode <bytes>: ")
+        return {"file": shown, "reason": reason}
+    target = ensure_inside(images_dir / cand.relative, images_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
     height, width = pixels.shape[:2]
@@ -80,12 +104,13 @@ def _ingest_one(job: tuple[Candidate, Path]) -> dict[str, Any]:
     }
 
 
-def ingest(root: Path, out_dir: Path, provenance: dict[str, Any], workers: int | None = None
-           ) -> pd.DataFrame:
+def ingest(root: Path, out_dir: Path, provenance: dict[str, Any], workers: int | None = None,
+           limits: ImageLimits = ImageLimits()) -> pd.DataFrame:
     """Validate and copy every image under ``root`` into ``out_dir``, atomically.
 
-    Corrupt, truncated and non-image files are skipped with a warning and listed in
-    ``rejected.csv``; they never enter the manifest.
+    Corrupt, truncated, oversized, too small and non-image files are skipped with a warning and
+    listed in ``rejected.csv`` (paths relative to ``root``, sorted: the same bytes every run);
+    they never enter the manifest. Every written file is checked to lie inside ``out_dir``.
     """
     candidates, layout = scan_layout(root)
     if not candidates:
@@ -94,15 +119,17 @@ def ingest(root: Path, out_dir: Path, provenance: dict[str, Any], workers: int |
         images_dir = tmp / "images"
         images_dir.mkdir(parents=True)
         workers = workers or os.cpu_count() or 1
+        jobs = [(c, root, images_dir, limits) for c in candidates]
         with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(
-                pool.map(_ingest_one, [(c, images_dir) for c in candidates], chunksize=32),
-                total=len(candidates), desc="ingest", unit="img",
-            ))
+            results = list(tqdm(pool.map(_ingest_one, jobs, chunksize=32),
+                                total=len(candidates), desc="ingest", unit="img"))
         rows = [r for r in results if "path" in r]
         rejected = pd.DataFrame([r for r in results if "reason" in r], columns=["file", "reason"])
+        rejected = rejected.sort_values("file", kind="stable")
         if not rows:
             raise SourceError(f"none of the {len(candidates)} files under {root} is an image")
+        for written in images_dir.rglob("*"):
+            ensure_inside(written, images_dir)
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("path")
         for rej in rejected.itertuples():
             logger.warning("skipped %s: %s", rej.file, rej.reason)
@@ -138,23 +165,24 @@ def _fetch_remote(name: str, data: dict[str, Any], cache_dir: Path) -> tuple[Pat
         raise _offline_hint(name, remote, error) from error
     extracted = cache_dir / f"{archive.stem}-{digest[:12]}"
     if not extracted.is_dir():
-        safe_extract(archive, extracted)
+        safe_extract(archive, extracted, ArchiveLimits.from_params(data))
     return extracted, {"source": name, "url": remote.url, "sha256": digest}
 
 
 def build_raw_dataset(data: dict[str, Any], out_dir: Path, cache_dir: Path) -> pd.DataFrame:
     """Resolve ``data.source`` to images and ingest them into ``out_dir`` (the download stage)."""
     source = str(data["source"])
+    limits = ImageLimits.from_params(data)
     cache_dir.mkdir(parents=True, exist_ok=True)
     if source == "synthetic":
         settings = data["synthetic"]
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             root = Path(tmp) / "synthetic"
             generate_dataset(root, settings["images_per_class"], seed=settings["seed"])
-            return ingest(root, out_dir, {"source": "synthetic", **settings})
+            return ingest(root, out_dir, {"source": "synthetic", **settings}, limits=limits)
     if source in REMOTE_SOURCES:
         root, provenance = _fetch_remote(source, data, cache_dir)
-        return ingest(root, out_dir, provenance)
+        return ingest(root, out_dir, provenance, limits=limits)
     path = Path(source).expanduser()
     if not path.exists():
         raise SourceError(
@@ -162,9 +190,9 @@ def build_raw_dataset(data: dict[str, Any], out_dir: Path, cache_dir: Path) -> p
             "nor an existing folder or archive"
         )
     if path.is_dir():
-        return ingest(path, out_dir, {"source": str(path.resolve())})
+        return ingest(path, out_dir, {"source": str(path.resolve())}, limits=limits)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        root = safe_extract(path, Path(tmp) / "archive")
+        root = safe_extract(path, Path(tmp) / "archive", ArchiveLimits.from_params(data))
         provenance = {"source": str(path.resolve()), "sha256": sha256_file(path)}
-        return ingest(root, out_dir, provenance)
+        return ingest(root, out_dir, provenance, limits=limits)
 

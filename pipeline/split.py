@@ -21,12 +21,14 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
+
 logger = logging.getLogger(__name__)
 
 PARTS = ("train", "val", "test")
 
 
-class SplitError(ValueError):
+class SplitError(PipelineError, ValueError):
     """The data cannot be split as asked; the message names the class and the counts."""
 
 

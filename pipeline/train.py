@@ -42,10 +42,12 @@ from pipeline.masks import MaskParams, mask_path
 from pipeline.metrics import fit_temperature, macro_f1
 from pipeline.models import (
     CHECKPOINT_FORMAT,
+    MODEL_FILE,
     AttentionClassifier,
     ModelConfig,
     build_model,
     data_config,
+    save_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
@@ -379,7 +381,7 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
         }
         with atomic_path(out_dir) as tmp:
             tmp.mkdir(parents=True)
-            torch.save(checkpoint, tmp / "model.pt")
+            save_checkpoint(checkpoint, tmp / MODEL_FILE)
         write_json(metrics_path, summary)
         if live is not None:
             live.end()

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pipeline.ensemble import combine_evaluations, member_weights, write_spec
 from pipeline.evaluate import evaluation_set, held_out_set, write_evaluation
-from pipeline.io import load_params, read_json
+from pipeline.io import load_params
+from pipeline.models import MODEL_FILE, read_json
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
     scored = combine_evaluations({m: Path("data/eval") / m for m in members}, weights, data,
                                  validation)
     write_spec(Path("data/models/ensemble/ensemble.json"),
-               {m: Path("data/models") / m / "model.pt" for m in members}, weights,
+               {m: Path("data/models") / m / MODEL_FILE for m in members}, weights,
                scored["temperature"])
     write_evaluation(scored, Path("data/eval/ensemble"), Path("metrics/ensemble/eval.json"),
                      evaluate_settings)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pipeline.evaluate import evaluation_set, held_out_set, score_checkpoint, write_evaluation
 from pipeline.io import load_params
+from pipeline.models import MODEL_FILE
 
 
 def main(name: str) -> None:
@@ -14,7 +15,7 @@ def main(name: str) -> None:
     data = evaluation_set(settings, split, images, masks)
     validation = held_out_set(split, images, masks, part="val")  # for the ensemble's temperature
     try:
-        scored = score_checkpoint(Path("data/models") / name / "model.pt", data, settings,
+        scored = score_checkpoint(Path("data/models") / name / MODEL_FILE, data, settings,
                                   validation)
     except ValueError as error:
         sys.exit(f"evaluate {name}: {error}")

@@ -40,7 +40,7 @@ def trained(prepared, tmp_path_factory) -> dict[str, Path]:
                     TrainConfig(epochs=1, batch_size=16, lr=1e-3, mask_mode=mode), MaskParams(),
                     prepared / "split", prepared / "raw" / "images", prepared / "masks",
                     out / name, out / f"{name}.json", out / f"live-{name}")
-        paths[name] = out / name / "model.pt"
+        paths[name] = out / name / "model.safetensors"
     return paths
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pipeline import train as training
 from pipeline.masks import MaskParams
@@ -31,7 +32,7 @@ def test_one_epoch_end_to_end(prepared, tmp_path):
     summary = run(prepared, tmp_path)
     assert summary["epochs_run"] == 1 and summary["images_per_second"] > 0
     assert json.loads((tmp_path / "train.json").read_text())["best_epoch"] == 1
-    model, checkpoint = load_checkpoint(tmp_path / "model" / "model.pt")
+    model, checkpoint = load_checkpoint(tmp_path / "model" / "model.safetensors")
     assert len(checkpoint["classes"]) == 8 and checkpoint["preprocess"]["mask_mode"] == "crop"
     assert model(torch.zeros(2, 3, 48, 48)).shape == (2, 8)
     assert (tmp_path / "live" / "metrics.json").exists()
@@ -41,10 +42,9 @@ def test_one_epoch_end_to_end(prepared, tmp_path):
 def test_seeded_runs_are_identical(prepared, tmp_path):
     first, second = run(prepared, tmp_path / "a"), run(prepared, tmp_path / "b")
     assert first["val_macro_f1"] == second["val_macro_f1"]
-    weights_a = torch.load(tmp_path / "a" / "model" / "model.pt", weights_only=False)
-    weights_b = torch.load(tmp_path / "b" / "model" / "model.pt", weights_only=False)
-    assert all(torch.equal(weights_a["state_dict"][k], weights_b["state_dict"][k])
-               for k in weights_a["state_dict"])
+    weights_a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    weights_b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
 @pytest.mark.parametrize(("val_scores", "best_epoch", "epochs_run"), [
@@ -64,7 +64,7 @@ def test_moving_average_is_the_kept_model(prepared, tmp_path):
     plain = run(prepared, tmp_path / "plain")
     averaged = run(prepared, tmp_path / "ema", recipe=replace(TINY_RECIPE, ema_decay=0.99))
     assert averaged["val_macro_f1"] >= 0 and plain["epochs_run"] == averaged["epochs_run"] == 1
-    states = [torch.load(tmp_path / kind / "model" / "model.pt", weights_only=False)["state_dict"]
+    states = [load_file(tmp_path / kind / "model" / "model.safetensors")
               for kind in ("plain", "ema")]
     differing = [k for k in states[0] if not torch.equal(states[0][k], states[1][k])]
     assert differing, "the saved weights are the raw weights, not their moving average"
@@ -74,7 +74,7 @@ def test_moving_average_is_the_kept_model(prepared, tmp_path):
 
 def test_interrupted_run_leaves_previous_outputs(prepared, tmp_path, monkeypatch):
     run(prepared, tmp_path)
-    before = (tmp_path / "model" / "model.pt").read_bytes()
+    before = (tmp_path / "model" / "model.safetensors").read_bytes()
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
@@ -82,7 +82,7 @@ def test_interrupted_run_leaves_previous_outputs(prepared, tmp_path, monkeypatch
     monkeypatch.setattr(training, "fit_temperature", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(prepared, tmp_path)
-    assert (tmp_path / "model" / "model.pt").read_bytes() == before
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live", "model", "train.json"]
 
 
@@ -105,11 +105,11 @@ def test_distributed_two_processes_on_cpu(prepared, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "train.json").read_text())
     assert summary["world_size"] == 2 and summary["train_images"] > 0
-    _, checkpoint = load_checkpoint(tmp_path / "model" / "model.pt")
+    _, checkpoint = load_checkpoint(tmp_path / "model" / "model.safetensors")
     single = run(prepared, tmp_path / "single")
     assert checkpoint["classes"] == json.loads(json.dumps(checkpoint["classes"]))
     assert {k: v.shape for k, v in checkpoint["state_dict"].items()} == {
-        k: v.shape for k, v in torch.load(tmp_path / "single" / "model" / "model.pt",
-                                          weights_only=False)["state_dict"].items()}
+        k: v.shape
+        for k, v in load_file(tmp_path / "single" / "model" / "model.safetensors").items()}
     assert single["train_images"] == summary["train_images"]
     assert len(list(tmp_path.glob("model*"))) == 1  # written once, by rank 0
