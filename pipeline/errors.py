@@ -26,6 +26,10 @@ class PipelineError(Exception):
     """A problem with the user's input or environment; ``str(error)`` is one line."""
 
 
+class InputError(PipelineError, ValueError):
+    """Input data that does not fit the model or the settings (also a ValueError)."""
+
+
 class Terminated(BaseException):
     """SIGTERM arrived: unwinds like KeyboardInterrupt so ``finally`` blocks clean up."""
 

@@ -9,7 +9,9 @@ headline numbers to ``metrics/<model>/eval.json`` for ``dvc metrics diff``.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,10 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from tqdm import tqdm
 
 from pipeline import plots
-from pipeline.data import Preprocess, eval_transform, load_prepared, read_split
+from pipeline.data import Preprocess, eval_transform, prepare_file, read_split
 from pipeline.device import amp_supported, autocast, select_device
-from pipeline.io import atomic_path, decode_image, write_csv, write_json
+from pipeline.errors import InputError, PipelineError, one_line
+from pipeline.io import atomic_path, decode_image, opencv_threads, write_csv, write_json
 from pipeline.labels import normalize_label
 from pipeline.layout import scan_layout
 from pipeline.masks import MaskParams, mask_path
@@ -75,7 +78,7 @@ def restrict_to_classes(data: EvalSet, classes: list[str], ignore_unknown: bool)
     """Keep images of classes the model knows; fail (or, if asked, skip) the others."""
     unknown = sorted(set(data.labels) - set(classes))
     if unknown and not ignore_unknown:
-        raise ValueError(
+        raise InputError(
             f"the model knows {', '.join(classes)} but the data has {', '.join(unknown)}; "
             "set evaluate.ignore_unknown_classes (or --ignore-unknown) to score the rest")
     keep = [i for i, label in enumerate(data.labels) if label in classes]
@@ -83,7 +86,7 @@ def restrict_to_classes(data: EvalSet, classes: list[str], ignore_unknown: bool)
         logger.warning("skipping %d images of classes the model does not know: %s",
                        len(data.labels) - len(keep), ", ".join(unknown))
     if not keep:
-        raise ValueError("no image of a class the model knows")
+        raise InputError("no image of a class the model knows")
     pick = lambda items: [items[i] for i in keep] if items is not None else None  # noqa: E731
     return EvalSet(pick(data.paths), pick(data.labels), pick(data.names), pick(data.mask_files))
 
@@ -119,6 +122,49 @@ def infer(model: torch.nn.Module, images: torch.Tensor, prep: Preprocess, device
     return torch.cat(outputs), torch.cat(maps) if maps else None, len(images) / seconds
 
 
+def prepare_or_reason(job: tuple[Path, Path | None, Preprocess, MaskParams]
+                      ) -> np.ndarray | str:
+    """The model input for one file, or the one-line reason it cannot be read."""
+    try:
+        return prepare_file(job)
+    except (PipelineError, OSError, ValueError, MemoryError) as error:
+        return one_line(error)
+
+
+def prepare_all(paths: list[Path], prep: Preprocess, mask_files: list[Path] | None,
+                mask_params: MaskParams, desc: str, workers: int | None = None
+                ) -> list[np.ndarray | str]:
+    """Decode, mask and resize every file in parallel; a reason string where one is unreadable."""
+    masks = mask_files if prep.mask_mode != "none" and mask_files else [None] * len(paths)
+    jobs = [(p, m, prep, mask_params) for p, m in zip(paths, masks, strict=True)]
+    with opencv_threads(1), ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        return list(tqdm(pool.map(prepare_or_reason, jobs, chunksize=16), total=len(jobs),
+                         desc=desc, unit="img", leave=False))
+
+
+def load_readable(data: EvalSet, prep: Preprocess, mask_params: MaskParams, desc: str,
+                  strict: bool = False) -> tuple[EvalSet, torch.Tensor]:
+    """The readable part of ``data`` and its images (N, 3, S, S); unreadable files are skipped
+    with a warning and counted, or with ``strict`` fail the evaluation."""
+    prepared = prepare_all(data.paths, prep, data.mask_files, mask_params, desc)
+    keep = [i for i, item in enumerate(prepared) if not isinstance(item, str)]
+    reasons = [item for item in prepared if isinstance(item, str)]
+    if reasons and strict:
+        raise PipelineError(f"{reasons[0]} (evaluate.strict_images / --strict)")
+    for reason in reasons:
+        logger.warning("skipped unreadable image: %s", reason)
+    if not keep:
+        raise PipelineError(f"none of the {len(prepared)} images to score could be read")
+    if len(keep) < len(prepared):
+        logger.warning("%s: skipped %d unreadable of %d images", desc, len(prepared) - len(keep),
+                       len(prepared))
+    pick = lambda items: [items[i] for i in keep] if items is not None else None  # noqa: E731
+    subset = EvalSet(pick(data.paths), pick(data.labels), pick(data.names),
+                     pick(data.mask_files))
+    images = torch.from_numpy(np.stack([prepared[i] for i in keep])).permute(0, 3, 1, 2)
+    return subset, images.contiguous()
+
+
 def score_checkpoint(model_path: Path, data: EvalSet, settings: dict[str, Any],
                      validation: EvalSet | None = None) -> dict[str, Any]:
     """Run a trained model over an evaluation set; return everything the report needs.
@@ -134,22 +180,25 @@ def score_checkpoint(model_path: Path, data: EvalSet, settings: dict[str, Any],
     mask_params = MaskParams(**checkpoint["mask_params"])
     temperature = checkpoint["temperature"]
 
-    def run(subset: EvalSet, desc: str, attention: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
-        images = load_prepared(subset.paths, prep, subset.mask_files, mask_params, desc=desc)
-        return images, *infer(model, images, prep, device, settings["batch_size"],
-                              settings["tta"], attention=attention)
+    strict = settings.get("strict_images", False)
 
-    images, logits, maps, speed = run(data, "evaluate", attention=True)
+    def run(subset: EvalSet, desc: str, attention: bool = False
+            ) -> tuple[EvalSet, torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+        subset, images = load_readable(subset, prep, mask_params, desc, strict)
+        return subset, images, *infer(model, images, prep, device, settings["batch_size"],
+                                      settings["tta"], attention=attention)
+
+    readable, images, logits, maps, speed = run(data, "evaluate", attention=True)
     scored = {
-        "name": checkpoint["name"], "classes": classes, "data": data,
+        "name": checkpoint["name"], "classes": classes, "data": readable,
+        "skipped_unreadable": len(data.paths) - len(readable.paths),
         "probabilities": torch.softmax(logits / temperature, 1).numpy(),
         "uncalibrated": torch.softmax(logits, 1).numpy(),
         "temperature": temperature, "images_per_second": speed, "device": str(device),
         "prepared": images, "attention": maps, "training": checkpoint["summary"],
     }
     if validation is not None:
-        val_logits = run(validation, "validation")[1]
+        validation, _, val_logits, _, _ = run(validation, "validation")
         scored["validation"] = {"names": validation.names,
                                 "probabilities": torch.softmax(val_logits / temperature, 1).numpy()}
     return scored
@@ -163,6 +212,11 @@ def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
     labels = np.array([index[label] for label in data.labels])
     probabilities = scored["probabilities"]
     headline, per_class = classification_metrics(labels, probabilities, classes)
+    headline["skipped_unreadable"] = scored.get("skipped_unreadable", 0)
+    if headline["absent_classes"]:
+        logger.warning("%s: no image of %s in the data; macro averages are over the %d classes "
+                       "present", scored["name"], headline["absent_classes"],
+                       headline["classes_scored"])
     headline["ece_uncalibrated"] = expected_calibration_error(scored["uncalibrated"], labels)
     headline |= {"temperature": scored["temperature"], "tta": bool(settings["tta"]),
                  "inference_images_per_second": scored["images_per_second"],

@@ -31,9 +31,10 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
 
 
 def macro_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> float:
-    """Macro-averaged F1 over all known classes (a class never predicted counts as 0)."""
+    """Macro-averaged F1 over the classes present in ``labels`` (a present class never
+    predicted counts as 0; a class absent from the data is not averaged in)."""
     _, _, f1, _ = precision_recall_fscore_support(
-        labels, predicted, labels=np.arange(num_classes), average="macro", zero_division=0)
+        labels, predicted, labels=np.unique(labels), average="macro", zero_division=0)
     return float(f1)
 
 
@@ -48,9 +49,15 @@ def _roc_auc_ovr(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]
                            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Headline metrics and per-class rows for integer ``labels`` and class ``probabilities``."""
+    """Headline metrics and per-class rows for integer ``labels`` and class ``probabilities``.
+
+    Macro and weighted averages are taken over the classes present in ``labels``; the model's
+    classes absent from the data are named in ``absent_classes`` (and still have a per-class
+    row, with support 0).
+    """
     predicted = probabilities.argmax(axis=1)
     every = np.arange(len(classes))
+    present = np.unique(labels)
     headline: dict[str, Any] = {
         "accuracy": accuracy_score(labels, predicted),
         "balanced_accuracy": balanced_accuracy_score(labels, predicted),
@@ -58,10 +65,12 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
         "roc_auc_ovr": _roc_auc_ovr(labels, probabilities),
         "ece": expected_calibration_error(probabilities, labels),
         "images": int(len(labels)),
+        "classes_scored": int(len(present)),
+        "absent_classes": ", ".join(c for i, c in enumerate(classes) if i not in set(present)),
     }
     for average in ("macro", "weighted"):
         precision, recall, f1, _ = precision_recall_fscore_support(
-            labels, predicted, labels=every, average=average, zero_division=0)
+            labels, predicted, labels=present, average=average, zero_division=0)
         headline |= {f"{average}_precision": precision, f"{average}_recall": recall,
                      f"{average}_f1": f1}
     precision, recall, f1, support = precision_recall_fscore_support(

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from pipeline.data import Preprocess, prepare_file
+from pipeline.data import Preprocess
 from pipeline.device import select_device
 from pipeline.ensemble import read_spec, temper
-from pipeline.errors import PipelineError, one_line
-from pipeline.evaluate import infer
-from pipeline.io import IMAGE_SUFFIXES, opencv_threads
+from pipeline.errors import PipelineError
+from pipeline.evaluate import infer, prepare_all
+from pipeline.io import IMAGE_SUFFIXES
 from pipeline.masks import MaskParams
 from pipeline.models import LEGACY_MODEL_FILE, MODEL_FILE, load_checkpoint
 
@@ -78,24 +75,6 @@ def output_columns(top_k: int) -> list[str]:
                                 for kind in ("top", "p")]
 
 
-def _prepare(job: tuple[Path, Preprocess, MaskParams]) -> np.ndarray | str:
-    """The model input for one file, or the one-line reason it cannot be read."""
-    path, prep, mask_params = job
-    try:
-        return prepare_file((path, None, prep, mask_params))
-    except (PipelineError, OSError, ValueError, MemoryError) as error:
-        return one_line(error)
-
-
-def prepare_inputs(files: list[Path], prep: Preprocess, mask_params: MaskParams,
-                   workers: int | None = None) -> list[np.ndarray | str]:
-    """Decode, mask and resize every file in parallel; an error line where a file is unreadable."""
-    jobs = [(f, prep, mask_params) for f in files]
-    with opencv_threads(1), ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        return list(tqdm(pool.map(_prepare, jobs, chunksize=8), total=len(jobs),
-                         desc=f"read {prep.image_size}px {prep.mask_mode}", unit="img"))
-
-
 def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
             batch_size: int = 64, device: str = "auto", tta: bool = False,
             workers: int | None = None) -> list[dict[str, Any]]:
@@ -120,8 +99,9 @@ def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
         prep = Preprocess(**checkpoint["preprocess"])
         setting = json.dumps([checkpoint["preprocess"], checkpoint["mask_params"]], sort_keys=True)
         if setting not in prepared_by_setting:
-            prepared_by_setting[setting] = prepare_inputs(
-                files, prep, MaskParams(**checkpoint["mask_params"]), workers)
+            prepared_by_setting[setting] = prepare_all(
+                files, prep, None, MaskParams(**checkpoint["mask_params"]),
+                f"read {prep.image_size}px {prep.mask_mode}", workers)
         prepared = prepared_by_setting[setting]
         errors = {i: p for i, p in enumerate(prepared) if isinstance(p, str)}
         good = [i for i in range(len(files)) if i not in errors]

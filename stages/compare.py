@@ -1,9 +1,11 @@
 """Stage compare: every evaluated model side by side (metrics/summary.json, reports/)."""
 
 import logging
+import sys
 from pathlib import Path
 
 from pipeline.compare import compare
+from pipeline.errors import run_entry_point
 from pipeline.io import load_params
 
 
@@ -14,4 +16,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    sys.exit(run_entry_point(main))

@@ -2,9 +2,11 @@
 with a temperature of its own fitted on the validation split."""
 
 import logging
+import sys
 from pathlib import Path
 
 from pipeline.ensemble import combine_evaluations, member_weights, write_spec
+from pipeline.errors import run_entry_point
 from pipeline.evaluate import evaluation_set, held_out_set, write_evaluation
 from pipeline.io import load_params
 from pipeline.models import MODEL_FILE, read_json
@@ -31,4 +33,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    sys.exit(run_entry_point(main))

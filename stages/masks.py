@@ -1,10 +1,12 @@
 """Stage masks: a GrabCut + morphology mask for every image of data/raw."""
 
 import logging
+import sys
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline.errors import run_entry_point
 from pipeline.io import load_params
 from pipeline.masks import MaskParams, build_masks
 
@@ -19,4 +21,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    sys.exit(run_entry_point(main))

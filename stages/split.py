@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.errors import run_entry_point
 from pipeline.io import atomic_path, load_params, write_csv, write_json
 from pipeline.split import SplitError, split_dataset
 
@@ -25,4 +26,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    sys.exit(run_entry_point(main))

@@ -4,6 +4,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.errors import run_entry_point
 from pipeline.io import load_params
 from pipeline.masks import MaskParams
 from pipeline.models import ModelConfig, WeightsError
@@ -32,4 +33,4 @@ def main(name: str) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(sys.argv[1])
+    sys.exit(run_entry_point(main, sys.argv[1]))
