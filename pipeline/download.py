@@ -2,8 +2,11 @@
 
 ``download(url, dest)`` writes to ``dest.part`` and moves it onto ``dest`` only once the body is
 complete and verified, so ``dest`` never exists half-written. A sidecar ``dest.sha256`` (in
-``sha256sum`` format) records the digest of a finished download; while it matches the file, later
-calls return at once without touching the network.
+``sha256sum`` format) records the digest of a finished download; while it matches the file (and
+the pinned sha256, if any), later calls return at once without touching the network; otherwise the
+file is downloaded again. A partial file is resumed only with ``If-Range`` and the validator
+(ETag or Last-Modified) of the response it came from; an HTML page instead of the file is an
+error that leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def download(
                         progress=progress)
 
     digest = sha256_file(part)
+    _validator_file(part).unlink(missing_ok=True)
     if expected is not None and digest != expected:
         part.unlink(missing_ok=True)
         raise ChecksumError(
@@ -141,12 +145,40 @@ def _is_transient(status: int) -> bool:
     return status >= 500 or status in RETRY_STATUSES
 
 
+def _validator_file(part: Path) -> Path:
+    return part.with_name(part.name + ".validator")
+
+
+def _validator(headers: Message) -> str | None:
+    """A strong ETag, else Last-Modified: what ``If-Range`` needs to resume safely."""
+    etag = headers.get("ETag", "")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("Last-Modified") or None
+
+
+def _resume_offset(part: Path) -> int:
+    """Bytes of ``part`` that may be resumed: none unless a validator says what they are of."""
+    if not part.exists():
+        return 0
+    if not _validator_file(part).is_file():
+        logger.info("discarding %s: nothing proves it holds the same content", part)
+        part.unlink()
+        return 0
+    return part.stat().st_size
+
+
 def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool) -> None:
-    """One attempt: append the rest of the body to ``part`` (or restart it); raise on failure."""
-    offset = part.stat().st_size if part.exists() else 0
+    """One attempt: append the rest of the body to ``part`` (or restart it); raise on failure.
+
+    A resume sends ``If-Range`` with the validator of the first response, so a changed file
+    comes back whole (200) instead of being spliced onto bytes of the old one.
+    """
+    offset = _resume_offset(part)
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        headers["If-Range"] = _validator_file(part).read_text(encoding="utf-8")
     request = urllib.request.Request(url, headers=headers)
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
@@ -163,29 +195,54 @@ def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool) -> None
         return
 
     with response:
+        if response.headers.get_content_type() == "text/html":
+            _discard(part)
+            raise DownloadError(f"cannot download {url}: the server sent an HTML page, not the "
+                                "file (a login, error or moved page?)")
         if response.status == 206:
             start = _content_range(response.headers)[0]
             if start != offset:
-                part.unlink()
+                _discard(part)
                 raise _TransientError(f"server resumed at byte {start}, not {offset}")
             mode = "ab"
         else:
             if offset:
-                logger.info("server ignored the range request for %s; restarting from zero", url)
+                logger.info("server sent %s whole (changed, or no range support); restarting "
+                            "from zero", url)
             offset, mode = 0, "wb"
-        length = response.headers.get("Content-Length", "")
-        remaining = int(length) if length.isdigit() else None
-        received = 0
-        with (
-            open(part, mode) as out,
-            tqdm(total=None if remaining is None else offset + remaining, initial=offset,
-                 unit="B", unit_scale=True, unit_divisor=1024, desc=part.name.removesuffix(".part"),
-                 disable=not progress, leave=False) as bar,
-        ):
-            while chunk := response.read(READ_CHUNK):
-                out.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
+            _record_validator(part, response.headers)
+        _write_body(response, part, mode, offset, progress)
+
+
+def _record_validator(part: Path, headers: Message) -> None:
+    validator = _validator(headers)
+    if validator is None:
+        _validator_file(part).unlink(missing_ok=True)
+    else:
+        _validator_file(part).write_text(validator, encoding="utf-8")
+
+
+def _discard(part: Path) -> None:
+    """Remove a partial download and its validator."""
+    part.unlink(missing_ok=True)
+    _validator_file(part).unlink(missing_ok=True)
+
+
+def _write_body(response: http.client.HTTPResponse, part: Path, mode: str, offset: int,
+                progress: bool) -> None:
+    length = response.headers.get("Content-Length", "")
+    remaining = int(length) if length.isdigit() else None
+    received = 0
+    with (
+        open(part, mode) as out,
+        tqdm(total=None if remaining is None else offset + remaining, initial=offset,
+             unit="B", unit_scale=True, unit_divisor=1024, desc=part.name.removesuffix(".part"),
+             disable=not progress, leave=False) as bar,
+    ):
+        while chunk := response.read(READ_CHUNK):
+            out.write(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
     if remaining is not None and received < remaining:
         raise _TransientError(f"connection closed after {received} of {remaining} bytes")
 

@@ -35,6 +35,9 @@ class FileServer(ThreadingHTTPServer):
         self.errors: list[int] = []  # statuses to answer before serving (popped in order)
         self.not_found = False
         self.ignore_range = False
+        self.etag: str | None = '"v1"'  # sent with every answer; If-Range is honoured
+        self.payload = PAYLOAD
+        self.content_type = "application/octet-stream"
 
     @property
     def url(self) -> str:
@@ -54,21 +57,25 @@ class PayloadHandler(BaseHTTPRequestHandler):
         if server.errors:
             self.send_error(server.errors.pop(0))
             return
-        start = 0
+        start, payload = 0, server.payload
         match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if match and not server.ignore_range:
+        if_range = self.headers.get("If-Range")
+        if match and not server.ignore_range and if_range in (None, server.etag):
             start = int(match[1])
-            if start >= len(PAYLOAD):
+            if start >= len(payload):
                 self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(PAYLOAD)}")
+                self.send_header("Content-Range", f"bytes */{len(payload)}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+            self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
         else:
             self.send_response(200)
-        body = PAYLOAD[start:]
+        body = payload[start:]
+        if server.etag:
+            self.send_header("ETag", server.etag)
+        self.send_header("Content-Type", server.content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if first and server.stall_first_s:
@@ -205,25 +212,73 @@ def test_server_errors_exhaust_the_retries(
     assert len(server.ranges) == 3
 
 
+def _partial(dest: Path, content: bytes, validator: str | None = '"v1"') -> None:
+    """A partial download left by an earlier run, with the validator of its response."""
+    dest.with_name("data.bin.part").write_bytes(content)
+    if validator:
+        dest.with_name("data.bin.part.validator").write_text(validator)
+
+
 def test_server_ignoring_range_restarts_from_zero(server: FileServer, tmp_path: Path) -> None:
     server.ignore_range = True
     dest = tmp_path / "data.bin"
-    dest.with_name("data.bin.part").write_bytes(b"stale bytes from another attempt")
+    _partial(dest, b"stale bytes from another attempt")
     assert fetch(server.url, dest) == PAYLOAD_SHA256
     assert dest.read_bytes() == PAYLOAD
     assert server.ranges == ["bytes=32-"]
+    assert leftovers(dest) == ["data.bin", "data.bin.sha256"]
+
+
+def test_part_without_validator_is_never_resumed(server: FileServer, tmp_path: Path) -> None:
+    dest = tmp_path / "data.bin"
+    _partial(dest, b"poison" * 100, validator=None)
+    assert fetch(server.url, dest) == PAYLOAD_SHA256
+    assert dest.read_bytes() == PAYLOAD
+    assert server.ranges == [None]
+
+
+def test_part_of_changed_content_is_not_spliced(server: FileServer, tmp_path: Path) -> None:
+    """The file changed on the server since the partial download: If-Range gets it whole."""
+    dest = tmp_path / "data.bin"
+    _partial(dest, b"old version " * 100, validator='"v0"')
+    assert fetch(server.url, dest) == PAYLOAD_SHA256
+    assert dest.read_bytes() == PAYLOAD
+    assert server.ranges == ["bytes=1200-"]
+
+
+def test_html_page_is_an_error_and_leaves_nothing(
+    server: FileServer, tmp_path: Path, no_sleep: list[float]
+) -> None:
+    server.content_type = "text/html; charset=utf-8"
+    server.payload = b"<html><body>Please log in</body></html>"
+    dest = tmp_path / "data.bin"
+    with pytest.raises(DownloadError) as raised:
+        fetch(server.url, dest)
+    assert str(raised.value) == (f"cannot download {server.url}: the server sent an HTML page, "
+                                 "not the file (a login, error or moved page?)")
+    assert leftovers(dest) == [] and no_sleep == []
+
+
+def test_cached_file_failing_its_pin_is_downloaded_again(server: FileServer, tmp_path: Path
+                                                         ) -> None:
+    dest = tmp_path / "data.bin"
+    dest.write_bytes(b"poisoned")
+    dest.with_name("data.bin.sha256").write_text(
+        f"{hashlib.sha256(b'poisoned').hexdigest()}  data.bin\n")
+    assert fetch(server.url, dest, sha256=PAYLOAD_SHA256) == PAYLOAD_SHA256
+    assert dest.read_bytes() == PAYLOAD and len(server.ranges) == 1
 
 
 def test_complete_part_answered_with_416_is_kept(server: FileServer, tmp_path: Path) -> None:
     dest = tmp_path / "data.bin"
-    dest.with_name("data.bin.part").write_bytes(PAYLOAD)
+    _partial(dest, PAYLOAD)
     assert fetch(server.url, dest) == PAYLOAD_SHA256
     assert server.ranges == [f"bytes={len(PAYLOAD)}-"]
 
 
 def test_oversized_part_answered_with_416_restarts(server: FileServer, tmp_path: Path) -> None:
     dest = tmp_path / "data.bin"
-    dest.with_name("data.bin.part").write_bytes(PAYLOAD + b"junk")
+    _partial(dest, PAYLOAD + b"junk")
     assert fetch(server.url, dest) == PAYLOAD_SHA256
     assert dest.read_bytes() == PAYLOAD
     assert server.ranges == [f"bytes={len(PAYLOAD) + 4}-", None]
