@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -19,11 +20,14 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 MAX_IMAGE_PIXELS = 50_000_000  # params data.max_image_pixels; PBC images are 360x363
 MIN_IMAGE_SIDE = 32            # params data.min_image_side
+# decode_image checks its own limit (a param) before decoding; Pillow's fixed one would preempt it
+Image.MAX_IMAGE_PIXELS = None
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 class ImageDecodeError(PipelineError, ValueError):
@@ -107,11 +111,11 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS,
     except (IsADirectoryError, FileNotFoundError, PermissionError) as error:
         raise ImageDecodeError(f"cannot read {name}: {type(error).__name__}") from error
     except Exception as error:  # noqa: BLE001 - any decoder failure is a defect of the file
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = _OBJECT_REPR.sub("", one_line(error))  # no memory addresses: stable reasons
         raise ImageDecodeError(f"cannot decode {name}: {reason}") from error
-    if pixels.min() == pixels.max():
-        raise ImageDecodeError(f"cannot decode {name}: blank image (every pixel is "
-                               f"{pixels.flat[0]})")
+    if (pixels == pixels[0, 0]).all():
+        raise ImageDecodeError(f"cannot decode {name}: blank image, every pixel is "
+                               f"{tuple(int(v) for v in pixels[0, 0])}")
     return pixels
 
 
