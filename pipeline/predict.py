@@ -75,6 +75,13 @@ def output_columns(top_k: int) -> list[str]:
                                 for kind in ("top", "p")]
 
 
+def prepare_inputs(files: list[Path], prep: Preprocess, mask_params: MaskParams,
+                   workers: int | None = None) -> list[np.ndarray | str]:
+    """Decode, mask and resize every file in parallel; an error line where a file is unreadable."""
+    return prepare_all(files, prep, None, mask_params, f"read {prep.image_size}px "
+                       f"{prep.mask_mode}", workers)
+
+
 def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
             batch_size: int = 64, device: str = "auto", tta: bool = False,
             workers: int | None = None) -> list[dict[str, Any]]:
@@ -87,7 +94,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
     members, temperature = resolve_model(model)
     files = collect_inputs(inputs)
     if not files:
-        raise PipelineError("no input files")
+        raise PipelineError("no image files among the inputs")
     torch_device = select_device(device)
     total, classes, errors = None, None, {}
     prepared_by_setting: dict[str, list[np.ndarray | str]] = {}
@@ -99,9 +106,8 @@ def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
         prep = Preprocess(**checkpoint["preprocess"])
         setting = json.dumps([checkpoint["preprocess"], checkpoint["mask_params"]], sort_keys=True)
         if setting not in prepared_by_setting:
-            prepared_by_setting[setting] = prepare_all(
-                files, prep, None, MaskParams(**checkpoint["mask_params"]),
-                f"read {prep.image_size}px {prep.mask_mode}", workers)
+            prepared_by_setting[setting] = prepare_inputs(
+                files, prep, MaskParams(**checkpoint["mask_params"]), workers)
         prepared = prepared_by_setting[setting]
         errors = {i: p for i, p in enumerate(prepared) if isinstance(p, str)}
         good = [i for i in range(len(files)) if i not in errors]

@@ -220,4 +220,4 @@ def test_predict_folder_with_corrupt_file(trained, synthetic_folder, tmp_path):
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     (only_bad / "notes.txt").write_text("hello")
-    assert wbc(["predict", str(trained["first"]), str(only_bad)]) == 1
+    assert wbc(["predict", str(trained["first"]), str(only_bad)]) == 2  # no image file at all
