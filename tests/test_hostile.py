@@ -227,6 +227,16 @@ def test_hostile_class_folders_and_files_stay_inside(tmp_path, caplog):
     assert "holds a path separator" in caplog.text
 
 
+def test_names_equal_once_normalised_do_not_overwrite(tmp_path):
+    root = class_tree(tmp_path / "data")
+    cell_image(root / "Monocyte" / "caf\u00e9.png", seed=98)
+    cell_image(root / "monocyte" / "cafe\u0301.png", seed=99)
+    manifest = ingest(root, tmp_path / "raw", {}, workers=1)
+    cafes = sorted(p for p in manifest["path"] if p.startswith("monocyte/caf"))
+    assert cafes == ["monocyte/caf\u00e9.png", "monocyte/caf\u00e9__1.png"]
+    assert manifest["sha256"].nunique() == len(manifest) == 10
+
+
 @pytest.mark.parametrize("evil", ["..\\..\\evil.png", "C:\\evil.png", "c:evil.png",
                                   "ok/\uff0e\uff0e/evil.png", "ok/a\uff0fb.png", " /evil.png"])
 def test_hostile_archive_entries_abort(tmp_path, evil):
@@ -491,7 +501,7 @@ def test_evaluate_skips_and_counts_unreadable_images(tmp_path, checkpoint, capsy
                          "--strict)")
 
 
-def test_entry_point_exit_codes(capsys):
+def test_entry_point_exit_codes(capsys, monkeypatch):
     from pipeline.errors import PipelineError
 
     def fails() -> None:
@@ -499,6 +509,10 @@ def test_entry_point_exit_codes(capsys):
 
     assert run_entry_point(fails) == USER_ERROR_EXIT
     assert capsys.readouterr().err == "error: bad input\n"
+    monkeypatch.setenv("WBC_DEBUG", "1")
+    assert run_entry_point(fails) == USER_ERROR_EXIT
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.endswith("error: bad input\n")
 
 
 SLOW_INGEST = """
