@@ -4,7 +4,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.errors import run_entry_point
+from pipeline.errors import PipelineError, run_entry_point
 from pipeline.io import load_params
 from pipeline.masks import MaskParams
 from pipeline.models import ModelConfig, WeightsError
@@ -28,7 +28,7 @@ def main(name: str) -> None:
             live_dir=Path("dvclive") / name,
         )
     except WeightsError as error:
-        sys.exit(f"train {name}: {error}")
+        raise PipelineError(f"train {name}: {error}") from error
 
 
 if __name__ == "__main__":
