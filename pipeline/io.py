@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -24,7 +23,7 @@ from pipeline.errors import PipelineError, one_line
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 MAX_IMAGE_PIXELS = 50_000_000  # params data.max_image_pixels; PBC images are 360x363
-MIN_IMAGE_SIDE = 32            # params data.min_image_side
+MIN_IMAGE_SIDE = 32            # params data.min_image_side (checked at ingest)
 # decode_image checks its own limit (a param) before decoding; Pillow's fixed one would preempt it
 Image.MAX_IMAGE_PIXELS = None
 _OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
@@ -89,7 +88,7 @@ def read_json(path: str | Path) -> Any:
 
 
 def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS,
-                 min_side: int = MIN_IMAGE_SIDE) -> np.ndarray:
+                 min_side: int = 0) -> np.ndarray:
     """Decode a whole image to RGB uint8 (H, W, 3); raise ImageDecodeError on any defect.
 
     The size is checked against ``max_pixels`` before any pixel is decoded (decompression
@@ -100,12 +99,10 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS,
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(BytesIO(data)) as image:
-                _check_size(image.size, max_pixels, min_side)
-                image.load()
-                pixels = _to_rgb8(image, data)
+        with Image.open(BytesIO(data)) as image:
+            _check_size(image.size, max_pixels, min_side)
+            image.load()
+            pixels = _to_rgb8(image, data)
     except ImageDecodeError as error:
         raise ImageDecodeError(f"cannot decode {name}: {error}") from None
     except (IsADirectoryError, FileNotFoundError, PermissionError) as error:
