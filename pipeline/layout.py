@@ -79,7 +79,10 @@ def _class_candidates(folder: Path, source_split: str, root: Path) -> Iterator[C
     if stray:
         logger.warning("ignoring %s in %s: not class folders of images", ", ".join(stray), folder)
     for class_dir in _visible_dirs(folder):
-        if not _has_images(class_dir) or _is_outside_link(class_dir, root):
+        if not _has_images(class_dir):
+            continue
+        if _is_outside_link(class_dir, root):
+            logger.warning("skipping %s: a symbolic link pointing outside %s", class_dir, root)
             continue
         try:
             label = normalize_label(class_dir.name)

@@ -213,17 +213,20 @@ def test_hostile_class_folders_and_files_stay_inside(tmp_path, caplog):
     (root / "lymphocyte" / "link.png").symlink_to(tmp_path / "secret" / "private.png")
     (root / "linked_class").symlink_to(tmp_path / "secret", target_is_directory=True)
     out = tmp_path / "out" / "raw"
+    before = outside_files(tmp_path, tmp_path / "out")
     with caplog.at_level(logging.WARNING):
         manifest = ingest(root, out, {}, workers=1)
+    assert outside_files(tmp_path, tmp_path / "out") == before  # nothing written elsewhere
     assert set(manifest["label"]) == set(CLASSES)  # "..." is hidden, like ".git"
     assert len(manifest) == 8
-    assert outside_files(tmp_path, tmp_path / "out") == outside_files(tmp_path, tmp_path / "out")
     written = [p for p in (out / "images").rglob("*") if p.is_file()]
     assert all(p.resolve().is_relative_to(out.resolve()) for p in written)
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "out" / "x.png").exists()
     assert "private.png" not in {p.name for p in written}
     assert "skipping class folder" in caplog.text and "it is '..' once normalised" in caplog.text
-    assert "a symbolic link pointing outside" in caplog.text
+    assert f"skipping {root / 'linked_class'}: a symbolic link pointing outside" in caplog.text
+    assert f"skipping {root / 'lymphocyte' / 'link.png'}: a symbolic link pointing outside" in \
+        caplog.text
     assert "holds a path separator" in caplog.text
 
 
