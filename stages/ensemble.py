@@ -8,8 +8,8 @@ from pathlib import Path
 from pipeline.ensemble import combine_evaluations, member_weights, write_spec
 from pipeline.errors import run_entry_point
 from pipeline.evaluate import evaluation_set, held_out_set, write_evaluation
-from pipeline.io import load_params
-from pipeline.models import MODEL_FILE, read_json
+from pipeline.io import load_params, read_json
+from pipeline.models import MODEL_FILE
 
 
 def main() -> None:
