@@ -4,12 +4,13 @@ import logging
 from pathlib import Path
 
 from pipeline.compare import compare
-from pipeline.io import load_params
+from pipeline.io import load_params, read_json
 
 
 def main() -> None:
     settings = load_params()["compare"]
-    compare(Path("data/eval"), settings, Path("metrics/summary.json"), Path("reports"))
+    compare(Path("data/eval"), settings, Path("metrics/summary.json"), Path("reports"),
+            read_json(Path("data/raw/source.json")))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,23 @@
+"""Stage source (always run): the identity of ``data.source``'s content, for ``download``."""
+
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.fingerprint import source_fingerprint
+from pipeline.io import load_params, write_json
+from pipeline.sources import SourceError
+
+
+def main() -> None:
+    data = load_params()["data"]
+    try:
+        write_json(Path("data/fingerprint.json"),
+                   source_fingerprint(data, Path(data["cache_dir"])))
+    except SourceError as error:
+        sys.exit(f"source: {error}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()
