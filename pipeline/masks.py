@@ -228,7 +228,8 @@ def draw_gallery(stats: pd.DataFrame, images_dir: Path, masks_dir: Path, out_pat
             ax.set_title(pick.status, fontsize=8, color="black" if pick.status == "ok" else "red")
         row[0].text(-0.08, 0.5, label, transform=row[0].transAxes, rotation=90, ha="right",
                     va="center", fontsize=11, fontweight="bold")
-    fig.suptitle("Cell masks (green outline) by class", fontsize=13)
+    fig.suptitle(f"Cell masks (green outline) by class: {per_class} drawn at random (seed {seed})",
+                 fontsize=13)
     fig.tight_layout()
     fig.savefig(out_path, dpi=90)
     plt.close(fig)
