@@ -300,8 +300,9 @@ def test_local_data_changes_rerun_download_and_after(tiny_run, tmp_path):
     assert _ran(_dvc(repo, "repro", "download")) == {"download"}
     manifest = (repo / "data" / "raw" / "manifest.csv").read_text()
     assert "monocyte/extra.png" in manifest
-    (cells / "monocyte" / "extra.png").unlink()  # a removed image
-    assert _ran(_dvc(repo, "repro", "download")) == {"download"}
+    (cells / "monocyte" / "extra.png").unlink()  # a removed image: back to a state DVC has
+    restored = _dvc(repo, "repro", "download")  # seen, so its run cache restores the outputs
+    assert "Stage 'download' is cached" in restored or _ran(restored) == {"download"}, restored
     assert "monocyte/extra.png" not in (repo / "data" / "raw" / "manifest.csv").read_text()
 
 
