@@ -38,19 +38,60 @@ def collect(eval_dir: Path) -> pd.DataFrame:
             "inference_images_per_s": metrics["inference_images_per_second"],
             "weights": training.get("weight_source", "members: " + ", ".join(
                 f"{m} {w:.2f}" for m, w in training.get("members", {}).items())),
+            "fallback": ("random init" if training.get("weight_source", "").startswith(
+                "random-init") else ""),
         })
     if not rows:
         raise ValueError(f"no evaluation results under {eval_dir}")
     return pd.DataFrame(rows).sort_values("macro_f1", ascending=False, kind="stable")
 
 
+def describe_data(source: dict[str, Any] | None) -> str:
+    """One line naming the data a run used, from ``data/raw/source.json``."""
+    if not source:
+        return "unknown data"
+    name = source["source"]
+    if name == "synthetic":
+        name = f"synthetic (generated, seed {source.get('seed')})"
+    elif "url" in source:
+        name = f"{name} ({source['url']})"
+    return f"{name}: {source['images']} images, {len(source['classes'])} classes"
+
+
+def is_pbc(source: dict[str, Any] | None) -> bool:
+    """Whether the run's data is PBC: the ``pbc`` download or a folder or archive named pbc*."""
+    return bool(source) and Path(str(source["source"])).name.lower().startswith("pbc")
+
+
+def _header(table: pd.DataFrame, data: str, references: dict[str, float], drawn: bool) -> str:
+    fallback = list(table.loc[table["fallback"] != "", "model"])
+    lines = [f"# Model comparison on {data}", ""]
+    if fallback:
+        lines += [f"**Trained from random initialisation (no pretrained weights were found): "
+                  f"{', '.join(fallback)}.** See the fallback column.", ""]
+    lines.append("Test-split metrics of every model, best macro-F1 first; ECE after temperature "
+                 "scaling, with the uncalibrated value beside it.")
+    if references:
+        named = ", ".join(f"{name} {value:g}" for name, value in references.items())
+        lines.append(f"Reference rows are the original work's figures ({named})." if drawn else
+                     f"The original work's figures ({named}) are not shown as rows: they were "
+                     "measured on PBC and this run's data is not PBC.")
+    return "\n".join(lines) + "\n\n"
+
+
 def write_comparison(table: pd.DataFrame, references: dict[str, float], metrics_path: Path,
-                     report_dir: Path) -> None:
-    """``metrics/summary.json``, ``reports/summary.md`` and ``reports/summary.png``."""
+                     report_dir: Path, source: dict[str, Any] | None = None) -> None:
+    """``metrics/summary.json``, ``reports/summary.md`` and ``reports/summary.png``.
+
+    The reports name the data (``source``: the ingest's ``source.json``); the original work's
+    reference figures are drawn only when that data is PBC."""
     write_json(metrics_path, {row["model"]: {k: row[k] for k in (*COLUMNS, "images")}
                               for row in table.to_dict("records")})
+    drawn = is_pbc(source)
+    data = describe_data(source)
+    shown_references = references if drawn else {}
     reference_rows = pd.DataFrame([{"model": f"{name} (reference)", "accuracy": value}
-                                   for name, value in references.items()])
+                                   for name, value in shown_references.items()])
     shown = pd.concat([table, reference_rows], ignore_index=True).rename(columns={
         **COLUMNS, "images": "test images", "parameters_m": "params (M)",
         "train_minutes": "train (min)", "train_images_per_s": "train img/s",
@@ -58,21 +99,19 @@ def write_comparison(table: pd.DataFrame, references: dict[str, float], metrics_
     with atomic_path(report_dir) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "summary.md").write_text(
-            "# Model comparison\n\nTest-split metrics of every model, best macro-F1 first; ECE "
-            "after temperature scaling, with the uncalibrated value beside it. Reference rows "
-            "are the figures reported by the original work.\n\n"
+            _header(table, data, references, drawn)
             + shown.astype(object).where(shown.notna(), None).to_markdown(
                 index=False, floatfmt=".4g", missingval="") + "\n",
             encoding="utf-8")
         plots.bar_chart_png(
             list(table["model"]),
             {COLUMNS[k]: list(table[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1")},
-            "Test metrics by model", tmp / "summary.png", references)
+            f"Test metrics by model\n{data}", tmp / "summary.png", shown_references)
 
 
-def compare(eval_dir: Path, settings: dict[str, Any], metrics_path: Path, report_dir: Path
-            ) -> pd.DataFrame:
+def compare(eval_dir: Path, settings: dict[str, Any], metrics_path: Path, report_dir: Path,
+            source: dict[str, Any] | None = None) -> pd.DataFrame:
     """Build and write the comparison of everything evaluated under ``eval_dir``."""
     table = collect(eval_dir)
-    write_comparison(table, settings["references"], metrics_path, report_dir)
+    write_comparison(table, settings["references"], metrics_path, report_dir, source)
     return table

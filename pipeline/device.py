@@ -25,6 +25,22 @@ def autocast(device: torch.device, enabled: bool) -> AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def use_bf16(device: torch.device, setting: bool | str = "auto") -> bool:
+    """Whether to run in bf16 autocast: ``auto`` on CUDA only, so that CPU numbers are the same
+    on every CPU (fp32); ``true`` also on CPUs with AVX-512 bf16 or AMX (an opt-in: faster
+    inference there, slower training, different numbers); ``false`` never."""
+    if setting not in ("auto", True, False):
+        raise ValueError(f"train.amp must be auto, true or false, not {setting!r}")
+    if setting == "auto":
+        return device.type == "cuda" and amp_supported(device)
+    return bool(setting) and amp_supported(device)
+
+
+def numeric_mode(bf16: bool) -> str:
+    """The arithmetic a run used, as recorded beside its metrics."""
+    return "bf16-autocast" if bf16 else "fp32"
+
+
 def amp_supported(device: torch.device) -> bool:
     """bf16 autocast pays off on CUDA with bf16 support and CPUs with AVX-512 bf16."""
     if device.type == "cuda":

@@ -3,7 +3,7 @@
 Averaging calibrated members still gives a badly calibrated ensemble (members that disagree
 flatten it), so the ensemble fits a temperature of its own on the validation split.
 An ensemble is described by ``ensemble.json`` (members' checkpoints, weights and temperature),
-which ``wbc predict`` accepts like a ``model.pt``. Evaluating it reuses the members' test and
+which ``wbc predict`` accepts like a model file. Evaluating it reuses the members' test and
 validation probabilities from their evaluation folders, so no member is run twice.
 """
 

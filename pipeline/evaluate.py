@@ -2,7 +2,7 @@
 
 Writes, into one evaluation folder: ``report.csv`` (per class), ``predictions.csv`` (probability
 of every class per image), ``summary.json`` (the row of the comparison table), DVC plot data
-(``roc/``, ``precision_recall/``, ``reliability.csv``) and PNG figures (``figures/``); and the
+(``roc.csv``, ``precision_recall.csv``, ``reliability.csv``) and PNG figures (``figures/``); and the
 headline numbers to ``metrics/<model>/eval.json`` for ``dvc metrics diff``.
 """
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline import plots
 from pipeline.data import Preprocess, eval_transform, prepare_file, read_split
-from pipeline.device import amp_supported, autocast, select_device
+from pipeline.device import autocast, select_device, use_bf16
 from pipeline.errors import InputError, PipelineError, one_line
 from pipeline.io import atomic_path, decode_image, opencv_threads, write_csv, write_json
 from pipeline.labels import normalize_label
@@ -103,7 +103,7 @@ def infer(model: torch.nn.Module, images: torch.Tensor, prep: Preprocess, device
           ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """Logits (averaged over views with TTA), class-token attention maps and images/s."""
     normalise = eval_transform(prep)
-    amp = amp_supported(device)
+    amp = use_bf16(device)  # fp32 on CPU: the same numbers on every CPU
     model.eval().to(device, memory_format=torch.channels_last)
     outputs, maps = [], []
     started = time.perf_counter()
@@ -204,9 +204,16 @@ def score_checkpoint(model_path: Path, data: EvalSet, settings: dict[str, Any],
     return scored
 
 
+RESOURCE_KEYS = ("inference_images_per_second", "device")
+
+
 def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
-                     settings: dict[str, Any]) -> dict[str, Any]:
-    """Compute metrics and write every evaluation output (see the module docstring)."""
+                     settings: dict[str, Any], resources_path: Path | None = None
+                     ) -> dict[str, Any]:
+    """Compute metrics and write every evaluation output (see the module docstring).
+
+    Throughput and device go to ``resources_path`` (default: ``eval_resources.json`` beside the
+    metrics), not to the metrics, so that metric diffs show quality only."""
     classes, data = scored["classes"], scored["data"]
     index = {label: i for i, label in enumerate(classes)}
     labels = np.array([index[label] for label in data.labels])
@@ -240,7 +247,9 @@ def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
         _write_figures(scored, labels, predicted, headline, figures, settings)
     write_json(out_dir / "summary.json", {"model": scored["name"], "metrics": headline,
                                           "training": scored["training"]})
-    write_json(metrics_path, headline)
+    write_json(metrics_path, {k: v for k, v in headline.items() if k not in RESOURCE_KEYS})
+    write_json(resources_path or metrics_path.with_name("eval_resources.json"),
+               {k: headline[k] for k in RESOURCE_KEYS})
     logger.info("%s: accuracy %.4f, macro-F1 %.4f, ECE %.4f (uncalibrated %.4f) on %d images",
                 scored["name"], headline["accuracy"], headline["macro_f1"], headline["ece"],
                 headline["ece_uncalibrated"], len(labels))
@@ -249,18 +258,20 @@ def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
 
 def _write_curve_data(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
                       out_dir: Path) -> None:
-    """Per-class ROC and precision-recall points and reliability bins, for ``dvc plots``."""
-    with atomic_path(out_dir / "roc") as roc, atomic_path(out_dir / "precision_recall") as pr:
-        roc.mkdir()
-        pr.mkdir()
-        for i, name in enumerate(classes):
-            positive = labels == i
-            if not positive.any() or positive.all():
-                continue
-            fpr, tpr, _ = roc_curve(positive, probabilities[:, i])
-            write_csv(roc / f"{name}.csv", pd.DataFrame({"fpr": fpr, "tpr": tpr}))
-            precision, recall, _ = precision_recall_curve(positive, probabilities[:, i])
-            write_csv(pr / f"{name}.csv", pd.DataFrame({"recall": recall, "precision": precision}))
+    """One-vs-rest ROC and precision-recall points (one file each, a ``class`` column naming
+    the series) and reliability bins, for ``dvc plots``."""
+    roc, pr = [], []
+    for i, name in enumerate(classes):
+        positive = labels == i
+        if not positive.any() or positive.all():
+            continue
+        fpr, tpr, _ = roc_curve(positive, probabilities[:, i])
+        roc.append(pd.DataFrame({"class": name, "fpr": fpr, "tpr": tpr}))
+        precision, recall, _ = precision_recall_curve(positive, probabilities[:, i])
+        pr.append(pd.DataFrame({"class": name, "recall": recall, "precision": precision}))
+    empty = pd.DataFrame(columns=["class"])
+    write_csv(out_dir / "roc.csv", pd.concat(roc or [empty], ignore_index=True))
+    write_csv(out_dir / "precision_recall.csv", pd.concat(pr or [empty], ignore_index=True))
     confidence = probabilities.max(1)
     correct = probabilities.argmax(1) == labels
     bins = np.minimum((confidence * 10).astype(int), 9)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,8 +176,10 @@ def _mask_one(job: tuple[str, Path, Path, MaskParams]) -> dict[str, Any]:
 
 
 def build_masks(manifest: pd.DataFrame, images_dir: Path, out_dir: Path, params: MaskParams,
-                gallery_per_class: int = 6, workers: int | None = None) -> pd.DataFrame:
-    """Write a mask per manifest row, ``stats.csv`` and the gallery into ``out_dir``, atomically."""
+                gallery_per_class: int = 6, workers: int | None = None,
+                gallery: Path | None = None) -> pd.DataFrame:
+    """Write a mask per manifest row and ``stats.csv`` into ``out_dir``, atomically, and the
+    gallery to ``gallery`` (default: ``out_dir/gallery.png``)."""
     with atomic_path(out_dir) as tmp:
         jobs = [(rel, images_dir, tmp, params) for rel in manifest["path"]]
         workers = workers or os.cpu_count() or 1
@@ -185,7 +188,9 @@ def build_masks(manifest: pd.DataFrame, images_dir: Path, out_dir: Path, params:
                              desc="masks", unit="img"))
         stats = pd.DataFrame(rows).merge(manifest[["path", "label"]], on="path")
         write_csv(tmp / "stats.csv", stats)
-        draw_gallery(stats, images_dir, tmp, tmp / "gallery.png", gallery_per_class)
+        picture = nullcontext(tmp / "gallery.png") if gallery is None else atomic_path(gallery)
+        with picture as picture_path:
+            draw_gallery(stats, images_dir, tmp, picture_path, gallery_per_class, params.seed)
     counts = stats["status"].value_counts().reindex(STATUSES, fill_value=0)
     logger.info("masks: %s", ", ".join(f"{n} {s}" for s, n in counts.items()))
     if counts["empty"]:
@@ -193,19 +198,24 @@ def build_masks(manifest: pd.DataFrame, images_dir: Path, out_dir: Path, params:
     return stats
 
 
+def gallery_sample(stats: pd.DataFrame, per_class: int, seed: int) -> dict[str, pd.DataFrame]:
+    """A seeded random sample of up to ``per_class`` rows of each class, in path order."""
+    return {label: rows.sample(min(per_class, len(rows)), random_state=seed).sort_values("path")
+            for label, rows in stats.groupby("label", sort=True)}
+
+
 def draw_gallery(stats: pd.DataFrame, images_dir: Path, masks_dir: Path, out_path: Path,
-                 per_class: int = 6) -> None:
-    """Save a grid: one row per class, each image with its mask outline drawn in green."""
+                 per_class: int = 6, seed: int = 0) -> None:
+    """Save a grid: one row per class (a seeded random sample), each mask outlined in green."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classes = sorted(stats["label"].unique())
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(1.9 * per_class, 2.0 * len(classes)),
+    samples = gallery_sample(stats, per_class, seed)
+    fig, axes = plt.subplots(len(samples), per_class, figsize=(1.9 * per_class, 2.0 * len(samples)),
                              squeeze=False)
-    for row, label in zip(axes, classes, strict=True):
-        picks = stats[stats["label"] == label].head(per_class)
+    for row, (label, picks) in zip(axes, samples.items(), strict=True):
         for ax, pick in zip(row, list(picks.itertuples()) + [None] * per_class, strict=False):
             ax.axis("off")
             if pick is None:
@@ -218,7 +228,8 @@ def draw_gallery(stats: pd.DataFrame, images_dir: Path, masks_dir: Path, out_pat
             ax.set_title(pick.status, fontsize=8, color="black" if pick.status == "ok" else "red")
         row[0].text(-0.08, 0.5, label, transform=row[0].transAxes, rotation=90, ha="right",
                     va="center", fontsize=11, fontweight="bold")
-    fig.suptitle("Cell masks (green outline) by class", fontsize=13)
+    fig.suptitle(f"Cell masks (green outline) by class: {per_class} drawn at random (seed {seed})",
+                 fontsize=13)
     fig.tight_layout()
     fig.savefig(out_path, dpi=90)
     plt.close(fig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -104,8 +105,22 @@ def _ingest_one(job: tuple[Candidate, Path, Path, ImageLimits]) -> dict[str, Any
     }
 
 
+def draw_per_class(candidates: list[Candidate], per_class: int | None, seed: int
+                   ) -> list[Candidate]:
+    """At most ``per_class`` files of each class, drawn at random but the same for a seed."""
+    if per_class is None:
+        return candidates
+    rng = random.Random(seed)
+    kept = []
+    for label in sorted({c.label for c in candidates}):
+        files = sorted((c for c in candidates if c.label == label), key=lambda c: c.relative)
+        kept += rng.sample(files, min(per_class, len(files)))
+    return sorted(kept, key=lambda c: c.relative)
+
+
 def ingest(root: Path, out_dir: Path, provenance: dict[str, Any], workers: int | None = None,
-           limits: ImageLimits = ImageLimits()) -> pd.DataFrame:
+           per_class: int | None = None, seed: int = 0, limits: ImageLimits = ImageLimits()
+           ) -> pd.DataFrame:
     """Validate and copy every image under ``root`` into ``out_dir``, atomically.
 
     Corrupt, truncated, oversized, too small and non-image files are skipped with a warning and
@@ -113,6 +128,7 @@ def ingest(root: Path, out_dir: Path, provenance: dict[str, Any], workers: int |
     they never enter the manifest. Every written file is checked to lie inside ``out_dir``.
     """
     candidates, layout = scan_layout(root)
+    candidates = draw_per_class(candidates, per_class, seed)
     if not candidates:
         raise SourceError(f"no files found in the dataset under {root}")
     with atomic_path(out_dir) as tmp:
@@ -174,15 +190,17 @@ def build_raw_dataset(data: dict[str, Any], out_dir: Path, cache_dir: Path) -> p
     source = str(data["source"])
     limits = ImageLimits.from_params(data)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    subset = {"per_class": data.get("per_class"), "seed": data.get("seed", 0)}
     if source == "synthetic":
         settings = data["synthetic"]
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             root = Path(tmp) / "synthetic"
             generate_dataset(root, settings["images_per_class"], seed=settings["seed"])
-            return ingest(root, out_dir, {"source": "synthetic", **settings}, limits=limits)
+            return ingest(root, out_dir, {"source": "synthetic", **settings}, limits=limits,
+                          **subset)
     if source in REMOTE_SOURCES:
         root, provenance = _fetch_remote(source, data, cache_dir)
-        return ingest(root, out_dir, provenance, limits=limits)
+        return ingest(root, out_dir, provenance, limits=limits, **subset)
     path = Path(source).expanduser()
     if not path.exists():
         raise SourceError(
@@ -190,9 +208,9 @@ def build_raw_dataset(data: dict[str, Any], out_dir: Path, cache_dir: Path) -> p
             "nor an existing folder or archive"
         )
     if path.is_dir():
-        return ingest(path, out_dir, {"source": str(path.resolve())}, limits=limits)
+        return ingest(path, out_dir, {"source": str(path.resolve())}, limits=limits, **subset)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         root = safe_extract(path, Path(tmp) / "archive", ArchiveLimits.from_params(data))
         provenance = {"source": str(path.resolve()), "sha256": sha256_file(path)}
-        return ingest(root, out_dir, provenance, limits=limits)
+        return ingest(root, out_dir, provenance, limits=limits, **subset)
 

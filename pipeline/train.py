@@ -9,12 +9,13 @@ written atomically by rank 0 only, so an interrupted run leaves the previous out
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from pipeline.data import (
     read_split,
     train_transform,
 )
-from pipeline.device import amp_supported, autocast, select_device
+from pipeline.device import autocast, numeric_mode, select_device, use_bf16
 from pipeline.io import atomic_path, write_json
 from pipeline.masks import MaskParams, mask_path
 from pipeline.metrics import fit_temperature, macro_f1
@@ -66,25 +67,46 @@ class TrainConfig:
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0: off; else validate and keep an exponential moving average
+    recompute_bn: bool = False  # re-estimate batch-norm statistics of the kept weights each epoch
     patience: int = 5
     balance: str = "loss_weights"
     mask_mode: str = "crop"
     mask_margin: float = 0.25
     device: str = "auto"
-    amp: bool = True
+    amp: bool | str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | true: bf16 on CPU too | false
     channels_last: bool = True
     compile: bool = False
     num_workers: int | str = "auto"
     seed: int = 0
     temperature_scaling: bool = True
     distributed: str | bool = "auto"
+    # Overrides of this recipe for a backbone that starts from random weights (no pretrained
+    # weights found): a recipe tuned to fine-tune ImageNet features does not train one from scratch.
+    random_init: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.amp not in ("auto", True, False):
+            raise ValueError(f"train.amp must be auto, true or false, not {self.amp!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), not {self.ema_decay}")
+        keys = {f.name for f in dataclasses.fields(self)} - {"random_init"}
+        if unknown := sorted(set(self.random_init) - keys):
+            raise ValueError(f"train.random_init may set recipe keys only, not {unknown}")
         if self.balance not in ("none", "loss_weights", "sampler"):
             raise ValueError(f"train.balance must be none, loss_weights or sampler, "
                              f"not {self.balance!r}")
+
+
+RANDOM_INIT_RECIPE = "random-init fallback"
+RESOURCE_KEYS = ("seconds", "train_seconds", "images_per_second", "peak_memory_mb", "device",
+                 "world_size")
+
+
+def recipe_for(config: TrainConfig, weight_source: str) -> tuple[TrainConfig, str]:
+    """The recipe to train with: ``random_init`` overrides when the backbone has no weights."""
+    if not weight_source.startswith("random-init") or not config.random_init:
+        return config, "default"
+    return replace(config, **config.random_init), RANDOM_INIT_RECIPE
 
 
 @dataclass(frozen=True)
@@ -181,6 +203,29 @@ def predict_logits(model: nn.Module, loader: DataLoader, runtime: Runtime, amp: 
     return torch.cat(outputs), torch.cat(labels)
 
 
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, loader: DataLoader, runtime: Runtime, amp: bool,
+                        channels_last: bool) -> None:
+    """Re-estimate every batch-norm layer's running statistics as the plain average over one
+    pass of ``loader``. A network trained from scratch changes faster than the running
+    averages (momentum 0.1) follow: in eval mode, stale statistics collapse its outputs to one
+    class, although the same weights classify well with batch statistics."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    model.train()
+    for images, _ in loader:
+        images = images.to(runtime.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(runtime.device, amp):
+            model(images)
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+
+
 def _gather(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """Concatenate every rank's shard (shards are strided: rank r holds items r, r+W, ...)."""
     if not runtime.distributed:
@@ -214,8 +259,12 @@ def _seed_everything(seed: int) -> None:
 
 def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_params: MaskParams,
                 split_dir: Path, images_dir: Path, masks_dir: Path, out_dir: Path,
-                metrics_path: Path, live_dir: Path) -> dict[str, Any]:
-    """Train one model end to end and write its checkpoint, metrics and DVCLive logs."""
+                metrics_path: Path, live_dir: Path, resources_path: Path | None = None
+                ) -> dict[str, Any]:
+    """Train one model end to end and write its checkpoint, metrics and DVCLive logs.
+
+    Timings, throughput and memory go to ``resources_path`` (default: beside the metrics, as
+    ``train_resources.json``), not to the metrics, so that metric diffs show quality only."""
     runtime = start_runtime(config)
     _seed_everything(config.seed)
     started = time.perf_counter()
@@ -223,6 +272,10 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
     classes = sorted(set(train_rows["label"]) | set(val_rows["label"]))
     index = {label: i for i, label in enumerate(classes)}
     model, weight_source = build_model(model_config, len(classes))
+    config, recipe = recipe_for(config, weight_source)
+    if recipe != "default" and runtime.is_main:
+        logger.warning("%s: %s, so training with the random-init recipe: %s", name,
+                       weight_source, config.random_init)
     prep = Preprocess(model_config.image_size, **data_config(model), mask_mode=config.mask_mode,
                       mask_margin=config.mask_margin)
 
@@ -250,7 +303,7 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
     model.to(runtime.device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    amp = config.amp and amp_supported(runtime.device)
+    amp = use_bf16(runtime.device, config.amp)
     # The average's decay warms up (1 - (1 + step)^(-2/3), capped at ema_decay): short runs work.
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
     kept = ema.module if ema is not None else model  # the weights validated and saved
@@ -315,6 +368,8 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
         if runtime.distributed:
             dist.all_reduce(totals)
         seen_images += int(totals[2])
+        if config.recompute_bn:
+            recompute_batchnorm(kept, train_loader, runtime, amp, config.channels_last)
         val_logits, val_labels = predict_logits(kept, val_loader, runtime, amp,
                                                 config.channels_last)
         val_logits, val_labels = _gather(val_logits, runtime), _gather(val_labels, runtime)
@@ -350,6 +405,7 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
         "backbone": model_config.backbone,
         "image_size": model_config.image_size,
         "weight_source": weight_source,
+        "recipe": recipe,
         "best_epoch": best["epoch"],
         "epochs_run": len(history),
         "val_accuracy": best["record"]["val_accuracy"],
@@ -362,7 +418,7 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
         "images_per_second": seen_images / max(train_seconds, 1e-9),
         "device": str(runtime.device),
         "world_size": runtime.world_size,
-        "amp_bf16": amp,
+        "numeric_mode": numeric_mode(amp),
         "peak_memory_mb": _peak_memory_mb(runtime.device),
     }
     if runtime.is_main:
@@ -382,9 +438,10 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
         with atomic_path(out_dir) as tmp:
             tmp.mkdir(parents=True)
             save_checkpoint(checkpoint, tmp / MODEL_FILE)
-        write_json(metrics_path, summary)
-        if live is not None:
-            live.end()
+        write_json(metrics_path, {k: v for k, v in summary.items() if k not in RESOURCE_KEYS})
+        write_json(resources_path or metrics_path.with_name("train_resources.json"),
+                   {k: summary[k] for k in RESOURCE_KEYS})
+        _end_live(live, best["record"])
     if runtime.distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -401,9 +458,24 @@ def _open_live(live_dir: Path, runtime: Runtime):
 
 
 def _log_epoch(live, record: dict[str, Any]) -> None:
+    """One row per epoch in DVCLive's plots; its ``step`` column is the epoch number."""
     if live is None:
         return
+    live.step = record["epoch"]
     for key, value in record.items():
         if key != "epoch":
             live.log_metric(key.replace("_", "/", 1), value)
-    live.next_step()
+    live.make_summary()
+
+
+def _end_live(live, best: dict[str, Any]) -> None:
+    """Close DVCLive with the kept (best) epoch's values as its summary, as in ``train.json``."""
+    if live is None:
+        return
+    summary: dict[str, Any] = {}
+    for key, value in best.items():
+        if key != "epoch":
+            *group, metric = key.split("_", 1)
+            (summary.setdefault(group[0], {}) if group else summary)[metric] = value
+    live.summary, live.step = summary, best["epoch"]
+    live.end()

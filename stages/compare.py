@@ -6,12 +6,13 @@ from pathlib import Path
 
 from pipeline.compare import compare
 from pipeline.errors import run_entry_point
-from pipeline.io import load_params
+from pipeline.io import load_params, read_json
 
 
 def main() -> None:
     settings = load_params()["compare"]
-    compare(Path("data/eval"), settings, Path("metrics/summary.json"), Path("reports"))
+    compare(Path("data/eval"), settings, Path("metrics/summary.json"), Path("reports"),
+            read_json(Path("data/raw/source.json")))
 
 
 if __name__ == "__main__":

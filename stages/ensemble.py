@@ -28,7 +28,7 @@ def main() -> None:
                {m: Path("data/models") / m / MODEL_FILE for m in members}, weights,
                scored["temperature"])
     write_evaluation(scored, Path("data/eval/ensemble"), Path("metrics/ensemble/eval.json"),
-                     evaluate_settings)
+                     evaluate_settings, Path("resources/ensemble/eval.json"))
 
 
 if __name__ == "__main__":

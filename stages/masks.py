@@ -16,7 +16,7 @@ def main() -> None:
     gallery_per_class = settings.pop("gallery_per_class")
     manifest = pd.read_csv("data/raw/manifest.csv", keep_default_na=False)
     build_masks(manifest, Path("data/raw/images"), Path("data/masks"), MaskParams(**settings),
-                gallery_per_class)
+                gallery_per_class, gallery=Path("data/masks_gallery.png"))
 
 
 if __name__ == "__main__":

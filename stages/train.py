@@ -26,6 +26,7 @@ def main(name: str) -> None:
             out_dir=Path("data/models") / name,
             metrics_path=Path("metrics") / name / "train.json",
             live_dir=Path("dvclive") / name,
+            resources_path=Path("resources") / name / "train.json",
         )
     except WeightsError as error:
         raise PipelineError(f"train {name}: {error}") from error

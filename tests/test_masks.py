@@ -79,3 +79,15 @@ def test_stage_outputs(prepared):
     mask = cv2.imread(str(masks.mask_path(prepared / "masks", sample["path"])), 0)
     assert mask.shape == (363, 360)
     assert (prepared / "masks" / "gallery.png").stat().st_size > 10_000
+
+
+def test_gallery_sample_is_seeded_and_random():
+    stats = pd.DataFrame({"path": [f"{c}/{i:03d}.png" for c in "ab" for i in range(40)],
+                          "label": [c for c in "ab" for _ in range(40)]})
+    first, again = masks.gallery_sample(stats, 6, seed=0), masks.gallery_sample(stats, 6, seed=0)
+    assert list(first) == ["a", "b"]
+    assert all(first[c]["path"].tolist() == again[c]["path"].tolist() for c in first)
+    assert first["a"]["path"].tolist() != [f"a/{i:03d}.png" for i in range(6)]  # not the head
+    other = masks.gallery_sample(stats, 6, seed=1)
+    assert other["a"]["path"].tolist() != first["a"]["path"].tolist()
+    assert len(masks.gallery_sample(stats.head(3), 6, seed=0)["a"]) == 3

