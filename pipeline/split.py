@@ -12,6 +12,7 @@ import logging
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,20 +144,75 @@ def assign_parts(manifest: pd.DataFrame, groups: np.ndarray, val: float, test: f
     return part
 
 
-def _check_every_part(manifest: pd.DataFrame, part: pd.Series) -> None:
+def assign_folds(manifest: pd.DataFrame, groups: np.ndarray, folds: int, val: float, seed: int
+                 ) -> list[pd.Series]:
+    """Parts (train/val/test) of every row for each of ``folds`` cross-validation folds.
+
+    Whole groups are dealt into ``folds`` stratified folds; fold k is the test part of the k-th
+    split, and ``val`` (a share of all images) is carved out of the other folds, again by group.
+    Rows of a predefined test split take no part: their part is ``""`` in every fold.
+    """
+    if folds < 2:
+        raise SplitError(f"cross-validation needs at least 2 folds, not {folds}")
+    pool = ~manifest["source_split"].fillna("").eq("test")
+    fold_of_row = _deal_groups(manifest[pool], groups[pool.to_numpy()],
+                               dict.fromkeys(range(folds), 1 / folds), seed)
+    val_of_rest = val / (1 - 1 / folds)
+    parts = []
+    for fold in range(folds):
+        part = pd.Series("", index=manifest.index)
+        part[fold_of_row[fold_of_row == fold].index] = "test"
+        rest = fold_of_row.index[fold_of_row != fold]
+        part[rest] = _deal_groups(manifest.loc[rest], groups[manifest.index.get_indexer(rest)],
+                                  {"train": 1 - val_of_rest, "val": val_of_rest}, seed + fold)
+        _check_every_part(manifest[pool], part[pool], f"fold {fold}: ")
+        parts.append(part)
+    return parts
+
+
+def _check_every_part(manifest: pd.DataFrame, part: pd.Series, context: str = "") -> None:
     counts = pd.crosstab(manifest["label"], part).reindex(columns=PARTS, fill_value=0)
     for label, row in counts.iterrows():
         missing = [p for p in PARTS if row[p] == 0]
         if missing:
             raise SplitError(
-                f"class {label!r} has {row.sum()} images ({dict(row)}), too few to appear in "
-                f"every part (missing: {', '.join(missing)}); add images or change split ratios"
+                f"{context}class {label!r} has {row.sum()} images ({dict(row)}), too few to "
+                f"appear in every part (missing: {', '.join(missing)}); add images or change "
+                "split ratios"
             )
 
 
+@dataclass(frozen=True)
+class SplitResult:
+    """The split's parts, its cross-validation folds (empty when off) and a summary."""
+
+    parts: dict[str, pd.DataFrame]
+    folds: list[dict[str, pd.DataFrame]]
+    summary: dict[str, Any]
+
+
+def fold_ids(settings: dict[str, Any]) -> int:
+    """Number of cross-validation folds that ``split.folds`` asks for (0: off).
+
+    The param lists the fold ids, ``[0, 1, ..., K-1]``, because DVC's ``matrix:`` runs one
+    train and evaluate stage per listed fold.
+    """
+    ids = list(settings.get("folds") or [])
+    if ids != list(range(len(ids))):
+        raise SplitError(f"split.folds must list the fold ids 0..K-1, e.g. [0, 1, 2, 3, 4], "
+                         f"not {ids}")
+    return len(ids)
+
+
+def _counts(parts: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
+    return {name: frame["label"].value_counts().sort_index().to_dict()
+            for name, frame in parts.items()}
+
+
 def split_dataset(manifest: pd.DataFrame, images_dir: Path, settings: dict[str, Any]
-                  ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
-    """Split a manifest as ``params.yaml: split`` says; return the parts and a summary."""
+                  ) -> SplitResult:
+    """Split a manifest as ``params.yaml: split`` says, and into folds when it asks for them."""
+    folds = fold_ids(settings)
     max_distance = int(settings["near_duplicate_distance"])
     hashes = None
     if max_distance >= 0:
@@ -164,14 +220,18 @@ def split_dataset(manifest: pd.DataFrame, images_dir: Path, settings: dict[str, 
     groups, links = find_groups(manifest, hashes, max_distance, settings["original_id_pattern"])
     part = assign_parts(manifest, groups, settings["val"], settings["test"], settings["seed"])
     parts = {name: manifest[part == name].sort_values("path") for name in PARTS}
+    fold_parts = [{name: manifest[fold_part == name].sort_values("path") for name in PARTS}
+                  for fold_part in (assign_folds(manifest, groups, folds, settings["val"],
+                                                 settings["seed"]) if folds else [])]
     group_sizes = pd.Series(groups).value_counts()
     summary = {
         "images": len(manifest),
         "groups": int(group_sizes.size),
         "groups_of_several": int((group_sizes > 1).sum()),
         "links": links,
-        "counts": {name: frame["label"].value_counts().sort_index().to_dict()
-                   for name, frame in parts.items()},
+        "counts": _counts(parts),
+        "folds": [_counts(fold) for fold in fold_parts],
     }
-    logger.info("split: %s", {name: len(frame) for name, frame in parts.items()})
-    return parts, summary
+    logger.info("split: %s%s", {name: len(frame) for name, frame in parts.items()},
+                f", {folds} cross-validation folds" if folds else "")
+    return SplitResult(parts, fold_parts, summary)

@@ -15,13 +15,15 @@ def main() -> None:
     settings = load_params()["split"]
     manifest = pd.read_csv("data/raw/manifest.csv", keep_default_na=False)
     try:
-        parts, summary = split_dataset(manifest, Path("data/raw/images"), settings)
+        result = split_dataset(manifest, Path("data/raw/images"), settings)
     except SplitError as error:
         sys.exit(f"split: {error}")
     with atomic_path("data/split") as out:
-        for name, rows in parts.items():
-            write_csv(out / f"{name}.csv", rows)
-        write_json(out / "summary.json", summary)
+        for folder, parts in [(out, result.parts)] + [
+                (out / "folds" / str(fold), parts) for fold, parts in enumerate(result.folds)]:
+            for name, rows in parts.items():
+                write_csv(folder / f"{name}.csv", rows)
+        write_json(out / "summary.json", result.summary)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def prepared(tmp_path_factory, synthetic_folder) -> Path:
     manifest = ingest(synthetic_folder, data / "raw", {"source": "test"})
     build_masks(manifest, data / "raw" / "images", data / "masks", MaskParams(),
                 gallery_per_class=2)
-    parts, _ = split_dataset(manifest, data / "raw" / "images", SPLIT_SETTINGS)
+    parts = split_dataset(manifest, data / "raw" / "images", SPLIT_SETTINGS).parts
     (data / "split").mkdir()
     for name, rows in parts.items():
         rows.to_csv(data / "split" / f"{name}.csv", index=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.split import SplitError, assign_parts, find_groups
+from pipeline.split import SplitError, assign_folds, assign_parts, find_groups, fold_ids
 
 
 def _manifest(per_class: int = 20, classes=("a", "b", "c"), source_split: str = "") -> pd.DataFrame:
@@ -59,3 +59,42 @@ def test_class_too_small_fails_clearly():
     groups, _ = find_groups(manifest, None, -1, None)
     with pytest.raises(SplitError, match="'tiny'.*missing"):
         assign_parts(manifest, groups, 0.2, 0.2, seed=0)
+
+
+def test_cross_validation_folds_cover_every_image_once_and_keep_groups():
+    manifest = _manifest(25)
+    manifest.loc[3, "sha256"] = manifest.loc[9, "sha256"]  # identical bytes: one group
+    groups, _ = find_groups(manifest, None, -1, None)
+    folds = assign_folds(manifest, groups, 5, val=0.15, seed=0)
+    assert len(folds) == 5
+    tested = pd.concat([part[part == "test"] for part in folds])
+    assert sorted(tested.index) == list(manifest.index)  # each image is test data exactly once
+    for part in folds:
+        counts = pd.crosstab(manifest["label"], part)
+        assert (counts["test"] == 5).all()  # stratified
+        assert counts["val"].between(3, 5).all()
+        assert part[3] == part[9]
+    assert all(a.equals(b) for a, b in zip(folds, assign_folds(manifest, groups, 5, 0.15, 0),
+                                           strict=True))
+
+
+def test_cross_validation_leaves_a_predefined_test_split_out():
+    manifest = pd.concat([_manifest(20, source_split="train"), _manifest(4, source_split="test")],
+                         ignore_index=True)
+    groups, _ = find_groups(manifest, None, -1, None)
+    for part in assign_folds(manifest, groups, 4, val=0.1, seed=0):
+        assert (part[manifest["source_split"] == "test"] == "").all()
+        assert set(part[manifest["source_split"] == "train"]) == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize("folds", [[1, 2], [0, 0], "3"])
+def test_fold_ids_must_be_a_range(folds):
+    with pytest.raises(SplitError, match="0..K-1"):
+        fold_ids({"folds": folds})
+
+
+def test_one_fold_is_refused():
+    manifest = _manifest()
+    groups, _ = find_groups(manifest, None, -1, None)
+    with pytest.raises(SplitError, match="at least 2 folds"):
+        assign_folds(manifest, groups, 1, val=0.1, seed=0)

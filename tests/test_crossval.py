@@ -1,0 +1,73 @@
+"""Cross-validation aggregation and bootstrap intervals, on predictions built here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.crossval import aggregate_folds, bootstrap_intervals
+from pipeline.io import read_json
+
+CLASSES = ["a", "b", "c"]
+
+
+def _fold(tmp_path, fold: int, paths: list[str], labels: list[str], predicted: list[str]):
+    folder = tmp_path / f"fold{fold}"
+    folder.mkdir()
+    probabilities = {f"p_{name}": [0.8 if p == name else 0.1 for p in predicted]
+                     for name in CLASSES}
+    pd.DataFrame({"path": paths, "label": labels, "predicted": predicted,
+                  **probabilities}).to_csv(folder / "predictions.csv", index=False)
+    return folder
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_data():
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 3, 100)
+    large = rng.integers(0, 3, 2000)
+    flip = lambda y: np.where(rng.random(len(y)) < 0.1, (y + 1) % 3, y)  # noqa: E731
+    small_ci = bootstrap_intervals(small, flip(small))["accuracy"]
+    large_pred = flip(large)
+    large_ci = bootstrap_intervals(large, large_pred)["accuracy"]
+    assert large_ci[0] <= (large_pred == large).mean() <= large_ci[1]
+    assert large_ci[1] - large_ci[0] < (small_ci[1] - small_ci[0]) / 2
+    assert bootstrap_intervals(small, small)["macro_f1"] == [1.0, 1.0]
+
+
+def test_aggregate_pools_folds_and_reports_the_spread(tmp_path):
+    folds = [
+        _fold(tmp_path, 0, ["x0", "x1", "x2", "x3"], ["a", "b", "c", "a"], ["a", "b", "c", "a"]),
+        _fold(tmp_path, 1, ["y0", "y1", "y2", "y3"], ["a", "b", "c", "c"], ["a", "b", "c", "a"]),
+    ]
+    summary = aggregate_folds("m", folds, tmp_path / "out", tmp_path / "cv.json")
+    assert summary["mean"]["accuracy"] == pytest.approx((1.0 + 0.75) / 2)
+    assert summary["std"]["accuracy"] == pytest.approx(np.std([1.0, 0.75], ddof=1))
+    assert summary["out_of_fold"]["accuracy"] == pytest.approx(7 / 8)
+    assert summary["out_of_fold"]["images"] == 8
+    low, high = summary["out_of_fold_ci95"]["accuracy"]
+    assert low <= 7 / 8 <= high < 1.0 + 1e-9
+    assert read_json(tmp_path / "cv.json") == summary
+    assert (tmp_path / "out" / "confusion.png").stat().st_size > 10_000
+    assert len(pd.read_csv(tmp_path / "out" / "out_of_fold_predictions.csv")) == 8
+
+
+def test_an_image_tested_twice_is_an_error(tmp_path):
+    folds = [_fold(tmp_path, 0, ["x0", "x1"], ["a", "b"], ["a", "b"]),
+             _fold(tmp_path, 1, ["x1", "x2"], ["b", "c"], ["b", "c"])]
+    with pytest.raises(ValueError, match="more than one fold, e.g. x1"):
+        aggregate_folds("m", folds, tmp_path / "out", tmp_path / "cv.json")
+
+
+def test_vectorised_statistics_agree_with_scikit_learn():
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    from pipeline.crossval import _balanced_accuracy, _macro_f1
+
+    rng = np.random.default_rng(1)
+    labels, predicted = rng.integers(0, 4, 60), rng.integers(0, 5, 60)
+    labels[labels == 2] = 3  # a class that is never true, only predicted
+    assert _balanced_accuracy(labels, predicted) == pytest.approx(
+        balanced_accuracy_score(labels, predicted))
+    assert _macro_f1(labels, predicted) == pytest.approx(
+        f1_score(labels, predicted, average="macro", zero_division=0))
