@@ -16,6 +16,8 @@ import json
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 from sklearn.metrics import f1_score
 from torch import nn
@@ -23,12 +25,13 @@ from torch import nn
 from pipeline.data import Preprocess, eval_transform, load_prepared, read_split
 from pipeline.explain import gradcam_maps, load_masks, localisation_scores, mean_scores
 from pipeline.masks import MaskParams, mask_path
-from pipeline.models import ModelConfig, build_model, data_config
+from pipeline.models import ModelConfig, attention_outside_cell_loss, build_model, data_config
 
 VARIANTS = {
     "baseline (stride 32)": {},
     "stride 16": {"output_stride": 16},
     "stride 16 + 4 registers": {"output_stride": 16, "registers": 4},
+    "stride 16 + mask guidance": {"output_stride": 16, "guidance": 1.0},
 }
 
 
@@ -47,8 +50,19 @@ def features(model: nn.Module, images: torch.Tensor, prep: Preprocess) -> torch.
                       for i in range(0, len(images), 64)])
 
 
-def train_head(model: nn.Module, train: tuple, val: tuple, epochs: int) -> float:
-    """Train everything but the backbone on cached features; keep the best validation epoch."""
+def token_cover(masks: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+    """Per token, the fraction of its block of the input inside the cell mask."""
+    return torch.from_numpy(np.stack([cv2.resize(m.astype(np.float32), grid[::-1],
+                                                 interpolation=cv2.INTER_AREA) for m in masks]))
+
+
+def train_head(model: nn.Module, train: tuple, val: tuple, epochs: int,
+               guidance: float = 0.0) -> float:
+    """Train everything but the backbone on cached features; keep the best validation epoch.
+
+    With ``guidance``, ``train[2]`` holds each token's cell cover and the loss adds
+    ``guidance * attention_outside_cell_loss``.
+    """
     _, head_params = model.parameter_groups()
     optimiser = torch.optim.AdamW(head_params, lr=1e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs)
@@ -59,6 +73,9 @@ def train_head(model: nn.Module, train: tuple, val: tuple, epochs: int) -> float
         model.train()
         for batch in torch.randperm(len(train[0]), generator=generator).split(32):
             loss = loss_fn(model.classify(train[0][batch]), train[1][batch])
+            if guidance:
+                loss = loss + guidance * attention_outside_cell_loss(model.last_attention,
+                                                                     train[2][batch])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -76,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--only", default="", help="run the variants whose name contains this")
     parser.add_argument("--out", type=Path, default=Path("/tmp/attention_ablation.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -85,9 +103,14 @@ def main() -> None:
     parts = {part: load_part(part, prep) for part in ("train", "val", "test")}
     labels = {p: torch.tensor([classes.index(x) for x in v[1]]) for p, v in parts.items()}
     test_masks = load_masks(parts["test"][2], parts["test"][3], prep, MaskParams())
+    train_masks = load_masks(parts["train"][2], parts["train"][3], prep, MaskParams())
     results, cache = {}, {}
     for name, options in VARIANTS.items():
+        if args.only and args.only not in name:
+            continue
         torch.manual_seed(0)
+        options = dict(options)
+        guidance = options.pop("guidance", 0.0)
         config = ModelConfig("efficientnet_lite0", args.image_size, pretrained=True, **options)
         model, _ = build_model(config, len(classes))
         model.backbone.eval().requires_grad_(False)
@@ -95,8 +118,9 @@ def main() -> None:
         if stride not in cache:
             cache[stride] = {p: features(model, v[0], prep) for p, v in parts.items()}
         cached = cache[stride]
-        seconds = train_head(model, (cached["train"], labels["train"]),
-                             (cached["val"], labels["val"]), args.epochs)
+        cover = token_cover(train_masks, model.grid) if guidance else None
+        seconds = train_head(model, (cached["train"], labels["train"], cover),
+                             (cached["val"], labels["val"]), args.epochs, guidance)
         model.eval()
         with torch.no_grad():
             predicted = model.classify(cached["test"]).argmax(1)

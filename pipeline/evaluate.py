@@ -252,6 +252,6 @@ def _write_figures(scored: dict[str, Any], labels: np.ndarray, predicted: np.nda
     if "localisation" in scored:
         explain.figure_for(scored["prepared"], scored["localisation"], scored["attention"],
                            explain.sample_for_figure(labels, predicted, classes),
-                           data.labels, [classes[i] for i in predicted], probabilities.max(1),
+                           [classes[i] for i in predicted], probabilities.max(1), data.labels,
                            f"{name}: where the model looks (attention rollout, Grad-CAM)",
                            figures / "explain.png")

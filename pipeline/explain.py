@@ -21,6 +21,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -194,10 +195,73 @@ def mean_scores(scores: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def figure_for(images: torch.Tensor, localised: dict, attention: torch.Tensor,
-               picks: list[int], true: list[str], predicted: list[str],
-               confidence: np.ndarray, title: str, path: Path) -> None:
-    """``explain_png`` for the chosen images of a scored set."""
+               picks: list[int], predicted: list[str], confidence: np.ndarray,
+               true: list[str] | None, title: str, path: Path) -> None:
+    """``explain_png`` for the chosen images of a scored set (``true`` None: labels unknown)."""
+    titles = [f"pred {predicted[i]} ({confidence[i]:.0%})" for i in picks]
+    wrong = [False] * len(picks)
+    if true is not None:
+        titles = [f"true {true[i]}\n{text}" for i, text in zip(picks, titles, strict=True)]
+        wrong = [true[i] != predicted[i] for i in picks]
     explain_png(images[picks].permute(0, 2, 3, 1).numpy(), localised["masks"][picks],
-                attention[picks].float().numpy(), localised["gradcam"][picks],
-                [f"true {true[i]}\npred {predicted[i]} ({confidence[i]:.0%})" for i in picks],
-                [true[i] != predicted[i] for i in picks], title, path)
+                attention[picks].float().numpy(), localised["gradcam"][picks], titles, wrong,
+                title, path)
+
+
+def explain_checkpoint(checkpoint_path: Path, files: list[Path], out_dir: Path,
+                       device: torch.device, batch_size: int = 32,
+                       per_page: int = 16) -> pd.DataFrame:
+    """Scores, maps and ``explain*.png`` pages for one model over image files (bad ones skipped)."""
+    from pipeline.evaluate import infer
+    from pipeline.models import load_checkpoint
+    from pipeline.predict import prepare_inputs
+
+    model, checkpoint = load_checkpoint(checkpoint_path, device)
+    prep = Preprocess(**checkpoint["preprocess"])
+    mask_params = MaskParams(**checkpoint["mask_params"])
+    prepared = prepare_inputs(files, prep, mask_params)
+    good = [i for i, item in enumerate(prepared) if not isinstance(item, str)]
+    rows = pd.DataFrame({"path": [str(f) for f in files], "model": checkpoint["name"],
+                         "error": [item if isinstance(item, str) else "" for item in prepared]})
+    if not good:
+        return rows
+    images = torch.from_numpy(np.stack([prepared[i] for i in good])).permute(0, 3, 1, 2)
+    logits, attention, _ = infer(model, images, prep, device, batch_size, attention=True)
+    probabilities = torch.softmax(logits / checkpoint["temperature"], 1).numpy()
+    predicted = probabilities.argmax(1)
+    localised = localise(model, images, attention, [files[i] for i in good], None, prep,
+                         mask_params, device, batch_size, predicted)
+    names = [checkpoint["classes"][i] for i in predicted]
+    rows.loc[good, "predicted"] = names
+    rows.loc[good, "confidence"] = probabilities.max(1)
+    for score, values in localised["scores"].items():
+        rows.loc[good, score] = values
+    for page, start in enumerate(range(0, len(good), per_page), start=1):
+        picks = list(range(start, min(start + per_page, len(good))))
+        figure_for(images, localised, attention, picks, names, probabilities.max(1), None,
+                   f"{checkpoint['name']}: where the model looks (attention rollout, Grad-CAM)",
+                   out_dir / ("explain.png" if page == 1 else f"explain_{page}.png"))
+    return rows
+
+
+def explain_files(model: str | Path, inputs: list[str | Path], out_dir: Path,
+                  device: str = "auto", batch_size: int = 32) -> pd.DataFrame:
+    """``wbc explain``: panels and ``scores.csv`` for a model's (or each ensemble member's) view
+    of image files and folders; unreadable files get a row with the reason in ``error``."""
+    from pipeline.device import select_device
+    from pipeline.io import write_csv
+    from pipeline.predict import collect_inputs, resolve_model
+
+    members, _ = resolve_model(model)
+    files = collect_inputs(inputs)
+    if not files:
+        raise FileNotFoundError("no input files")
+    torch_device = select_device(device)
+    tables = []
+    for index, (checkpoint_path, _) in enumerate(members):
+        folder = out_dir / f"member{index + 1}" if len(members) > 1 else out_dir
+        tables.append(explain_checkpoint(checkpoint_path, files, folder, torch_device,
+                                         batch_size))
+    table = pd.concat(tables, ignore_index=True)
+    write_csv(out_dir / "scores.csv", table)
+    return table

@@ -107,6 +107,8 @@ class AttentionClassifier(nn.Module):
                                   nn.Linear(config.embed_dim, num_classes))
         nn.init.trunc_normal_(self.position, std=0.02)
         nn.init.trunc_normal_(self.class_token, std=0.02)
+        # The class token's attention map (B, H, W) of the last forward pass. It keeps its graph
+        # in training, so that a loss may guide it; detach it to keep it.
         self.last_attention: torch.Tensor | None = None
 
     def _positions(self, height: int, width: int) -> torch.Tensor:
@@ -128,7 +130,7 @@ class AttentionClassifier(nn.Module):
         weights = []
         for block in self.blocks:
             tokens, block_weights = block(tokens)
-            weights.append(block_weights.detach())
+            weights.append(block_weights)
         spatial = attention_rollout(weights)[:, 0, 1 + self.config.registers:]
         spatial = spatial / spatial.sum(1, keepdim=True).clamp_min(1e-12)
         self.last_attention = spatial.reshape(-1, height, width)
@@ -149,6 +151,19 @@ def attention_rollout(weights: list[torch.Tensor]) -> torch.Tensor:
         mixed = 0.5 * block + 0.5 * eye
         rollout = (mixed / mixed.sum(-1, keepdim=True)) @ rollout
     return rollout
+
+
+def attention_outside_cell_loss(attention: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+    """Mask guidance: ``-log`` of the attention mass inside the cell, averaged over the batch.
+
+    ``cover`` (B, H, W) is the fraction of each token's block of the input inside the cell mask
+    (``cv2.resize(mask, grid, INTER_AREA)``); images without a cell (all-zero cover) are ignored.
+    """
+    inside = (attention * cover).flatten(1).sum(1)
+    has_cell = cover.flatten(1).sum(1) > 0
+    if not has_cell.any():
+        return attention.sum() * 0
+    return -torch.log(inside[has_cell].clamp_min(1e-6)).mean()
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from pipeline.cli import main as wbc
 from pipeline.data import Preprocess, prepare_image
+from pipeline.ensemble import write_spec
 from pipeline.explain import (
     explain_png,
     gradcam_layer,
@@ -16,7 +22,9 @@ from pipeline.explain import (
     prepared_mask,
     sample_for_figure,
 )
+from pipeline.masks import MaskParams
 from pipeline.models import ModelConfig, build_model
+from pipeline.train import TrainConfig, train_model
 
 PREP = Preprocess(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -106,3 +114,37 @@ def test_sample_and_figure(tmp_path):
                 [f"true {labels[i]}" for i in picks], [labels[i] != predicted[i] for i in picks],
                 "test", path)
     assert path.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(prepared, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("explain-model")
+    train_model("tiny", ModelConfig("mobilenetv2_100", 48, embed_dim=16, heads=2),
+                TrainConfig(epochs=1, batch_size=16, lr=1e-3, mask_mode="crop"), MaskParams(),
+                prepared / "split", prepared / "raw" / "images", prepared / "masks",
+                out / "tiny", out / "tiny.json", out / "live")
+    return out / "tiny" / "model.pt"
+
+
+def test_wbc_explain_single_model_and_ensemble(checkpoint, synthetic_folder, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for label in ("lymphocyte", "neutrophil"):
+        for source in sorted((synthetic_folder / label).iterdir())[:2]:
+            shutil.copy(source, inputs / f"{label}-{source.name}")
+    (inputs / "broken.jpg").write_bytes(b"not an image")
+    assert wbc(["explain", str(checkpoint), str(inputs), "-o", str(tmp_path / "out")]) == 0
+    assert "skipped" in capsys.readouterr().err
+    table = pd.read_csv(tmp_path / "out" / "scores.csv", keep_default_na=False)
+    assert len(table) == 5 and table["error"].astype(bool).sum() == 1
+    good = table[~table["error"].astype(bool)]
+    for score in ("attention_in_cell", "gradcam_in_cell", "cell_area"):
+        assert good[score].astype(float).between(0, 1).all()
+    assert (tmp_path / "out" / "explain.png").stat().st_size > 20_000
+    spec = tmp_path / "ensemble.json"
+    write_spec(spec, {"a": checkpoint, "b": checkpoint}, {"a": 0.5, "b": 0.5})
+    assert wbc(["explain", str(spec), str(inputs), "-o", str(tmp_path / "ens")]) == 0
+    assert len(pd.read_csv(tmp_path / "ens" / "scores.csv")) == 10
+    assert (tmp_path / "ens" / "member2" / "explain.png").is_file()
+    assert wbc(["explain", str(checkpoint), str(tmp_path / "nothing"), "-o",
+                str(tmp_path / "x")]) == 1  # nothing readable

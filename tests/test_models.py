@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -47,6 +49,19 @@ def test_finer_grid_and_registers():
     fine.eval()(torch.randn(2, 3, 64, 64))
     assert fine.last_attention.shape == (2, 4, 4)
     assert torch.allclose(fine.last_attention.flatten(1).sum(1), torch.ones(2))
+
+
+def test_mask_guidance_loss_rewards_attention_on_the_cell():
+    cover = torch.zeros(2, 2, 2)
+    cover[:, 0, 0] = 1.0
+    on_cell = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]] * 2, requires_grad=True)
+    spread = torch.full((2, 2, 2), 0.25)
+    assert models.attention_outside_cell_loss(on_cell, cover) == pytest.approx(0.0, abs=1e-6)
+    assert models.attention_outside_cell_loss(spread, cover) == pytest.approx(-math.log(0.25))
+    no_cell = models.attention_outside_cell_loss(spread, torch.zeros(2, 2, 2))
+    assert no_cell == 0
+    models.attention_outside_cell_loss(on_cell, cover).backward()
+    assert on_cell.grad is not None
 
 
 def test_weights_from_local_file(tmp_path):
