@@ -21,9 +21,17 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 from torch import nn
+from tqdm import tqdm
 
 from pipeline.data import Preprocess, eval_transform, load_prepared, read_split
-from pipeline.explain import gradcam_maps, load_masks, localisation_scores, mean_scores
+from pipeline.explain import (
+    figure_for,
+    gradcam_maps,
+    load_masks,
+    localisation_scores,
+    mean_scores,
+    sample_for_figure,
+)
 from pipeline.masks import MaskParams, mask_path
 from pipeline.models import ModelConfig, attention_outside_cell_loss, build_model, data_config
 
@@ -47,7 +55,7 @@ def load_part(part: str, prep: Preprocess
 def features(model: nn.Module, images: torch.Tensor, prep: Preprocess) -> torch.Tensor:
     normalise = eval_transform(prep)
     return torch.cat([model.backbone.forward_features(normalise(images[i:i + 64]))
-                      for i in range(0, len(images), 64)])
+                      for i in tqdm(range(0, len(images), 64), desc="features", unit="batch")])
 
 
 def token_cover(masks: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
@@ -93,10 +101,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--only", default="", help="run the variants whose name contains this")
+    parser.add_argument("--only", default="", help="comma-separated variant names to run")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--figures", type=Path, help="write an explain.png per variant here")
     parser.add_argument("--out", type=Path, default=Path("/tmp/attention_ablation.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)  # on a shared CPU, spinning OpenMP threads stall
     classes = sorted(read_split(Path("data/split"), "train")["label"].unique())
     probe, _ = build_model(ModelConfig("efficientnet_lite0", args.image_size), len(classes), False)
     prep = Preprocess(args.image_size, **data_config(probe), mask_mode="crop", mask_margin=0.3)
@@ -106,8 +117,9 @@ def main() -> None:
     train_masks = load_masks(parts["train"][2], parts["train"][3], prep, MaskParams())
     results, cache = {}, {}
     for name, options in VARIANTS.items():
-        if args.only and args.only not in name:
+        if args.only and name not in args.only.split(","):
             continue
+        print(f"{name}: features, training", flush=True)
         torch.manual_seed(0)
         options = dict(options)
         guidance = options.pop("guidance", 0.0)
@@ -121,13 +133,23 @@ def main() -> None:
         cover = token_cover(train_masks, model.grid) if guidance else None
         seconds = train_head(model, (cached["train"], labels["train"], cover),
                              (cached["val"], labels["val"]), args.epochs, guidance)
+        print(f"{name}: head trained in {seconds:.0f} s; scoring", flush=True)
         model.eval()
         with torch.no_grad():
-            predicted = model.classify(cached["test"]).argmax(1)
+            logits = model.classify(cached["test"])
+            predicted = logits.argmax(1)
         attention = model.last_attention.numpy()
         model.backbone.requires_grad_(True)
         gradcam = gradcam_maps(model, parts["test"][0], prep, targets=predicted.numpy())
         scores = mean_scores(localisation_scores(attention, gradcam, test_masks))
+        if args.figures:
+            true = labels["test"].numpy()
+            figure_for(parts["test"][0], {"masks": test_masks, "gradcam": gradcam},
+                       torch.from_numpy(attention), sample_for_figure(true, predicted.numpy(),
+                                                                      classes),
+                       [classes[i] for i in predicted], torch.softmax(logits, 1).amax(1).numpy(),
+                       parts["test"][1], f"efficientnet_lite0, {name} (frozen backbone)",
+                       args.figures / f"explain-{name.replace(' ', '_')}.png")
         results[name] = {"accuracy": float((predicted == labels["test"]).float().mean()),
                          **scores, "head_train_seconds": seconds, "grid": list(model.grid)}
         print(name, json.dumps(results[name]), flush=True)

@@ -9,7 +9,8 @@ resize the model's input went through (``prepared_mask``):
   in proportion to the part of its block the mask covers.
 - ``gradcam_in_cell``: the same for Grad-CAM (the maintained ``pytorch_grad_cam`` package) on the
   backbone's last feature stage as timm's ``feature_info`` names it, target = predicted class.
-  The map is the package's output (ReLU, min-max scaled), at input resolution.
+  The map is the package's output (ReLU, min-max scaled), at input resolution; where no
+  location raises the class score the map is all zero and the score is NaN (left out of means).
 - ``cell_area``: the share of the input the mask covers, i.e. what a uniform map scores.
 """
 
@@ -150,8 +151,9 @@ def explain_png(images: np.ndarray, masks: np.ndarray, attention: np.ndarray,
         for ax, density, name in zip(map_axes, maps, ("attention", "Grad-CAM"), strict=True):
             ax.imshow(image, alpha=0.5)
             shown = ax.imshow(density, cmap="inferno", vmin=0, vmax=top, alpha=0.65)
-            ax.set_title(f"{name}: {mass_in_mask(density, mask):.0%} in cell", fontsize=7,
-                         color=colour)
+            share = mass_in_mask(density, mask)
+            ax.set_title(f"{name}: {share:.0%} in cell" if np.isfinite(share)
+                         else f"{name}: all zero", fontsize=7, color=colour)
         for ax in (crop_ax, *map_axes):
             ax.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
     if shown is not None:

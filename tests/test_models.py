@@ -56,7 +56,7 @@ def test_mask_guidance_loss_rewards_attention_on_the_cell():
     cover[:, 0, 0] = 1.0
     on_cell = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]] * 2, requires_grad=True)
     spread = torch.full((2, 2, 2), 0.25)
-    assert models.attention_outside_cell_loss(on_cell, cover) == pytest.approx(0.0, abs=1e-6)
+    assert models.attention_outside_cell_loss(on_cell, cover).item() == pytest.approx(0, abs=1e-6)
     assert models.attention_outside_cell_loss(spread, cover) == pytest.approx(-math.log(0.25))
     no_cell = models.attention_outside_cell_loss(spread, torch.zeros(2, 2, 2))
     assert no_cell == 0
