@@ -63,6 +63,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from pipeline.explain import explain_files
+
+    try:
+        table = explain_files(args.model, args.inputs, args.output, args.device, args.batch_size)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"wbc explain: {error}", file=sys.stderr)
+        return 2
+    failed = table["error"].astype(bool)
+    for row in table[failed].drop_duplicates("path").itertuples():
+        print(f"wbc explain: skipped {row.path}: {row.error}", file=sys.stderr)
+    print(f"explained {(~failed).sum()} of {len(table)} images -> {args.output}")
+    return 1 if failed.all() else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wbc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--strict", action="store_true",
                           help="fail on the first unreadable image instead of skipping it")
     evaluate.set_defaults(run=_evaluate)
+    explain = commands.add_parser("explain", help="attention and Grad-CAM panels for images")
+    explain.add_argument("model", help="model.pt, ensemble.json, or a name in data/models/")
+    explain.add_argument("inputs", nargs="+", help="image files and/or folders")
+    explain.add_argument("-o", "--output", type=Path, required=True, help="folder to write")
+    explain.add_argument("--batch-size", type=int, default=32)
+    explain.add_argument("--device", default="auto")
+    explain.set_defaults(run=_explain)
     for command in (predict, evaluate):
         command.add_argument("--batch-size", type=int, default=64)
         command.add_argument("--device", default="auto")

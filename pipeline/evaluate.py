@@ -22,7 +22,7 @@ import torch
 from sklearn.metrics import precision_recall_curve, roc_curve
 from tqdm import tqdm
 
-from pipeline import plots
+from pipeline import explain, plots
 from pipeline.data import Preprocess, eval_transform, prepare_file, read_split
 from pipeline.device import autocast, select_device, use_bf16
 from pipeline.errors import InputError, PipelineError, one_line
@@ -197,6 +197,9 @@ def score_checkpoint(model_path: Path, data: EvalSet, settings: dict[str, Any],
         "temperature": temperature, "images_per_second": speed, "device": str(device),
         "prepared": images, "attention": maps, "training": checkpoint["summary"],
     }
+    scored["localisation"] = explain.localise(
+        model, images, maps, readable.paths, readable.mask_files, prep, mask_params, device,
+        settings["batch_size"], logits.argmax(1).numpy())
     if validation is not None:
         validation, _, val_logits, _, _ = run(validation, "validation")
         scored["validation"] = {"names": validation.names,
@@ -233,7 +236,10 @@ def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
         "path": data.names, "label": data.labels, "predicted": [classes[i] for i in predicted],
         "confidence": probabilities.max(1),
         **{f"p_{name}": probabilities[:, i] for i, name in enumerate(classes)},
+        **scored.get("localisation", {}).get("scores", {}),
     })
+    if "localisation" in scored:
+        headline |= explain.mean_scores(scored["localisation"]["scores"])
     write_csv(out_dir / "predictions.csv", predictions)
     write_csv(out_dir / "report.csv", pd.DataFrame(per_class))
     with atomic_path(out_dir / "probabilities.npz") as tmp, open(tmp, "wb") as handle:
@@ -308,14 +314,9 @@ def _write_figures(scored: dict[str, Any], labels: np.ndarray, predicted: np.nda
          for i in worst],
         f"{name}: most confident mistakes ({len(wrong)} errors in {len(labels)})",
         figures / "mistakes.png")
-    if scored.get("attention") is not None:
-        picks = [i for c in range(len(classes))
-                 for i in np.nonzero(labels == c)[0][: settings["attention_per_class"]]]
-        prepared = scored["prepared"]
-        plots.image_grid_png(
-            [plots.attention_overlay(prepared[i].permute(1, 2, 0).numpy(),
-                                     scored["attention"][i].numpy()) for i in picks],
-            [f"{data.labels[i]} -> {classes[predicted[i]]}" for i in picks],
-            f"{name}: class-token attention over the feature grid",
-            figures / "attention.png", columns=max(settings["attention_per_class"], 4) * 2,
-            caption_colours=["black" if predicted[i] == labels[i] else "red" for i in picks])
+    if "localisation" in scored:
+        explain.figure_for(scored["prepared"], scored["localisation"], scored["attention"],
+                           explain.sample_for_figure(labels, predicted, classes),
+                           [classes[i] for i in predicted], probabilities.max(1), data.labels,
+                           f"{name}: where the model looks (attention rollout, Grad-CAM)",
+                           figures / "explain.png")

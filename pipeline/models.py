@@ -2,8 +2,14 @@
 
 Any timm backbone plugs in by name: its last feature map (B, C, H, W) becomes H*W spatial tokens,
 projected to ``embed_dim`` with a learned position embedding, refined by pre-norm
-``nn.MultiheadAttention`` blocks, pooled by a learned class token and classified. The class
-token's attention over the spatial grid is kept for visualisation.
+``nn.MultiheadAttention`` blocks, pooled by a learned class token and classified.
+
+``output_stride`` 16 (or 8) dilates the backbone's last stages (timm) for a finer token grid
+with the same pretrained weights; ``registers`` adds learned tokens the class token may attend
+to without pointing at an image position. The class token's attention over the spatial grid is
+kept as ``last_attention``: attention rollout (Abnar & Zuidema 2020) over all blocks, each
+block's heads averaged and the residual added as 0.5 A + 0.5 I, the class token's row read
+over the spatial tokens and renormalised to sum 1 (mass given to registers is dropped).
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class ModelConfig:
     depth: int = 1
     dropout: float = 0.1
     drop_path: float = 0.0
+    output_stride: int = 32
+    registers: int = 0
 
     def __post_init__(self) -> None:
         if self.pretrained not in (True, False, "if_available"):
@@ -72,6 +80,7 @@ class AttentionBlock(nn.Module):
         )
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refined tokens and the head-averaged attention weights (B, T, T)."""
         normed = self.norm1(tokens)
         attended, weights = self.attn(normed, normed, normed, need_weights=True,
                                       average_attn_weights=True)
@@ -86,15 +95,17 @@ class AttentionClassifier(nn.Module):
     def __init__(self, config: ModelConfig, num_classes: int) -> None:
         super().__init__()
         self.config = config
+        stride = {} if config.output_stride == 32 else {"output_stride": config.output_stride}
         self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0,
-                                          global_pool="", drop_path_rate=config.drop_path or None)
+                                          global_pool="", drop_path_rate=config.drop_path or None,
+                                          **stride)
         with torch.no_grad():
             probe = torch.zeros(1, 3, config.image_size, config.image_size)
             _, channels, height, width = self.backbone.forward_features(probe).shape
         self.grid = (height, width)
         self.project = nn.Conv2d(channels, config.embed_dim, kernel_size=1)
         self.position = nn.Parameter(torch.zeros(1, height * width, config.embed_dim))
-        self.class_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
+        self.class_token = nn.Parameter(torch.zeros(1, 1 + config.registers, config.embed_dim))
         self.blocks = nn.ModuleList(
             AttentionBlock(config.embed_dim, config.heads, config.dropout)
             for _ in range(config.depth)
@@ -104,6 +115,8 @@ class AttentionClassifier(nn.Module):
                                   nn.Linear(config.embed_dim, num_classes))
         nn.init.trunc_normal_(self.position, std=0.02)
         nn.init.trunc_normal_(self.class_token, std=0.02)
+        # The class token's attention map (B, H, W) of the last forward pass. It keeps its graph
+        # in training, so that a loss may guide it; detach it to keep it.
         self.last_attention: torch.Tensor | None = None
 
     def _positions(self, height: int, width: int) -> torch.Tensor:
@@ -114,14 +127,21 @@ class AttentionClassifier(nn.Module):
         return grid.flatten(2).transpose(1, 2)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.project(self.backbone.forward_features(images))
+        return self.classify(self.backbone.forward_features(images))
+
+    def classify(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """Logits from the backbone's feature map (B, C, H, W); sets ``last_attention``."""
+        features = self.project(feature_map)
         _, _, height, width = features.shape
         tokens = features.flatten(2).transpose(1, 2) + self._positions(height, width)
         tokens = torch.cat([self.class_token.expand(len(tokens), -1, -1), tokens], dim=1)
+        weights = []
         for block in self.blocks:
-            tokens, weights = block(tokens)
-        # Attention of the class token over the spatial tokens, in the last block: (B, H, W).
-        self.last_attention = weights[:, 0, 1:].reshape(-1, height, width).detach()
+            tokens, block_weights = block(tokens)
+            weights.append(block_weights)
+        spatial = attention_rollout(weights)[:, 0, 1 + self.config.registers:]
+        spatial = spatial / spatial.sum(1, keepdim=True).clamp_min(1e-12)
+        self.last_attention = spatial.reshape(-1, height, width)
         return self.head(self.norm(tokens[:, 0]))
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -129,6 +149,29 @@ class AttentionClassifier(nn.Module):
         backbone = list(self.backbone.parameters())
         ids = {id(p) for p in backbone}
         return backbone, [p for p in self.parameters() if id(p) not in ids]
+
+
+def attention_rollout(weights: list[torch.Tensor]) -> torch.Tensor:
+    """Attention flow through residual blocks: product of 0.5 A + 0.5 I, rows renormalised."""
+    eye = torch.eye(weights[0].shape[-1], device=weights[0].device, dtype=weights[0].dtype)
+    rollout = eye
+    for block in weights:
+        mixed = 0.5 * block + 0.5 * eye
+        rollout = (mixed / mixed.sum(-1, keepdim=True)) @ rollout
+    return rollout
+
+
+def attention_outside_cell_loss(attention: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+    """Mask guidance: ``-log`` of the attention mass inside the cell, averaged over the batch.
+
+    ``cover`` (B, H, W) is the fraction of each token's block of the input inside the cell mask
+    (``cv2.resize(mask, grid, INTER_AREA)``); images without a cell (all-zero cover) are ignored.
+    """
+    inside = (attention * cover).flatten(1).sum(1)
+    has_cell = cover.flatten(1).sum(1) > 0
+    if not has_cell.any():
+        return attention.sum() * 0
+    return -torch.log(inside[has_cell].clamp_min(1e-6)).mean()
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

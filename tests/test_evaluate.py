@@ -80,7 +80,10 @@ def test_evaluation_outputs_are_well_formed(evaluated, prepared):
                            ("precision_recall", ["class", "recall", "precision"])):
         points = pd.read_csv(folder / f"{curve}.csv")  # one plot per model, classes as series
         assert list(points.columns) == columns and points["class"].nunique() == 8
-    for figure in ("confusion", "roc_pr", "reliability", "mistakes", "attention"):
+    scores = predictions[["attention_in_cell", "gradcam_in_cell", "cell_area"]]
+    assert scores.notna().all().all() and ((scores >= 0) & (scores <= 1)).all().all()
+    assert headline["cell_area"] == pytest.approx(scores["cell_area"].mean())
+    for figure in ("confusion", "roc_pr", "reliability", "mistakes", "explain"):
         assert (folder / "figures" / f"{figure}.png").stat().st_size > 5_000
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -21,10 +23,45 @@ def test_forward_backward_and_attention(backbone):
     assert model.head[1].weight.grad is not None
     attention = model.last_attention
     assert attention.shape == (3, *model.grid)
-    # Softmax weights over [class token, spatial tokens]: the spatial share is in (0, 1].
-    spatial_share = attention.flatten(1).sum(1)
-    assert (attention >= 0).all() and ((spatial_share > 0) & (spatial_share <= 1 + 1e-5)).all()
+    # Rollout of the class token, renormalised over the spatial tokens: a distribution.
+    assert (attention >= 0).all()
+    assert torch.allclose(attention.flatten(1).sum(1), torch.ones(3), atol=1e-5)
     assert model(torch.randn(1, 3, 96, 96)).shape == (1, 5)  # other sizes: positions resized
+
+
+def test_attention_rollout_is_the_class_row_through_residuals():
+    uniform = torch.full((1, 3, 3), 1 / 3)
+    one_block = models.attention_rollout([uniform])[0]
+    assert torch.allclose(one_block[0], torch.tensor([2 / 3, 1 / 6, 1 / 6]))
+    identity = torch.eye(3).unsqueeze(0)
+    assert torch.allclose(models.attention_rollout([identity, identity]), identity)
+    rows = models.attention_rollout([uniform, torch.softmax(torch.randn(1, 3, 3), -1)])
+    assert torch.allclose(rows.sum(-1), torch.ones(1, 3))
+
+
+def test_finer_grid_and_registers():
+    """output_stride 16 doubles the token grid; registers' attention is left out of the map."""
+    coarse, _ = build_model(ModelConfig("efficientnet_lite0", 64, embed_dim=16, heads=2), 3)
+    fine, _ = build_model(ModelConfig("efficientnet_lite0", 64, embed_dim=16, heads=2,
+                                      output_stride=16, registers=3), 3)
+    assert fine.grid == (4, 4) and coarse.grid == (2, 2)
+    assert fine.class_token.shape == (1, 4, 16)
+    fine.eval()(torch.randn(2, 3, 64, 64))
+    assert fine.last_attention.shape == (2, 4, 4)
+    assert torch.allclose(fine.last_attention.flatten(1).sum(1), torch.ones(2))
+
+
+def test_mask_guidance_loss_rewards_attention_on_the_cell():
+    cover = torch.zeros(2, 2, 2)
+    cover[:, 0, 0] = 1.0
+    on_cell = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]] * 2, requires_grad=True)
+    spread = torch.full((2, 2, 2), 0.25)
+    assert models.attention_outside_cell_loss(on_cell, cover).item() == pytest.approx(0, abs=1e-6)
+    assert models.attention_outside_cell_loss(spread, cover) == pytest.approx(-math.log(0.25))
+    no_cell = models.attention_outside_cell_loss(spread, torch.zeros(2, 2, 2))
+    assert no_cell == 0
+    models.attention_outside_cell_loss(on_cell, cover).backward()
+    assert on_cell.grad is not None
 
 
 def test_weights_from_local_file(tmp_path):

@@ -1,0 +1,150 @@
+"""Localisation scores, the crop-aligned mask, Grad-CAM per backbone and the explain figure."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.cli import main as wbc
+from pipeline.data import Preprocess, prepare_image
+from pipeline.ensemble import write_spec
+from pipeline.explain import (
+    explain_png,
+    gradcam_layer,
+    gradcam_maps,
+    localisation_scores,
+    mass_in_mask,
+    prepared_mask,
+    sample_for_figure,
+)
+from pipeline.masks import MaskParams
+from pipeline.models import ModelConfig, build_model
+from pipeline.train import TrainConfig, train_model
+
+PREP = Preprocess(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def centre_mask(size: int = 32, half: int = 8) -> np.ndarray:
+    mask = np.zeros((size, size), bool)
+    mask[size // 2 - half: size // 2 + half, size // 2 - half: size // 2 + half] = True
+    return mask
+
+
+def test_scores_of_constructed_maps():
+    mask = centre_mask()
+    inside, outside = mask.astype(float), (~mask).astype(float)
+    assert mass_in_mask(inside, mask) == pytest.approx(1.0)
+    assert mass_in_mask(outside, mask) == pytest.approx(0.0)
+    assert mass_in_mask(np.ones((32, 32)), mask) == pytest.approx(mask.mean())
+    # A coarse token grid: each token counts by the share of its block inside the mask.
+    assert mass_in_mask(np.ones((4, 4)), mask) == pytest.approx(mask.mean())
+    corners = np.zeros((4, 4))
+    corners[[0, 0, 3, 3], [0, 3, 0, 3]] = 1
+    assert mass_in_mask(corners, mask) == pytest.approx(0.0)
+    assert np.isnan(mass_in_mask(np.zeros((4, 4)), mask))
+    with pytest.raises(ValueError, match="non-negative"):
+        mass_in_mask(-inside, mask)
+
+
+def test_localisation_scores_per_image():
+    masks = np.stack([centre_mask(), centre_mask(half=4)])
+    scores = localisation_scores(np.ones((2, 4, 4)), None, masks)
+    assert np.allclose(scores["cell_area"], [0.25, 1 / 16])
+    assert np.allclose(scores["attention_in_cell"], scores["cell_area"])
+    assert np.isnan(scores["gradcam_in_cell"]).all()
+
+
+def test_prepared_mask_follows_the_crop():
+    """The mask is cropped, padded and resized exactly as the image is."""
+    image = np.zeros((60, 90, 3), np.uint8)
+    mask = np.zeros((60, 90), np.uint8)
+    mask[20:40, 50:70] = 255
+    image[mask > 0] = 200
+    for mode in ("crop", "none", "suppress"):
+        prep = Preprocess(32, PREP.mean, PREP.std, mask_mode=mode, mask_margin=0.25)
+        on_input = prepared_mask(mask, prep)
+        bright = prepare_image(image, mask, prep)[..., 0] > 100
+        assert on_input.shape == (32, 32)
+        assert (on_input == bright).mean() > 0.97, mode
+    crop = Preprocess(32, PREP.mean, PREP.std, mask_mode="crop", mask_margin=0.25)
+    assert prepared_mask(mask, crop).mean() == pytest.approx(1 / 1.5 ** 2, abs=0.05)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "mobilenetv2_100"])
+def test_gradcam_for_timm_backbones(backbone):
+    model, _ = build_model(ModelConfig(backbone, image_size=64, embed_dim=16, heads=2),
+                           num_classes=3)
+    assert gradcam_layer(model) is model.backbone.get_submodule(
+        model.backbone.feature_info[-1]["module"])
+    images = torch.randint(0, 255, (3, 3, 64, 64), dtype=torch.uint8)
+    maps = gradcam_maps(model, images, PREP, batch_size=2)
+    assert maps.shape == (3, 64, 64)
+    assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1 + 1e-6
+    targeted = gradcam_maps(model, images, PREP, targets=np.array([0, 1, 2]))
+    assert targeted.shape == (3, 64, 64)
+
+
+def test_gradcam_per_ensemble_member():
+    """Each member of an ensemble (different backbones) gets its own map."""
+    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    members = [build_model(ModelConfig(b, image_size=64, embed_dim=16, heads=2), 3)[0]
+               for b in ("mobilenetv2_100", "efficientnet_lite0")]
+    maps = [gradcam_maps(member, images, PREP) for member in members]
+    assert all(m.shape == (2, 64, 64) for m in maps)
+    assert not np.allclose(maps[0], maps[1])
+
+
+def test_sample_and_figure(tmp_path):
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    predicted = np.array([0, 1, 0, 1, 1, 0])
+    picks = sample_for_figure(labels, predicted, ["a", "b", "c"], seed=1)
+    assert len(picks) == 4  # a: right and wrong, b: right, c: wrong
+    assert labels[picks[1]] != predicted[picks[1]] and labels[picks[0]] == predicted[picks[0]]
+    assert picks == sample_for_figure(labels, predicted, ["a", "b", "c"], seed=1)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (len(picks), 32, 32, 3), dtype=np.uint8)
+    masks = np.stack([centre_mask()] * len(picks))
+    path = tmp_path / "figures" / "explain.png"
+    explain_png(images, masks, rng.random((len(picks), 4, 4)), rng.random((len(picks), 32, 32)),
+                [f"true {labels[i]}" for i in picks], [labels[i] != predicted[i] for i in picks],
+                "test", path)
+    assert path.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(prepared, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("explain-model")
+    train_model("tiny", ModelConfig("mobilenetv2_100", 48, embed_dim=16, heads=2),
+                TrainConfig(epochs=1, batch_size=16, lr=1e-3, mask_mode="crop"), MaskParams(),
+                prepared / "split", prepared / "raw" / "images", prepared / "masks",
+                out / "tiny", out / "tiny.json", out / "live")
+    return out / "tiny" / "model.pt"
+
+
+def test_wbc_explain_single_model_and_ensemble(checkpoint, synthetic_folder, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for label in ("lymphocyte", "neutrophil"):
+        for source in sorted((synthetic_folder / label).iterdir())[:2]:
+            shutil.copy(source, inputs / f"{label}-{source.name}")
+    (inputs / "broken.jpg").write_bytes(b"not an image")
+    assert wbc(["explain", str(checkpoint), str(inputs), "-o", str(tmp_path / "out")]) == 0
+    assert "skipped" in capsys.readouterr().err
+    table = pd.read_csv(tmp_path / "out" / "scores.csv", keep_default_na=False)
+    assert len(table) == 5 and table["error"].astype(bool).sum() == 1
+    good = table[~table["error"].astype(bool)]
+    for score in ("attention_in_cell", "gradcam_in_cell", "cell_area"):
+        assert good[score].astype(float).between(0, 1).all()
+    assert (tmp_path / "out" / "explain.png").stat().st_size > 20_000
+    spec = tmp_path / "ensemble.json"
+    write_spec(spec, {"a": checkpoint, "b": checkpoint}, {"a": 0.5, "b": 0.5})
+    assert wbc(["explain", str(spec), str(inputs), "-o", str(tmp_path / "ens")]) == 0
+    assert len(pd.read_csv(tmp_path / "ens" / "scores.csv")) == 10
+    assert (tmp_path / "ens" / "member2" / "explain.png").is_file()
+    assert wbc(["explain", str(checkpoint), str(tmp_path / "nothing"), "-o",
+                str(tmp_path / "x")]) == 1  # nothing readable
