@@ -21,6 +21,14 @@ def _predict(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"wbc predict: {error}", file=sys.stderr)
         return 2
+    if args.abstain:
+        from pipeline.abstain import mark_review, stored_threshold
+
+        try:
+            rows = mark_review(rows, stored_threshold(args.model))
+        except (FileNotFoundError, ValueError) as error:
+            print(f"wbc predict: {error}", file=sys.stderr)
+            return 2
     table = pd.DataFrame(rows)
     if args.output:
         write_csv(args.output, table)
@@ -50,6 +58,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.export import ParityError, export_model
+
+    try:
+        report = export_model(args.model, args.output, args.quantize, images=args.images)
+    except (FileNotFoundError, ValueError, ParityError) as error:
+        print(f"wbc export: {error}", file=sys.stderr)
+        return 2
+    for line in report.lines():
+        print(line)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wbc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,9 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", help="image files and/or folders")
     predict.add_argument("-o", "--output", type=Path, help="CSV to write (default: stdout)")
     predict.add_argument("-k", "--top-k", type=int, default=3)
+    predict.add_argument("--abstain", action="store_true",
+                         help="add a decision column: the class, or 'review' below the "
+                              "model's abstention threshold")
     predict.set_defaults(run=_predict)
+    export = commands.add_parser("export", help="ONNX export, checked against PyTorch")
+    export.add_argument("model", help="model.pt, ensemble.json, or a name in data/models/")
+    export.add_argument("-o", "--output", type=Path, required=True, help="the .onnx to write")
+    export.add_argument("--quantize", action="store_true",
+                        help="int8 (static, calibrated on validation images), accuracy change "
+                             "printed")
+    export.add_argument("--images", type=Path,
+                        help="labelled folder for the parity check (default: the test split)")
+    export.set_defaults(run=_export)
     evaluate = commands.add_parser("evaluate", help="score a model on another labelled data set")
-    evaluate.add_argument("model", type=Path, help="a model.pt")
+    evaluate.add_argument("model", type=Path, help="a model.pt or an exported .onnx")
     evaluate.add_argument("data", type=Path,
                           help="a folder (<class>/* or TRAIN|TEST/<CLASS>/*) or a manifest.csv")
     evaluate.add_argument("-o", "--output", type=Path, required=True, help="report folder")

@@ -109,7 +109,7 @@ class AttentionClassifier(nn.Module):
         features = self.project(self.backbone.forward_features(images))
         _, _, height, width = features.shape
         tokens = features.flatten(2).transpose(1, 2) + self._positions(height, width)
-        tokens = torch.cat([self.class_token.expand(len(tokens), -1, -1), tokens], dim=1)
+        tokens = torch.cat([self.class_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         for block in self.blocks:
             tokens, weights = block(tokens)
         # Attention of the class token over the spatial tokens, in the last block: (B, H, W).

@@ -17,10 +17,9 @@ from tqdm import tqdm
 from pipeline.data import Preprocess, prepare_file
 from pipeline.device import select_device
 from pipeline.ensemble import read_spec, temper
-from pipeline.evaluate import infer
+from pipeline.evaluate import infer, load_model
 from pipeline.io import ImageDecodeError, opencv_threads
 from pipeline.masks import MaskParams
-from pipeline.models import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ logger = logging.getLogger(__name__)
 def resolve_model(model: str | Path, models_dir: Path = Path("data/models")
                   ) -> tuple[list[tuple[Path, float]], float]:
     """``(checkpoint, weight)`` members and the ensemble temperature for a ``model.pt``, an
-    ``ensemble.json`` or a model name."""
+    ``ensemble.json``, an exported ``.onnx`` or a model name."""
     path = Path(model)
     if not path.exists() and (models_dir / str(model)).is_dir():
         folder = models_dir / str(model)
@@ -92,7 +91,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
     total, classes, errors = None, None, {}
     prepared_by_setting: dict[str, list[np.ndarray | str]] = {}
     for checkpoint_path, weight in members:
-        network, checkpoint = load_checkpoint(checkpoint_path, torch_device)
+        network, checkpoint = load_model(checkpoint_path, torch_device)
         if classes is not None and checkpoint["classes"] != classes:
             raise ValueError(f"{checkpoint_path} predicts other classes than the first member")
         classes = checkpoint["classes"]

@@ -25,7 +25,7 @@ def main() -> None:
                {m: Path("data/models") / m / "model.pt" for m in members}, weights,
                scored["temperature"])
     write_evaluation(scored, Path("data/eval/ensemble"), Path("metrics/ensemble/eval.json"),
-                     evaluate_settings)
+                     evaluate_settings, raw_dir=Path("data/raw"))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def main(name: str) -> None:
     except ValueError as error:
         sys.exit(f"evaluate {name}: {error}")
     write_evaluation(scored, Path("data/eval") / name, Path("metrics") / name / "eval.json",
-                     settings)
+                     settings, raw_dir=Path("data/raw"))
 
 
 if __name__ == "__main__":
