@@ -8,6 +8,7 @@ facts evaluate stores there (data provenance, recipe, intervals, confusions, com
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ LIMITATIONS = (
     "All training images share the **staining protocol and scanner** of the training data; "
     "other stains, microscopes or cameras shift colour and scale, and accuracy there is "
     "unknown until measured (see the external metrics, when present).",
-    "Only the classes listed below exist for the model: any other cell (e.g. blasts, smudge "
+    "Only the classes listed above exist for the model: any other cell (e.g. blasts, smudge "
     "cells, artefacts) is forced into one of them. Abstention lowers but does not remove this.",
     "Metrics come from a few hundred test images: read them with their 95% intervals.",
 )
@@ -67,11 +68,16 @@ def top_confusions(labels: np.ndarray, predicted: np.ndarray, classes: list[str]
     return [{"true": t, "predicted": p, "images": int(n)} for (t, p), n in pairs.items()]
 
 
+def _yaml(value: Any) -> str:
+    """A parameter value as ``dvc exp run -S`` reads it (YAML: true, null, 0.001, text)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def reproduce_command(name: str, recipe: dict[str, Any], source: str | None) -> str:
     """``dvc exp run`` setting every key of the model's recipe explicitly."""
     sets = [f"data.source={source}"] if source else []
-    sets += [f"models.{name}.{k}={v}" for k, v in recipe.get("model", {}).items()]
-    sets += [f"train.{k}={v}" for k, v in recipe.get("train", {}).items()]
+    sets += [f"models.{name}.{k}={_yaml(v)}" for k, v in recipe.get("model", {}).items()]
+    sets += [f"train.{k}={_yaml(v)}" for k, v in recipe.get("train", {}).items()]
     flags = " ".join(f"-S '{s}'" for s in sets)
     return f"dvc exp run evaluate@{name} {flags}".strip()
 
