@@ -6,8 +6,11 @@ Usage::
                                [--external ../shared/datasets/pbc-external] [--threads 2]
                                [--batch1-images 64] [--out bench/onnx_results.json]
 
-All three run on the same prepared images in one process, each limited to ``--threads`` CPU
-threads. The batch-64 figure is a full pass over the external set (whose accuracy is reported);
+``pytorch`` is ``pipeline.evaluate.infer`` as evaluate and predict run it (channels_last, bf16
+autocast where the CPU supports it); ``pytorch fp32`` is the plain float forward pass the ONNX
+export reproduces. All run on the same prepared images in one process, each limited to
+``--threads`` CPU threads. The batch-64 figure is a full pass over the external set (whose
+accuracy is reported);
 batch 1 times the first ``--batch1-images`` images, one at a time, after a warm-up. Int8 is
 calibrated on the pipeline's validation split, never on the external set.
 """
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data import Preprocess, load_prepared
+from pipeline.data import Preprocess, eval_transform, load_prepared
 from pipeline.evaluate import external_set, held_out_set, infer, restrict_to_classes
 from pipeline.export import export_onnx
 from pipeline.masks import MaskParams
@@ -84,8 +87,15 @@ def main() -> None:
                             calibration=calibration)
     sessions = {name: OnnxClassifier(folder / f"{name}.onnx", threads=args.threads)
                 for name in ("fp32", "int8")}
+    normalise = eval_transform(prep)
+
+    @torch.no_grad()
+    def float32(x: torch.Tensor, b: int) -> torch.Tensor:
+        return torch.cat([model(normalise(x[s:s + b])) for s in range(0, len(x), b)])
+
     runners: dict[str, Runner] = {
         "pytorch": lambda x, b: infer(model, x, prep, device, b)[0],
+        "pytorch fp32": float32,
         "onnxruntime": lambda x, b: sessions["fp32"].logits(x, b),
         "onnxruntime int8": lambda x, b: sessions["int8"].logits(x, b),
     }
