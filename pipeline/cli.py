@@ -19,7 +19,13 @@ def _predict(args: argparse.Namespace) -> int:
 
     rows = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
                    device=args.device, tta=args.tta)
-    table = pd.DataFrame(rows, columns=output_columns(args.top_k))
+    columns = output_columns(args.top_k)
+    if args.abstain:
+        from pipeline.abstain import mark_review, stored_threshold
+
+        rows = mark_review(rows, stored_threshold(args.model))
+        columns.append("decision")
+    table = pd.DataFrame(rows, columns=columns)
     if args.output:
         write_csv(args.output, table)
         print(f"wrote {len(table)} rows to {args.output}")
@@ -78,16 +84,42 @@ def _explain(args: argparse.Namespace) -> int:
     return 1 if failed.all() else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.export import ParityError, export_model
+
+    try:
+        report = export_model(args.model, args.output, args.quantize, images=args.images)
+    except (FileNotFoundError, ValueError, ParityError) as error:
+        print(f"wbc export: {error}", file=sys.stderr)
+        return 2
+    for line in report.lines():
+        print(line)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wbc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     predict = commands.add_parser("predict", help="top-k classes for images or folders")
-    model_help = "a model.safetensors, an ensemble.json, or a name in data/models/"
+    model_help = "a model.safetensors, an ensemble.json, an .onnx, or a name in data/models/"
     predict.add_argument("model", help=model_help)
     predict.add_argument("inputs", nargs="+", help="image files and/or folders")
     predict.add_argument("-o", "--output", type=Path, help="CSV to write (default: stdout)")
     predict.add_argument("-k", "--top-k", type=int, default=3)
+    predict.add_argument("--abstain", action="store_true",
+                         help="add a decision column: the class, or 'review' below the "
+                              "model's abstention threshold")
     predict.set_defaults(run=_predict)
+    export = commands.add_parser("export", help="ONNX export, checked against PyTorch")
+    export.add_argument("model", help=model_help)
+    export.add_argument("-o", "--output", type=Path, required=True, help="the .onnx to write")
+    export.add_argument("--quantize", action="store_true",
+                        help="int8 (static, calibrated on validation images), accuracy change "
+                             "printed")
+    export.add_argument("--images", type=Path,
+                        help="labelled folder for the parity check (default: the test split)")
+    export.set_defaults(run=_export)
     evaluate = commands.add_parser("evaluate", help="score a model on another labelled data set")
     evaluate.add_argument("model", help=model_help)
     evaluate.add_argument("data", type=Path,
@@ -99,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="fail on the first unreadable image instead of skipping it")
     evaluate.set_defaults(run=_evaluate)
     explain = commands.add_parser("explain", help="attention and Grad-CAM panels for images")
-    explain.add_argument("model", help="model.pt, ensemble.json, or a name in data/models/")
+    explain.add_argument("model", help=model_help)
     explain.add_argument("inputs", nargs="+", help="image files and/or folders")
     explain.add_argument("-o", "--output", type=Path, required=True, help="folder to write")
     explain.add_argument("--batch-size", type=int, default=32)

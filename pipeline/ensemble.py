@@ -101,8 +101,11 @@ def combine_evaluations(eval_dirs: dict[str, Path], weights: dict[str, float], d
         temperature = fit_temperature(_log(average["val_calibrated"]), labels)
     seconds_per_image = sum(1.0 / s["metrics"]["inference_images_per_second"]
                             for s in summaries.values())
+    scored_validation = None if validation is None else {
+        "names": validation.names, "labels": validation.labels,
+        "probabilities": temper(average["val_calibrated"], temperature)}
     return {
-        "name": "ensemble", "classes": classes, "data": data,
+        "name": "ensemble", "classes": classes, "data": data, "validation": scored_validation,
         "probabilities": temper(average["calibrated"], temperature),
         "uncalibrated": average["uncalibrated"],
         "temperature": temperature, "images_per_second": 1.0 / seconds_per_image,

@@ -22,7 +22,7 @@ import torch
 from sklearn.metrics import precision_recall_curve, roc_curve
 from tqdm import tqdm
 
-from pipeline import explain, plots
+from pipeline import abstain, explain, plots
 from pipeline.data import Preprocess, eval_transform, prepare_file, read_split
 from pipeline.device import autocast, select_device, use_bf16
 from pipeline.errors import InputError, PipelineError, one_line
@@ -31,7 +31,9 @@ from pipeline.labels import normalize_label
 from pipeline.layout import scan_layout
 from pipeline.masks import MaskParams, mask_path
 from pipeline.metrics import classification_metrics, expected_calibration_error
+from pipeline.model_card import card_facts, write_model_card
 from pipeline.models import load_checkpoint
+from pipeline.onnx_runtime import OnnxClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +99,22 @@ def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
     return rotations + [view.flip(3) for view in rotations]
 
 
+def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module | OnnxClassifier,
+                                                         dict[str, Any]]:
+    """A ``model.safetensors`` (PyTorch) or an exported ``.onnx`` (onnxruntime), and metadata."""
+    if Path(path).suffix == ".onnx":
+        runner = OnnxClassifier(path)
+        return runner, runner.metadata
+    return load_checkpoint(path, device)
+
+
 @torch.no_grad()
-def infer(model: torch.nn.Module, images: torch.Tensor, prep: Preprocess, device: torch.device,
-          batch_size: int, tta: bool = False, attention: bool = False
+def infer(model: torch.nn.Module | OnnxClassifier, images: torch.Tensor, prep: Preprocess,
+          device: torch.device, batch_size: int, tta: bool = False, attention: bool = False
           ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """Logits (averaged over views with TTA), class-token attention maps and images/s."""
+    if isinstance(model, OnnxClassifier):
+        return model.infer(images, batch_size, tta)
     normalise = eval_transform(prep)
     amp = use_bf16(device)  # fp32 on CPU: the same numbers on every CPU
     model.eval().to(device, memory_format=torch.channels_last)
@@ -173,7 +186,7 @@ def score_checkpoint(model_path: Path, data: EvalSet, settings: dict[str, Any],
     TTA setting), so that an ensemble can fit its own temperature on them.
     """
     device = select_device(settings.get("device", "auto"))
-    model, checkpoint = load_checkpoint(model_path, device)
+    model, checkpoint = load_model(model_path, device)
     classes = checkpoint["classes"]
     data = restrict_to_classes(data, classes, settings.get("ignore_unknown_classes", False))
     prep = Preprocess(**checkpoint["preprocess"])
@@ -196,13 +209,16 @@ def score_checkpoint(model_path: Path, data: EvalSet, settings: dict[str, Any],
         "uncalibrated": torch.softmax(logits, 1).numpy(),
         "temperature": temperature, "images_per_second": speed, "device": str(device),
         "prepared": images, "attention": maps, "training": checkpoint["summary"],
+        "recipe": {key: checkpoint.get(f"{key}_config", {}) for key in ("model", "train")}
+        | {"preprocess": checkpoint["preprocess"]},
     }
-    scored["localisation"] = explain.localise(
-        model, images, maps, readable.paths, readable.mask_files, prep, mask_params, device,
-        settings["batch_size"], logits.argmax(1).numpy())
+    if maps is not None:  # an ONNX export has no attention maps and no gradients
+        scored["localisation"] = explain.localise(
+            model, images, maps, readable.paths, readable.mask_files, prep, mask_params, device,
+            settings["batch_size"], logits.argmax(1).numpy())
     if validation is not None:
         validation, _, val_logits, _, _ = run(validation, "validation")
-        scored["validation"] = {"names": validation.names,
+        scored["validation"] = {"names": validation.names, "labels": validation.labels,
                                 "probabilities": torch.softmax(val_logits / temperature, 1).numpy()}
     return scored
 
@@ -211,12 +227,13 @@ RESOURCE_KEYS = ("inference_images_per_second", "device")
 
 
 def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
-                     settings: dict[str, Any], resources_path: Path | None = None
-                     ) -> dict[str, Any]:
+                     settings: dict[str, Any], resources_path: Path | None = None,
+                     raw_dir: Path | None = None) -> dict[str, Any]:
     """Compute metrics and write every evaluation output (see the module docstring).
 
     Throughput and device go to ``resources_path`` (default: ``eval_resources.json`` beside the
-    metrics), not to the metrics, so that metric diffs show quality only."""
+    metrics), not to the metrics, so that metric diffs show quality only; with ``raw_dir`` (the
+    ingested training data) the model card names its provenance."""
     classes, data = scored["classes"], scored["data"]
     index = {label: i for i, label in enumerate(classes)}
     labels = np.array([index[label] for label in data.labels])
@@ -249,10 +266,21 @@ def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
                  val_calibrated=validation["probabilities"],
                  val_names=np.array(validation["names"]))
     _write_curve_data(labels, probabilities, classes, out_dir)
+    abstention, curves = _abstention(scored, labels, settings)
     with atomic_path(out_dir / "figures") as figures:
         _write_figures(scored, labels, predicted, headline, figures, settings)
-    write_json(out_dir / "summary.json", {"model": scored["name"], "metrics": headline,
-                                          "training": scored["training"]})
+        if abstention:
+            write_csv(out_dir / "risk_coverage.csv", curves["test"])
+            abstain.risk_coverage_png(curves, abstention, scored["name"],
+                                      figures / "risk_coverage.png")
+            headline |= {f"abstain_{k}": abstention["test"][k] for k in ("coverage", "accuracy")}
+            headline["abstain_threshold"] = abstention["threshold"]
+    write_json(out_dir / "summary.json", {
+        "model": scored["name"], "metrics": headline, "training": scored["training"],
+        "abstention": abstention,
+        "card": card_facts(classes, labels, predicted, per_class, scored.get("recipe", {}),
+                           raw_dir)})
+    write_model_card(out_dir / "summary.json", out_dir / "MODEL_CARD.md")
     write_json(metrics_path, {k: v for k, v in headline.items() if k not in RESOURCE_KEYS})
     write_json(resources_path or metrics_path.with_name("eval_resources.json"),
                {k: headline[k] for k in RESOURCE_KEYS})
@@ -260,6 +288,21 @@ def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
                 scored["name"], headline["accuracy"], headline["macro_f1"], headline["ece"],
                 headline["ece_uncalibrated"], len(labels))
     return headline
+
+
+def _abstention(scored: dict[str, Any], labels: np.ndarray, settings: dict[str, Any]
+                ) -> tuple[dict[str, Any] | None, dict[str, pd.DataFrame]]:
+    """Threshold picked on validation and its test coverage/accuracy; None without validation."""
+    validation = scored.get("validation")
+    target = settings.get("abstain_target_accuracy")
+    if not validation or not validation.get("labels") or target is None:
+        return None, {}
+    index = {label: i for i, label in enumerate(scored["classes"])}
+    val_labels = np.array([index[label] for label in validation["labels"]])
+    summary = abstain.abstention_summary(validation["probabilities"], val_labels,
+                                         scored["probabilities"], labels, target)
+    return summary, {"validation": abstain.risk_coverage(validation["probabilities"], val_labels),
+                     "test": abstain.risk_coverage(scored["probabilities"], labels)}
 
 
 def _write_curve_data(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],

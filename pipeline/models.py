@@ -134,7 +134,7 @@ class AttentionClassifier(nn.Module):
         features = self.project(feature_map)
         _, _, height, width = features.shape
         tokens = features.flatten(2).transpose(1, 2) + self._positions(height, width)
-        tokens = torch.cat([self.class_token.expand(len(tokens), -1, -1), tokens], dim=1)
+        tokens = torch.cat([self.class_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         weights = []
         for block in self.blocks:
             tokens, block_weights = block(tokens)

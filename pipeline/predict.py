@@ -15,10 +15,10 @@ from pipeline.data import Preprocess
 from pipeline.device import select_device
 from pipeline.ensemble import read_spec, temper
 from pipeline.errors import PipelineError
-from pipeline.evaluate import infer, prepare_all
+from pipeline.evaluate import infer, load_model, prepare_all
 from pipeline.io import IMAGE_SUFFIXES
 from pipeline.masks import MaskParams
-from pipeline.models import LEGACY_MODEL_FILE, MODEL_FILE, load_checkpoint
+from pipeline.models import LEGACY_MODEL_FILE, MODEL_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def _model_file(folder: Path) -> Path:
 def resolve_model(model: str | Path, models_dir: Path = Path("data/models")
                   ) -> tuple[list[tuple[Path, float]], float]:
     """``(checkpoint, weight)`` members and the ensemble temperature for a checkpoint, an
-    ``ensemble.json``, a folder holding either, or a model name in ``models_dir``."""
+    ``ensemble.json``, an exported ``.onnx``, a folder holding one, or a model name."""
     path = Path(model)
     if not path.exists() and (models_dir / str(model)).is_dir():
         path = models_dir / str(model)
@@ -99,7 +99,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
     total, classes, errors = None, None, {}
     prepared_by_setting: dict[str, list[np.ndarray | str]] = {}
     for checkpoint_path, weight in members:
-        network, checkpoint = load_checkpoint(checkpoint_path, torch_device)
+        network, checkpoint = load_model(checkpoint_path, torch_device)
         if classes is not None and checkpoint["classes"] != classes:
             raise PipelineError(f"{checkpoint_path} predicts other classes than the first member")
         classes = checkpoint["classes"]

@@ -28,7 +28,8 @@ def main() -> None:
                {m: Path("data/models") / m / MODEL_FILE for m in members}, weights,
                scored["temperature"])
     write_evaluation(scored, Path("data/eval/ensemble"), Path("metrics/ensemble/eval.json"),
-                     evaluate_settings, Path("resources/ensemble/eval.json"))
+                     evaluate_settings, Path("resources/ensemble/eval.json"),
+                     raw_dir=Path("data/raw"))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def main(name: str) -> None:
     validation = held_out_set(split, images, masks, part="val")  # for the ensemble's temperature
     scored = score_checkpoint(Path("data/models") / name / MODEL_FILE, data, settings, validation)
     write_evaluation(scored, Path("data/eval") / name, Path("metrics") / name / "eval.json",
-                     settings, Path("resources") / name / "eval.json")
+                     settings, Path("resources") / name / "eval.json", raw_dir=Path("data/raw"))
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def checkpoint(prepared, tmp_path_factory) -> Path:
                 TrainConfig(epochs=1, batch_size=16, lr=1e-3, mask_mode="crop"), MaskParams(),
                 prepared / "split", prepared / "raw" / "images", prepared / "masks",
                 out / "tiny", out / "tiny.json", out / "live")
-    return out / "tiny" / "model.pt"
+    return out / "tiny" / "model.safetensors"
 
 
 def test_wbc_explain_single_model_and_ensemble(checkpoint, synthetic_folder, tmp_path, capsys):

@@ -1,0 +1,176 @@
+"""``MODEL_CARD.md``: what a model is for, what it was trained on, how well it does and its limits.
+
+Rendered only from an evaluation's ``summary.json`` (the same JSON the comparison table and
+``reports/summary.md`` are built from), never written by hand; ``card_facts`` gathers the extra
+facts evaluate stores there (data provenance, recipe, intervals, confusions, commit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.io import atomic_path, read_json
+from pipeline.metrics_ci import bootstrap_intervals
+
+LIMITATIONS = (
+    "Trained and tested on images with **one centred white cell per image**; whole smears or "
+    "fields with several cells must be segmented into such crops first.",
+    "All training images share the **staining protocol and scanner** of the training data; "
+    "other stains, microscopes or cameras shift colour and scale, and accuracy there is "
+    "unknown until measured (see the external metrics, when present).",
+    "Only the classes listed above exist for the model: any other cell (e.g. blasts, smudge "
+    "cells, artefacts) is forced into one of them. Abstention lowers but does not remove this.",
+    "Metrics come from a few hundred test images: read them with their 95% intervals.",
+)
+
+
+def data_fingerprint(manifest: pd.DataFrame) -> str:
+    """sha256 over the sorted (path, label, content sha256) rows of the training manifest."""
+    rows = sorted(zip(manifest["path"], manifest["label"], manifest["sha256"], strict=True))
+    return hashlib.sha256("\n".join(",".join(map(str, r)) for r in rows).encode()).hexdigest()
+
+
+def training_data(raw_dir: Path) -> dict[str, Any]:
+    """Source, images per class and fingerprint of the ingested data (``data/raw``)."""
+    source = read_json(raw_dir / "source.json")
+    manifest = pd.read_csv(raw_dir / "manifest.csv", keep_default_na=False, dtype=str)
+    return {"source": source.get("source"), "images": int(len(manifest)),
+            "per_class": {k: int(v) for k, v in manifest["label"].value_counts().sort_index()
+                          .items()},
+            "fingerprint": data_fingerprint(manifest)}
+
+
+def git_commit(cwd: Path = Path(".")) -> str:
+    """The checked-out commit (with ``-dirty`` for uncommitted changes), or ``unknown``."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def top_confusions(labels: np.ndarray, predicted: np.ndarray, classes: list[str], count: int = 5
+                   ) -> list[dict[str, Any]]:
+    """The most frequent (true, predicted) pairs among the mistakes."""
+    wrong = pd.DataFrame({"true": np.asarray(classes)[labels[labels != predicted]],
+                          "predicted": np.asarray(classes)[predicted[labels != predicted]]})
+    pairs = wrong.value_counts().head(count)
+    return [{"true": t, "predicted": p, "images": int(n)} for (t, p), n in pairs.items()]
+
+
+def _yaml(value: Any) -> str:
+    """A parameter value as ``dvc exp run -S`` reads it (YAML: true, null, 0.001, text)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def reproduce_command(name: str, recipe: dict[str, Any], source: str | None) -> str:
+    """``dvc exp run`` setting every key of the model's recipe explicitly."""
+    sets = [f"data.source={source}"] if source else []
+    sets += [f"models.{name}.{k}={_yaml(v)}" for k, v in recipe.get("model", {}).items()]
+    sets += [f"train.{k}={_yaml(v)}" for k, v in recipe.get("train", {}).items()]
+    flags = " ".join(f"-S '{s}'" for s in sets)
+    return f"dvc exp run evaluate@{name} {flags}".strip()
+
+
+def card_facts(classes: list[str], labels: np.ndarray, predicted: np.ndarray,
+               per_class: list[dict[str, Any]], recipe: dict[str, Any],
+               raw_dir: Path | None) -> dict[str, Any]:
+    """What the card needs beyond the headline metrics, to be stored in ``summary.json``."""
+    has_data = raw_dir is not None and (raw_dir / "manifest.csv").is_file()
+    return {"classes": classes, "data": training_data(raw_dir) if has_data else {},
+            "recipe": recipe, "intervals": bootstrap_intervals(labels, predicted),
+            "per_class": per_class, "confusions": top_confusions(labels, predicted, classes),
+            "commit": git_commit()}
+
+
+def _interval(value: float | None, bounds: list[float] | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + (f" (95% CI {bounds[0]:.3f}-{bounds[1]:.3f})" if bounds else "")
+
+
+def _metrics_rows(title: str, summary: dict[str, Any]) -> list[str]:
+    metrics, intervals = summary["metrics"], summary.get("card", {}).get("intervals", {})
+    return [f"| {title} | {metrics['images']} | "
+            + " | ".join(_interval(metrics.get(k), intervals.get(k))
+                         for k in ("accuracy", "balanced_accuracy", "macro_f1"))
+            + f" | {metrics.get('ece_uncalibrated', float('nan')):.3f} -> "
+              f"{metrics['ece']:.3f} (T = {metrics['temperature']:.2f}) |"]
+
+
+def _abstention_lines(abstention: dict[str, Any] | None) -> list[str]:
+    if not abstention:
+        return ["Not computed for this evaluation."]
+    if abstention["threshold"] is None:
+        return [f"No confidence threshold reached {abstention['target_accuracy']:.3f} accuracy "
+                "on the validation split: `wbc predict --abstain` is unavailable."]
+    test = abstention["test"]
+    return [f"Threshold **p >= {abstention['threshold']:.4f}** (calibrated top-1 probability), "
+            f"the lowest reaching {abstention['target_accuracy']:.3f} accuracy on the "
+            f"validation split. On test it keeps **{test['coverage']:.1%}** of the images "
+            f"({test['kept']}) at accuracy **{test['accuracy']:.4f}** and refers "
+            f"{test['referred']} to a person. `wbc predict --abstain` marks those `review`; "
+            "the threshold is stored with ONNX exports. Curve: `figures/risk_coverage.png`."]
+
+
+def render_card(summary: dict[str, Any], external: dict[str, Any] | None = None) -> str:
+    """The model card's Markdown, from ``summary.json`` (and an external evaluation's)."""
+    card, training, name = summary.get("card", {}), summary["training"], summary["model"]
+    data = card.get("data", {})
+    recipe = card.get("recipe", {})
+    lines = [f"# Model card: {name}", "",
+             "## Intended use",
+             "Research on automated white-blood-cell classification of peripheral-blood smear "
+             "crops. **Not a diagnostic device**: not validated for clinical use; every result "
+             "must be reviewed by a qualified person.", "",
+             "## Classes", ", ".join(f"`{c}`" for c in card.get("classes", [])), "",
+             "## Training data",
+             f"- source: `{data.get('source', 'unknown')}` ({data.get('images', '?')} images)",
+             "- images per class: " + ", ".join(f"{k} {v}" for k, v in
+                                                data.get("per_class", {}).items()),
+             f"- fingerprint (sha256 of the manifest): `{data.get('fingerprint', 'unknown')}`", "",
+             "## Weights and recipe",
+             f"- backbone `{training.get('backbone', 'n/a')}`, "
+             f"{training.get('image_size', 'n/a')} px, pretrained weights: "
+             f"{training.get('weight_source', 'members: ' + str(training.get('members')))}",
+             f"- best epoch {training.get('best_epoch', 'n/a')} of "
+             f"{training.get('epochs_run', 'n/a')}, {training.get('train_images', 'n/a')} "
+             f"training images, {training.get('parameters', 0) / 1e6:.2f} M parameters",
+             f"- preprocessing: `{recipe.get('preprocess', {})}`",
+             f"- training settings: `{recipe.get('train', {})}`", "",
+             "## Performance",
+             "| data | images | accuracy | balanced accuracy | macro-F1 | ECE before -> after "
+             "calibration |", "|---|---|---|---|---|---|",
+             *_metrics_rows("test", summary),
+             *(_metrics_rows("external", external) if external else []), "",
+             "Per-class recall (test): " + ", ".join(
+                 f"{r['class']} {r['recall']:.3f}" for r in card.get("per_class", [])), "",
+             "Most common confusions (test): " + (", ".join(
+                 f"{c['true']} -> {c['predicted']} ({c['images']})"
+                 for c in card.get("confusions", [])) or "none"), ""]
+    if summary.get("localisation"):
+        lines += ["## Localisation", *[f"- {k}: {v}" for k, v in summary["localisation"].items()],
+                  ""]
+    lines += ["## Abstention", *_abstention_lines(summary.get("abstention")), "",
+              "## Known limitations", *[f"- {item}" for item in LIMITATIONS], "",
+              "## How to reproduce", f"At commit `{card.get('commit', 'unknown')}`:", "",
+              "```", reproduce_command(name, recipe, data.get("source")), "```", "",
+              "_Generated by `pipeline/model_card.py` from `summary.json`; do not edit._", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(summary_path: Path, dest: Path, external_path: Path | None = None) -> None:
+    """Render ``MODEL_CARD.md`` from a ``summary.json`` (and an external one when it exists)."""
+    external = read_json(external_path) if external_path and external_path.is_file() else None
+    with atomic_path(dest) as tmp:
+        tmp.write_text(render_card(read_json(summary_path), external), encoding="utf-8")
