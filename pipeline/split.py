@@ -191,13 +191,13 @@ class SplitResult:
     summary: dict[str, Any]
 
 
-def fold_ids(settings: dict[str, Any]) -> int:
+def fold_count(fold_ids: list[int] | None) -> int:
     """Number of cross-validation folds that ``split.folds`` asks for (0: off).
 
     The param lists the fold ids, ``[0, 1, ..., K-1]``, because DVC's ``matrix:`` runs one
     train and evaluate stage per listed fold.
     """
-    ids = list(settings.get("folds") or [])
+    ids = list(fold_ids or [])
     if ids != list(range(len(ids))):
         raise SplitError(f"split.folds must list the fold ids 0..K-1, e.g. [0, 1, 2, 3, 4], "
                          f"not {ids}")
@@ -212,7 +212,7 @@ def _counts(parts: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
 def split_dataset(manifest: pd.DataFrame, images_dir: Path, settings: dict[str, Any]
                   ) -> SplitResult:
     """Split a manifest as ``params.yaml: split`` says, and into folds when it asks for them."""
-    folds = fold_ids(settings)
+    folds = fold_count(settings.get("folds"))
     max_distance = int(settings["near_duplicate_distance"])
     hashes = None
     if max_distance >= 0:

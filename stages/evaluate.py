@@ -1,5 +1,10 @@
-"""Stage evaluate@<model>: score a trained model on the test split (or evaluate.dataset)."""
+"""Stage evaluate@<model>: score a trained model on the test split (or evaluate.dataset).
 
+``--fold K`` (stage cv_evaluate@<model>-<K>) scores cross-validation fold K's model on that
+fold's test part, into data/cv/MODEL/K/eval.
+"""
+
+import argparse
 import logging
 import sys
 from pathlib import Path
@@ -10,16 +15,32 @@ from pipeline.io import load_params
 from pipeline.models import MODEL_FILE
 
 
-def main(name: str) -> None:
+def main(name: str, fold: int | None = None) -> None:
     settings = load_params()["evaluate"]
-    split, images, masks = Path("data/split"), Path("data/raw/images"), Path("data/masks")
-    data = evaluation_set(settings, split, images, masks)
+    images, masks = Path("data/raw/images"), Path("data/masks")
+    if fold is None:
+        split, model_dir, out = Path("data/split"), Path("data/models") / name, None
+        data = evaluation_set(settings, split, images, masks)
+    else:
+        split = Path("data/split/folds") / str(fold)
+        model_dir, out = Path("data/cv") / name / str(fold) / "train" / "model", \
+            Path("data/cv") / name / str(fold) / "eval"
+        data = held_out_set(split, images, masks)
     validation = held_out_set(split, images, masks, part="val")  # for the ensemble's temperature
-    scored = score_checkpoint(Path("data/models") / name / MODEL_FILE, data, settings, validation)
-    write_evaluation(scored, Path("data/eval") / name, Path("metrics") / name / "eval.json",
-                     settings, Path("resources") / name / "eval.json", raw_dir=Path("data/raw"))
+    scored = score_checkpoint(model_dir / MODEL_FILE, data, settings, validation)
+    if out is None:
+        write_evaluation(scored, Path("data/eval") / name, Path("metrics") / name / "eval.json",
+                         settings, Path("resources") / name / "eval.json",
+                         raw_dir=Path("data/raw"))
+    else:
+        write_evaluation(scored, out, out / "eval.json", settings, out / "resources.json",
+                         raw_dir=Path("data/raw"))
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(run_entry_point(main, sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model")
+    parser.add_argument("--fold", type=int, help="score this cross-validation fold's model")
+    args = parser.parse_args()
+    sys.exit(run_entry_point(main, args.model, args.fold))

@@ -1,5 +1,10 @@
-"""Stage train@<model>: train one attention classifier of params.yaml: models."""
+"""Stage train@<model> (and cv_train@<model>-<fold>): train one attention classifier.
 
+``python -m stages.train MODEL`` trains on the split in data/split; ``--fold K`` trains on
+cross-validation fold K (data/split/folds/K) into data/cv/MODEL/K/train.
+"""
+
+import argparse
 import logging
 import sys
 from pathlib import Path
@@ -11,7 +16,20 @@ from pipeline.models import ModelConfig, WeightsError
 from pipeline.train import TrainConfig, train_model
 
 
-def main(name: str) -> None:
+def _outputs(name: str, fold: int | None) -> dict[str, Path]:
+    """Where a model (or one fold's model) and its records go."""
+    if fold is None:
+        return {"split_dir": Path("data/split"), "out_dir": Path("data/models") / name,
+                "metrics_path": Path("metrics") / name / "train.json",
+                "live_dir": Path("dvclive") / name,
+                "resources_path": Path("resources") / name / "train.json"}
+    run = Path("data/cv") / name / str(fold) / "train"
+    return {"split_dir": Path("data/split/folds") / str(fold), "out_dir": run / "model",
+            "metrics_path": run / "train.json", "live_dir": run / "dvclive",
+            "resources_path": run / "resources.json"}
+
+
+def main(name: str, fold: int | None = None) -> None:
     params = load_params()
     mask_settings = {k: v for k, v in params["masks"].items() if k != "gallery_per_class"}
     try:
@@ -20,13 +38,9 @@ def main(name: str) -> None:
             ModelConfig(**params["models"][name]),
             TrainConfig(**params["train"]),
             MaskParams(**mask_settings),
-            split_dir=Path("data/split"),
             images_dir=Path("data/raw/images"),
             masks_dir=Path("data/masks"),
-            out_dir=Path("data/models") / name,
-            metrics_path=Path("metrics") / name / "train.json",
-            live_dir=Path("dvclive") / name,
-            resources_path=Path("resources") / name / "train.json",
+            **_outputs(name, fold),
         )
     except WeightsError as error:
         raise PipelineError(f"train {name}: {error}") from error
@@ -34,4 +48,8 @@ def main(name: str) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(run_entry_point(main, sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model")
+    parser.add_argument("--fold", type=int, help="train on this cross-validation fold")
+    args = parser.parse_args()
+    sys.exit(run_entry_point(main, args.model, args.fold))

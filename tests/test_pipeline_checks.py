@@ -47,6 +47,24 @@ def test_every_stage_lists_exactly_its_modules_and_params(stages):
     assert not problems, "\n".join(problems)
 
 
+def test_cross_validation_stages_list_exactly_their_modules_and_params(tmp_path):
+    """With folds and models switched on, the matrix stages expand and pass the same checks."""
+    shutil.copytree(ROOT / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["split"]["folds"] = [0, 1, 2]
+    params["crossval"]["models"] = ["mobilenet_attention", "efficientnet_lite0_attention"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    _run(["git", "init", "-q"], tmp_path)
+    stages = _by_name(pc.stages_from_repo(tmp_path))
+    folds = {name for name in stages if name.startswith(("cv_train@", "cv_evaluate@"))}
+    assert len(folds) == 2 * 2 * 3 and "cv_train@mobilenet_attention-2" in folds
+    assert {"crossval@mobilenet_attention", "crossval@efficientnet_lite0_attention"} <= set(stages)
+    problems = [problem for name, stage in stages.items() if name.startswith(("cv", "crossval"))
+                for problem in pc.check_stage(ROOT, stage)]
+    assert not problems, "\n".join(problems)
+
+
 def test_checker_reports_a_dropped_module(stages):
     stage = _by_name(stages)["evaluate@mobilenet_attention"]
     assert "pipeline/plots.py" in stage.deps  # imported only as `from pipeline import plots`

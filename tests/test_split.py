@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.split import SplitError, assign_folds, assign_parts, find_groups, fold_ids
+from pipeline.split import SplitError, assign_folds, assign_parts, find_groups, fold_count
 
 
 def _manifest(per_class: int = 20, classes=("a", "b", "c"), source_split: str = "") -> pd.DataFrame:
@@ -90,7 +90,7 @@ def test_cross_validation_leaves_a_predefined_test_split_out():
 @pytest.mark.parametrize("folds", [[1, 2], [0, 0], "3"])
 def test_fold_ids_must_be_a_range(folds):
     with pytest.raises(SplitError, match="0..K-1"):
-        fold_ids({"folds": folds})
+        fold_count(folds)
 
 
 def test_one_fold_is_refused():
