@@ -40,10 +40,32 @@ def collect(eval_dir: Path) -> pd.DataFrame:
                 f"{m} {w:.2f}" for m, w in training.get("members", {}).items())),
             "fallback": ("random init" if training.get("weight_source", "").startswith(
                 "random-init") else ""),
+            "accuracy 95% CI": _interval(metrics, "accuracy"),
+            **_external_columns(summary.get("external", {})),
         })
     if not rows:
         raise ValueError(f"no evaluation results under {eval_dir}")
     return pd.DataFrame(rows).sort_values("macro_f1", ascending=False, kind="stable")
+
+
+def _interval(metrics: dict[str, Any], name: str) -> str:
+    """``[low, high]`` of a metric's bootstrap interval, blank when it was not computed."""
+    low, high = metrics.get(f"{name}_ci95_low"), metrics.get(f"{name}_ci95_high")
+    return "" if low is None else f"[{low:.3f}, {high:.3f}]"
+
+
+def _external_columns(external: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy (with its interval) and balanced accuracy on each external set, by set name;
+    restricted to the set's classes when it holds only some of the model's."""
+    columns = {}
+    for name, summary in external.items():
+        metrics = summary["metrics"]
+        prefix = "restricted_" if "restricted_accuracy" in metrics else ""
+        label = f"{name}{' (its classes only)' if prefix else ''}"
+        columns |= {f"{label} accuracy": metrics[f"{prefix}accuracy"],
+                    f"{label} 95% CI": _interval(metrics, f"{prefix}accuracy"),
+                    f"{label} balanced acc.": metrics[f"{prefix}balanced_accuracy"]}
+    return columns
 
 
 def describe_data(source: dict[str, Any] | None) -> str:
@@ -69,8 +91,9 @@ def _header(table: pd.DataFrame, data: str, references: dict[str, float], drawn:
     if fallback:
         lines += [f"**Trained from random initialisation (no pretrained weights were found): "
                   f"{', '.join(fallback)}.** See the fallback column.", ""]
-    lines.append("Test-split metrics of every model, best macro-F1 first; ECE after temperature "
-                 "scaling, with the uncalibrated value beside it.")
+    lines.append("Test-split metrics of every model, best macro-F1 first, with 95% bootstrap "
+                 "intervals; ECE after temperature scaling, with the uncalibrated value beside "
+                 "it; external sets (evaluate.external) in the last columns.")
     if references:
         named = ", ".join(f"{name} {value:g}" for name, value in references.items())
         lines.append(f"Reference rows are the original work's figures ({named})." if drawn else

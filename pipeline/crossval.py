@@ -14,62 +14,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import bootstrap
 
 from pipeline import plots
 from pipeline.io import write_csv, write_json
 from pipeline.metrics import classification_metrics
+from pipeline.metrics_ci import bootstrap_intervals
 
 logger = logging.getLogger(__name__)
 
 SPREAD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "ece")
-
-
-def _class_counts(labels: np.ndarray, predicted: np.ndarray, classes: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """True positives, support and predicted counts per class, over the last axis."""
-    every = np.arange(classes).reshape((-1,) + (1,) * labels.ndim)
-    is_label, is_predicted = labels == every, predicted == every
-    return ((is_label & is_predicted).sum(-1), is_label.sum(-1), is_predicted.sum(-1))
-
-
-def _accuracy(labels: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:
-    return (labels == predicted).mean(axis)
-
-
-def _balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Mean recall over the classes present in ``labels`` (as scikit-learn's)."""
-    hits, support, _ = _class_counts(labels, predicted, int(labels.max()) + 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.nanmean(np.where(support > 0, hits / support, np.nan), axis=0)
-
-
-def _macro_f1(labels: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Mean F1 over the classes in ``labels`` or ``predicted`` (as scikit-learn's macro F1)."""
-    classes = int(max(labels.max(), predicted.max())) + 1
-    hits, support, chosen = _class_counts(labels, predicted, classes)
-    total = support + chosen
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.nanmean(np.where(total > 0, 2 * hits / total, np.nan), axis=0)
-
-
-def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, level: float = 0.95,
-                        resamples: int = 2000, seed: int = 0) -> dict[str, list[float]]:
-    """Percentile bootstrap intervals of accuracy, balanced accuracy and macro-F1.
-
-    Images are resampled with their labels (scipy's paired bootstrap); the interval of a perfect
-    score is [1, 1], since the percentile method needs no variance.
-    """
-    statistics = {"accuracy": _accuracy, "balanced_accuracy": _balanced_accuracy,
-                  "macro_f1": _macro_f1}
-    intervals = {}
-    for name, statistic in statistics.items():
-        result = bootstrap((np.asarray(labels), np.asarray(predicted)), statistic, paired=True,
-                           vectorized=True, n_resamples=resamples, confidence_level=level,
-                           method="percentile", rng=np.random.default_rng(seed))
-        low, high = result.confidence_interval
-        intervals[name] = [float(low), float(high)]
-    return intervals
 
 
 def _scores(predictions: pd.DataFrame, classes: list[str]

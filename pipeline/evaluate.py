@@ -19,18 +19,30 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import precision_recall_curve, roc_curve
+from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_curve, roc_curve
 from tqdm import tqdm
 
 from pipeline import abstain, explain, plots
 from pipeline.data import Preprocess, eval_transform, prepare_file, read_split
 from pipeline.device import autocast, select_device, use_bf16
 from pipeline.errors import InputError, PipelineError, one_line
-from pipeline.io import atomic_path, decode_image, opencv_threads, write_csv, write_json
+from pipeline.io import (
+    atomic_path,
+    decode_image,
+    opencv_threads,
+    read_json,
+    write_csv,
+    write_json,
+)
 from pipeline.labels import normalize_label
 from pipeline.layout import scan_layout
 from pipeline.masks import MaskParams, mask_path
-from pipeline.metrics import classification_metrics, expected_calibration_error
+from pipeline.metrics import (
+    classification_metrics,
+    expected_calibration_error,
+    restricted_to_present,
+)
+from pipeline.metrics_ci import bootstrap_intervals
 from pipeline.model_card import card_facts, write_model_card
 from pipeline.models import load_checkpoint
 from pipeline.onnx_runtime import OnnxClassifier
@@ -228,18 +240,23 @@ RESOURCE_KEYS = ("inference_images_per_second", "device")
 
 def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
                      settings: dict[str, Any], resources_path: Path | None = None,
-                     raw_dir: Path | None = None) -> dict[str, Any]:
+                     raw_dir: Path | None = None, external: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
     """Compute metrics and write every evaluation output (see the module docstring).
 
     Throughput and device go to ``resources_path`` (default: ``eval_resources.json`` beside the
     metrics), not to the metrics, so that metric diffs show quality only; with ``raw_dir`` (the
-    ingested training data) the model card names its provenance."""
+    ingested training data) the model card names its provenance; ``external`` (summaries of
+    other data sets, by name) goes beside the test results in ``summary.json`` and the card."""
     classes, data = scored["classes"], scored["data"]
     index = {label: i for i, label in enumerate(classes)}
     labels = np.array([index[label] for label in data.labels])
     probabilities = scored["probabilities"]
     headline, per_class = classification_metrics(labels, probabilities, classes)
     headline["skipped_unreadable"] = scored.get("skipped_unreadable", 0)
+    headline |= _interval_columns(bootstrap_intervals(labels, probabilities.argmax(1)))
+    if headline["absent_classes"]:
+        headline |= _restricted_scores(labels, probabilities)
     if headline["absent_classes"]:
         logger.warning("%s: no image of %s in the data; macro averages are over the %d classes "
                        "present", scored["name"], headline["absent_classes"],
@@ -279,7 +296,8 @@ def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
         "model": scored["name"], "metrics": headline, "training": scored["training"],
         "abstention": abstention,
         "card": card_facts(classes, labels, predicted, per_class, scored.get("recipe", {}),
-                           raw_dir)})
+                           raw_dir),
+        "external": external or {}})
     write_model_card(out_dir / "summary.json", out_dir / "MODEL_CARD.md")
     write_json(metrics_path, {k: v for k, v in headline.items() if k not in RESOURCE_KEYS})
     write_json(resources_path or metrics_path.with_name("eval_resources.json"),
@@ -288,6 +306,47 @@ def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
                 scored["name"], headline["accuracy"], headline["macro_f1"], headline["ece"],
                 headline["ece_uncalibrated"], len(labels))
     return headline
+
+
+def evaluate_external(model_path: Path, locations: list[str], settings: dict[str, Any],
+                      out_dir: Path) -> dict[str, Any]:
+    """Score a model on every external data set (``evaluate.external``), each into
+    ``out_dir/<set name>`` (the folder's own name); return their summaries by name.
+
+    ``out_dir`` is replaced whole, with an ``index.json`` naming the sets (possibly none).
+    """
+    results = {}
+    with atomic_path(out_dir) as staging:
+        staging.mkdir()
+        for location in map(Path, locations):
+            name = location.parent.name if location.suffix == ".csv" else location.name
+            if name in results:
+                raise InputError(f"two external sets are named {name!r}: rename one folder")
+            logger.info("external set %s: %s", name, location)
+            scored = score_checkpoint(model_path, external_set(location), settings)
+            write_evaluation(scored, staging / name, staging / name / "eval.json", settings)
+            results[name] = read_json(staging / name / "summary.json")
+        write_json(staging / "index.json", {name: str(location) for name, location in
+                                            zip(results, locations, strict=True)})
+    return results
+
+
+def _interval_columns(intervals: dict[str, list[float]]) -> dict[str, float]:
+    """``accuracy_ci95_low`` / ``_high`` ...: flat keys, as ``dvc metrics`` shows them."""
+    return {f"{name}_ci95_{side}": bound for name, (low, high) in intervals.items()
+            for side, bound in (("low", low), ("high", high))}
+
+
+def _restricted_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """Scores when the model may only answer with the classes the data holds."""
+    restricted, _ = restricted_to_present(labels, probabilities)
+    predicted = restricted.argmax(1)
+    scores = {"restricted_accuracy": float((predicted == labels).mean()),
+              "restricted_balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+              "restricted_macro_f1": float(f1_score(labels, predicted, average="macro",
+                                                    zero_division=0))}
+    return scores | {f"restricted_{k}": v for k, v in
+                     _interval_columns(bootstrap_intervals(labels, predicted)).items()}
 
 
 def _abstention(scored: dict[str, Any], labels: np.ndarray, settings: dict[str, Any]

@@ -85,6 +85,19 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
     return headline, per_class
 
 
+def restricted_to_present(labels: np.ndarray, probabilities: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities renormalised over the classes present in ``labels`` (the others zeroed).
+
+    For a data set that holds only some of the model's classes (another laboratory's set): the
+    model then chooses among the classes that can occur, as a lab restricting its panel would.
+    """
+    present = np.zeros(probabilities.shape[1], dtype=bool)
+    present[np.unique(labels)] = True
+    restricted = np.where(present, probabilities, 0.0)
+    return restricted / restricted.sum(1, keepdims=True).clip(1e-12), present
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
     """Temperature scaling (Guo et al. 2017): the T minimising validation NLL of logits / T."""
     log_t = torch.zeros(1, requires_grad=True)

@@ -1,35 +1,59 @@
-"""95% bootstrap confidence intervals of headline metrics (images resampled with replacement)."""
+"""95% bootstrap confidence intervals of headline metrics (images resampled with replacement).
+
+scipy's paired percentile bootstrap, with the statistics vectorised over the resamples in numpy
+(they agree with scikit-learn's accuracy, balanced accuracy and macro-F1; a test checks it).
+"""
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
-
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
-
-Metric = Callable[[np.ndarray, np.ndarray], float]
-
-METRICS: dict[str, Metric] = {
-    "accuracy": accuracy_score,
-    "balanced_accuracy": balanced_accuracy_score,
-    "macro_f1": lambda y, p: f1_score(y, p, average="macro", zero_division=0),
-}
+from scipy.stats import bootstrap
 
 
-def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, resamples: int = 1000,
-                        level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
-    """Percentile bootstrap ``[low, high]`` of each metric in ``METRICS``."""
+def _class_counts(labels: np.ndarray, predicted: np.ndarray, classes: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True positives, support and predicted counts per class, over the last axis."""
+    every = np.arange(classes).reshape((-1,) + (1,) * labels.ndim)
+    is_label, is_predicted = labels == every, predicted == every
+    return ((is_label & is_predicted).sum(-1), is_label.sum(-1), is_predicted.sum(-1))
+
+
+def _accuracy(labels: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:
+    return (labels == predicted).mean(axis)
+
+
+def _balanced_accuracy(labels: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Mean recall over the classes present in ``labels`` (as scikit-learn's)."""
+    hits, support, _ = _class_counts(labels, predicted, int(labels.max()) + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nanmean(np.where(support > 0, hits / support, np.nan), axis=0)
+
+
+def _macro_f1(labels: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Mean F1 over the classes in ``labels`` or ``predicted`` (as scikit-learn's macro F1)."""
+    classes = int(max(labels.max(), predicted.max())) + 1
+    hits, support, chosen = _class_counts(labels, predicted, classes)
+    total = support + chosen
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nanmean(np.where(total > 0, 2 * hits / total, np.nan), axis=0)
+
+
+def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, level: float = 0.95,
+                        resamples: int = 2000, seed: int = 0) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of accuracy, balanced accuracy and macro-F1.
+
+    Images are resampled with their labels (scipy's paired bootstrap); the interval of a perfect
+    score is [1, 1], since the percentile method needs no variance.
+    """
     if len(labels) == 0:
         raise ValueError("no images to bootstrap")
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(labels), size=(resamples, len(labels)))
-    tail = (1 - level) / 2 * 100
+    statistics = {"accuracy": _accuracy, "balanced_accuracy": _balanced_accuracy,
+                  "macro_f1": _macro_f1}
     intervals = {}
-    for name, metric in METRICS.items():
-        with warnings.catch_warnings():  # resamples may lack a class: sklearn warns, rightly 0
-            warnings.simplefilter("ignore", UserWarning)
-            values = [metric(labels[d], predicted[d]) for d in draws]
-        low, high = np.percentile(values, [tail, 100 - tail])
+    for name, statistic in statistics.items():
+        result = bootstrap((np.asarray(labels), np.asarray(predicted)), statistic, paired=True,
+                           vectorized=True, n_resamples=resamples, confidence_level=level,
+                           method="percentile", rng=np.random.default_rng(seed))
+        low, high = result.confidence_interval
         intervals[name] = [float(low), float(high)]
     return intervals

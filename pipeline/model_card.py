@@ -123,8 +123,11 @@ def _abstention_lines(abstention: dict[str, Any] | None) -> list[str]:
             "the threshold is stored with ONNX exports. Curve: `figures/risk_coverage.png`."]
 
 
-def render_card(summary: dict[str, Any], external: dict[str, Any] | None = None) -> str:
-    """The model card's Markdown, from ``summary.json`` (and an external evaluation's)."""
+LOCALISATION_KEYS = ("attention_in_cell", "gradcam_in_cell", "cell_area")
+
+
+def render_card(summary: dict[str, Any]) -> str:
+    """The model card's Markdown, from ``summary.json`` (its external sets' rows included)."""
     card, training, name = summary.get("card", {}), summary["training"], summary["model"]
     data = card.get("data", {})
     recipe = card.get("recipe", {})
@@ -152,15 +155,18 @@ def render_card(summary: dict[str, Any], external: dict[str, Any] | None = None)
              "| data | images | accuracy | balanced accuracy | macro-F1 | ECE before -> after "
              "calibration |", "|---|---|---|---|---|---|",
              *_metrics_rows("test", summary),
-             *(_metrics_rows("external", external) if external else []), "",
+             *[row for set_name, external in summary.get("external", {}).items()
+               for row in _metrics_rows(f"external: {set_name}", external)], "",
              "Per-class recall (test): " + ", ".join(
                  f"{r['class']} {r['recall']:.3f}" for r in card.get("per_class", [])), "",
              "Most common confusions (test): " + (", ".join(
                  f"{c['true']} -> {c['predicted']} ({c['images']})"
                  for c in card.get("confusions", [])) or "none"), ""]
-    if summary.get("localisation"):
-        lines += ["## Localisation", *[f"- {k}: {v}" for k, v in summary["localisation"].items()],
-                  ""]
+    localisation = {k: summary["metrics"][k] for k in LOCALISATION_KEYS
+                    if summary["metrics"].get(k) is not None}
+    if localisation:
+        lines += ["## Localisation (share of the map inside the cell mask; cell_area is chance)",
+                  *[f"- {k}: {v:.3f}" for k, v in localisation.items()], ""]
     lines += ["## Abstention", *_abstention_lines(summary.get("abstention")), "",
               "## Known limitations", *[f"- {item}" for item in LIMITATIONS], "",
               "## How to reproduce", f"At commit `{card.get('commit', 'unknown')}`:", "",
@@ -169,8 +175,7 @@ def render_card(summary: dict[str, Any], external: dict[str, Any] | None = None)
     return "\n".join(lines)
 
 
-def write_model_card(summary_path: Path, dest: Path, external_path: Path | None = None) -> None:
-    """Render ``MODEL_CARD.md`` from a ``summary.json`` (and an external one when it exists)."""
-    external = read_json(external_path) if external_path and external_path.is_file() else None
+def write_model_card(summary_path: Path, dest: Path) -> None:
+    """Render ``MODEL_CARD.md`` from a ``summary.json``."""
     with atomic_path(dest) as tmp:
-        tmp.write_text(render_card(read_json(summary_path), external), encoding="utf-8")
+        tmp.write_text(render_card(read_json(summary_path)), encoding="utf-8")

@@ -10,8 +10,14 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import run_entry_point
-from pipeline.evaluate import evaluation_set, held_out_set, score_checkpoint, write_evaluation
-from pipeline.io import load_params
+from pipeline.evaluate import (
+    evaluate_external,
+    evaluation_set,
+    held_out_set,
+    score_checkpoint,
+    write_evaluation,
+)
+from pipeline.io import load_params, write_json
 from pipeline.models import MODEL_FILE
 
 
@@ -29,9 +35,13 @@ def main(name: str, fold: int | None = None) -> None:
     validation = held_out_set(split, images, masks, part="val")  # for the ensemble's temperature
     scored = score_checkpoint(model_dir / MODEL_FILE, data, settings, validation)
     if out is None:
+        external = evaluate_external(model_dir / MODEL_FILE, settings["external"], settings,
+                                     Path("data/eval") / name / "external")
+        write_json(Path("metrics") / name / "external.json",
+                   {set_name: summary["metrics"] for set_name, summary in external.items()})
         write_evaluation(scored, Path("data/eval") / name, Path("metrics") / name / "eval.json",
                          settings, Path("resources") / name / "eval.json",
-                         raw_dir=Path("data/raw"))
+                         raw_dir=Path("data/raw"), external=external)
     else:
         write_evaluation(scored, out, out / "eval.json", settings, out / "resources.json",
                          raw_dir=Path("data/raw"))

@@ -13,8 +13,10 @@ from pipeline import predict as predict_module
 from pipeline.cli import main as wbc
 from pipeline.compare import compare
 from pipeline.ensemble import combine_evaluations, member_weights, temper, write_spec
+from pipeline.errors import PipelineError
 from pipeline.evaluate import (
     EvalSet,
+    evaluate_external,
     external_set,
     held_out_set,
     score_checkpoint,
@@ -81,7 +83,9 @@ def test_evaluation_outputs_are_well_formed(evaluated, prepared):
         points = pd.read_csv(folder / f"{curve}.csv")  # one plot per model, classes as series
         assert list(points.columns) == columns and points["class"].nunique() == 8
     scores = predictions[["attention_in_cell", "gradcam_in_cell", "cell_area"]]
-    assert scores.notna().all().all() and ((scores >= 0) & (scores <= 1)).all().all()
+    assert predictions[["attention_in_cell", "cell_area"]].notna().all().all()
+    assert predictions["gradcam_in_cell"].notna().any()  # NaN only where Grad-CAM is all zero
+    assert ((scores.fillna(0) >= 0) & (scores.fillna(0) <= 1)).all().all()
     assert headline["cell_area"] == pytest.approx(scores["cell_area"].mean())
     for figure in ("confusion", "roc_pr", "reliability", "mistakes", "explain"):
         assert (folder / "figures" / f"{figure}.png").stat().st_size > 5_000
@@ -244,3 +248,31 @@ def test_predict_folder_with_corrupt_file(trained, synthetic_folder, tmp_path):
     only_bad.mkdir()
     (only_bad / "notes.txt").write_text("hello")
     assert wbc(["predict", str(trained["first"]), str(only_bad)]) == 2  # no image file at all
+
+
+def test_restricted_scores_renormalise_over_the_classes_present():
+    from pipeline.metrics import restricted_to_present
+
+    probabilities = np.array([[0.6, 0.3, 0.1], [0.5, 0.1, 0.4], [0.2, 0.2, 0.6]])
+    labels = np.array([1, 2, 2])  # class 0 never occurs: its mass is taken away
+    restricted, present = restricted_to_present(labels, probabilities)
+    assert present.tolist() == [False, True, True]
+    np.testing.assert_allclose(restricted, [[0, 0.75, 0.25], [0, 0.2, 0.8], [0, 0.25, 0.75]])
+    assert (restricted.argmax(1) == labels).all() and (probabilities.argmax(1) != labels).any()
+
+
+def test_external_sets_scored_beside_the_test_split(trained, synthetic_folder, tmp_path):
+    other = tmp_path / "lab-b"
+    for label in ("lymphocyte", "monocyte"):
+        shutil.copytree(synthetic_folder / label, other / label.upper())
+    results = evaluate_external(trained["first"], [str(other)], SETTINGS, tmp_path / "external")
+    metrics = results["lab-b"]["metrics"]
+    assert metrics["images"] == 20 and metrics["absent_classes"]
+    assert metrics["restricted_accuracy"] >= metrics["accuracy"]
+    assert metrics["accuracy_ci95_low"] <= metrics["accuracy"] <= metrics["accuracy_ci95_high"]
+    assert read_json(tmp_path / "external" / "index.json") == {"lab-b": str(other)}
+    assert (tmp_path / "external" / "lab-b" / "predictions.csv").is_file()
+    with pytest.raises(PipelineError, match="two external sets are named 'lab-b'"):
+        evaluate_external(trained["first"], [str(other), str(other)], SETTINGS,
+                          tmp_path / "external")
+    assert (tmp_path / "external" / "lab-b").is_dir()  # the failed run left the old result

@@ -79,10 +79,13 @@ def test_evaluate_writes_a_card_from_its_summary(tmp_path, synthetic_folder):
 
 def test_card_lists_external_metrics_and_localisation():
     metrics = {"images": 10, "accuracy": 0.9, "balanced_accuracy": 0.88, "macro_f1": 0.87,
-               "ece": 0.05, "ece_uncalibrated": 0.1, "temperature": 1.2}
+               "ece": 0.05, "ece_uncalibrated": 0.1, "temperature": 1.2,
+               "attention_in_cell": 0.8, "cell_area": 0.3}
     summary = {"model": "m", "metrics": metrics, "training": {}, "abstention": None,
-               "localisation": {"pointing_game": 0.8}, "card": {"intervals": {}}}
-    card = render_card(summary, external={**summary, "metrics": {**metrics, "accuracy": 0.7}})
-    assert "| external | 10 | 0.700" in card and "pointing_game: 0.8" in card
+               "card": {"intervals": {}}}
+    summary["external"] = {"pbc-external": {**summary, "metrics": {**metrics, "accuracy": 0.7}}}
+    card = render_card(summary)
+    assert "| external: pbc-external | 10 | 0.700" in card
+    assert "attention_in_cell: 0.800" in card and "cell_area: 0.300" in card
     assert "Not computed" in card
     assert reproduce_command("m", {}, None) == "dvc exp run evaluate@m"
