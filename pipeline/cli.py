@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--batch-size", type=int, default=64)
         command.add_argument("--device", default="auto")
         command.add_argument("--tta", action="store_true", help="average flips and rotations")
+    for command in (predict, export, evaluate, explain):
         command.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 
