@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,13 @@ logger = logging.getLogger(__name__)
 
 SPLIT_FOLDERS = {"train": "train", "test": "test"}
 IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db"}
+
+
+def is_image_file(path: Path) -> bool:
+    """A file with an image extension, hidden or not (PBC publishes ``.DS_169665.jpg``, a real
+    image), but not macOS's ``._name`` resource forks or the system files above."""
+    return (path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("._")
+            and path.name not in IGNORED_NAMES and path.is_file())
 
 
 class LayoutError(PipelineError, ValueError):
@@ -41,8 +48,7 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 def _has_images(folder: Path) -> bool:
     """Whether ``folder`` directly holds a file with an image extension."""
-    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
-               for p in folder.iterdir())
+    return any(is_image_file(p) for p in folder.iterdir())
 
 
 def find_layout(root: Path) -> tuple[Path, str]:
@@ -81,34 +87,36 @@ def _class_candidates(folder: Path, source_split: str, root: Path) -> Iterator[C
     for class_dir in _visible_dirs(folder):
         if not _has_images(class_dir):
             continue
-        if _is_outside_link(class_dir, root):
-            logger.warning("skipping %s: a symbolic link pointing outside %s", class_dir, root)
-            continue
-        try:
-            label = normalize_label(class_dir.name)
-        except UnsafeNameError as error:
-            logger.warning("skipping class folder %s: %s", class_dir, error)
+        label = _checked_name(class_dir, root, normalize_label)
+        if label is None:
             continue
         if (known := closest_known_class(label)) is not None:
             logger.warning("class %r (folder %s) looks like a typo of %r", label, class_dir, known)
         yield from _file_candidates(class_dir, label, source_split, prefix, root)
 
 
+def _checked_name(path: Path, root: Path, clean: Callable[[str], str]) -> str | None:
+    """``clean(path.name)``, or None (with a logged skip) for a link out of ``root`` or a name
+    that cannot be made safe."""
+    if _is_outside_link(path, root):
+        logger.warning("skipping %s: a symbolic link pointing outside %s", path, root)
+        return None
+    try:
+        return clean(path.name)
+    except UnsafeNameError as error:
+        logger.warning("skipping %s: %s", path, error)
+        return None
+
+
 def _file_candidates(class_dir: Path, label: str, source_split: str, prefix: str, root: Path
                      ) -> Iterator[Candidate]:
     for path in sorted(class_dir.rglob("*")):
-        if (not path.is_file() or path.name.startswith(".") or path.name in IGNORED_NAMES
-                or "__MACOSX" in path.parts):
+        if not path.is_file() or path.name.startswith("._") or path.name in IGNORED_NAMES \
+                or "__MACOSX" in path.parts:
             continue
-        if _is_outside_link(path, root):
-            logger.warning("skipping %s: a symbolic link pointing outside %s", path, root)
-            continue
-        try:
-            name = safe_name(path.name)
-        except UnsafeNameError as error:
-            logger.warning("skipping %s: %s", path, error)
-            continue
-        yield Candidate(path, label, source_split, f"{prefix}{label}/{name}")
+        name = _checked_name(path, root, safe_name)
+        if name is not None:
+            yield Candidate(path, label, source_split, f"{prefix}{label}/{name}")
 
 
 def scan_layout(root: Path) -> tuple[list[Candidate], str]:

@@ -17,6 +17,7 @@ from pipeline.ensemble import read_spec, temper
 from pipeline.errors import PipelineError
 from pipeline.evaluate import infer, load_model, prepare_all
 from pipeline.io import IMAGE_SUFFIXES
+from pipeline.layout import is_image_file
 from pipeline.masks import MaskParams
 from pipeline.models import LEGACY_MODEL_FILE, MODEL_FILE
 
@@ -56,9 +57,8 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     skipped = 0
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*")
-                           if p.is_file() and not p.name.startswith("."))
-            images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+            found = sorted(p for p in item.rglob("*") if p.is_file())
+            images = [p for p in found if is_image_file(p)]
             skipped += len(found) - len(images)
             files.extend(images)
         else:

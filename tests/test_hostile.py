@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import shutil
 import signal
 import struct
 import subprocess
@@ -578,3 +579,17 @@ def test_sigterm_cleans_temp_folders_and_stops_workers(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
     time.sleep(0.5)
     assert [pid for pid in workers if _alive(pid)] == []
+
+
+def test_hidden_image_files_are_ingested_but_resource_forks_are_not(tmp_path, synthetic_folder):
+    """PBC publishes ``neutrophil/.DS_169665.jpg``, a real image; ``._x.jpg`` is macOS metadata."""
+    source = tmp_path / "cells"
+    for label in ("lymphocyte", "monocyte"):
+        shutil.copytree(synthetic_folder / label, source / label)
+    real = next((synthetic_folder / "lymphocyte").iterdir())
+    shutil.copy(real, source / "lymphocyte" / ".DS_169665.jpg")
+    (source / "lymphocyte" / "._fork.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    manifest = ingest(source, tmp_path / "raw", {"source": "test"}, workers=1)
+    assert "lymphocyte/.DS_169665.jpg" in set(manifest["path"])
+    assert not any("_fork" in p for p in manifest["path"])
+    assert len(manifest) == 21
