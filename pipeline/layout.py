@@ -87,7 +87,7 @@ def _class_candidates(folder: Path, source_split: str, root: Path) -> Iterator[C
     for class_dir in _visible_dirs(folder):
         if not _has_images(class_dir):
             continue
-        label = _checked_name(class_dir, root, normalize_label)
+        label = _checked_name(class_dir, root, normalize_label, "class folder ")
         if label is None:
             continue
         if (known := closest_known_class(label)) is not None:
@@ -95,7 +95,8 @@ def _class_candidates(folder: Path, source_split: str, root: Path) -> Iterator[C
         yield from _file_candidates(class_dir, label, source_split, prefix, root)
 
 
-def _checked_name(path: Path, root: Path, clean: Callable[[str], str]) -> str | None:
+def _checked_name(path: Path, root: Path, clean: Callable[[str], str], what: str = ""
+                  ) -> str | None:
     """``clean(path.name)``, or None (with a logged skip) for a link out of ``root`` or a name
     that cannot be made safe."""
     if _is_outside_link(path, root):
@@ -104,7 +105,7 @@ def _checked_name(path: Path, root: Path, clean: Callable[[str], str]) -> str | 
     try:
         return clean(path.name)
     except UnsafeNameError as error:
-        logger.warning("skipping %s: %s", path, error)
+        logger.warning("skipping %s%s: %s", what, path, error)
         return None
 
 
