@@ -61,7 +61,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     settings = {"batch_size": args.batch_size, "tta": args.tta, "device": args.device,
                 "ignore_unknown_classes": args.ignore_unknown, "mistakes": 18,
-                "attention_per_class": 2, "strict_images": args.strict}
+                "strict_images": args.strict}
     scored = _score(args.model, external_set(args.data), settings)
     headline = write_evaluation(scored, args.output, args.output / "eval.json", settings)
     print(f"accuracy {headline['accuracy']:.4f}  macro-F1 {headline['macro_f1']:.4f}  "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import matplotlib
 
 matplotlib.use("Agg")
@@ -97,16 +96,6 @@ def image_grid_png(images: list[np.ndarray], captions: list[str], title: str, pa
         axes.flat[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
     fig.suptitle(title)
     _save(fig, path)
-
-
-def attention_overlay(image: np.ndarray, attention: np.ndarray) -> np.ndarray:
-    """Blend a (h, w) attention grid, upsampled to the image, over it as a heat map."""
-    height, width = image.shape[:2]
-    heat = cv2.resize(attention.astype(np.float32), (width, height),
-                      interpolation=cv2.INTER_CUBIC)
-    heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-8)
-    coloured = (plt.get_cmap("jet")(heat)[..., :3] * 255).astype(np.float32)
-    return (0.55 * image + 0.45 * coloured).clip(0, 255).astype(np.uint8)
 
 
 def bar_chart_png(names: list[str], series: dict[str, list[float]], title: str, path: Path,

@@ -29,7 +29,7 @@ from pipeline.models import ModelConfig
 from pipeline.train import TrainConfig, train_model
 
 SETTINGS = {"batch_size": 16, "tta": False, "dataset": None, "ignore_unknown_classes": False,
-            "mistakes": 6, "attention_per_class": 1}
+            "mistakes": 6}
 
 
 @pytest.fixture(scope="module")

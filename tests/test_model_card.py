@@ -12,7 +12,7 @@ from pipeline.metrics_ci import bootstrap_intervals
 from pipeline.model_card import data_fingerprint, render_card, reproduce_command
 
 CLASSES = ["lymphocyte", "monocyte", "neutrophil"]
-SETTINGS = {"tta": False, "mistakes": 2, "attention_per_class": 1,
+SETTINGS = {"tta": False, "mistakes": 2,
             "abstain_target_accuracy": 0.9}
 
 

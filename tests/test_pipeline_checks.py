@@ -205,7 +205,7 @@ def _tiny(params: dict) -> None:
     params["train"].update(epochs=1, batch_size=16)
     params["train"]["random_init"].update(epochs=1)
     params["masks"]["gallery_per_class"] = 2
-    params["evaluate"].update(attention_per_class=1, mistakes=2)
+    params["evaluate"].update(mistakes=2)
     for model in params["models"].values():
         model.update(image_size=64, embed_dim=32, heads=2)
 
