@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,7 +99,7 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS,
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        data = source if isinstance(source, bytes) else _read_regular_file(Path(source))
         with Image.open(BytesIO(data)) as image:
             _check_size(image.size, max_pixels, min_side)
             image.load()
@@ -114,6 +115,14 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS,
         raise ImageDecodeError(f"cannot decode {name}: blank image, every pixel is "
                                f"{tuple(int(v) for v in pixels[0, 0])}")
     return pixels
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file; a FIFO or device (which would block or never end) is a
+    defect of the input, not something to read."""
+    if not stat.S_ISREG(path.stat().st_mode) and not path.is_dir():
+        raise ImageDecodeError("not a regular file (a pipe, socket or device)")
+    return path.read_bytes()
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, min_side: int) -> None:

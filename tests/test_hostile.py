@@ -32,7 +32,7 @@ from pipeline.cli import main as wbc
 from pipeline.data import Preprocess
 from pipeline.ensemble import write_spec
 from pipeline.errors import SIGTERM_EXIT, USER_ERROR_EXIT, run_entry_point
-from pipeline.io import decode_image
+from pipeline.io import ImageDecodeError, decode_image
 from pipeline.labels import UnsafeNameError, safe_name
 from pipeline.masks import MaskParams
 from pipeline.metrics import classification_metrics
@@ -593,3 +593,11 @@ def test_hidden_image_files_are_ingested_but_resource_forks_are_not(tmp_path, sy
     assert "lymphocyte/.DS_169665.jpg" in set(manifest["path"])
     assert not any("_fork" in p for p in manifest["path"])
     assert len(manifest) == 21
+
+
+def test_a_named_pipe_is_an_error_row_not_a_hang(tmp_path):
+    """Reading a FIFO given as an image would block forever."""
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    with pytest.raises(ImageDecodeError, match="not a regular file"):
+        decode_image(pipe)
