@@ -37,11 +37,9 @@ from torch.utils.data import DataLoader
 from pipeline.data import CellDataset, Preprocess, train_transform
 from pipeline.device import amp_supported, autocast, select_device
 from pipeline.evaluate import infer
-from pipeline.labels import PBC_CLASSES
-from pipeline.layout import scan_layout
 from pipeline.masks import MaskParams, build_masks, compute_mask
 from pipeline.models import ModelConfig, build_model, data_config
-from pipeline.synthetic import generate_dataset, render_example
+from pipeline.sources import PBC_CLASSES, generate_dataset, render_example, scan_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADER_TARGET_RATIO = 3.0

@@ -34,8 +34,6 @@ from pipeline.io import (
     write_csv,
     write_json,
 )
-from pipeline.labels import normalize_label
-from pipeline.layout import scan_layout
 from pipeline.masks import MaskParams, mask_path
 from pipeline.metrics import (
     classification_metrics,
@@ -46,6 +44,7 @@ from pipeline.metrics_ci import bootstrap_intervals
 from pipeline.model_card import card_facts, write_model_card
 from pipeline.models import load_checkpoint
 from pipeline.onnx_runtime import OnnxClassifier
+from pipeline.sources import normalize_label, scan_layout
 
 logger = logging.getLogger(__name__)
 

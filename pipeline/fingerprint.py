@@ -20,9 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.download import sha256_file
 from pipeline.io import write_json
-from pipeline.sources import REMOTE_SOURCES, SourceError
+from pipeline.sources import REMOTE_SOURCES, SourceError, sha256_file
 
 SUBSET_KEYS = ("per_class", "seed")  # data settings that change which images are ingested
 

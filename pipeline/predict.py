@@ -17,9 +17,9 @@ from pipeline.ensemble import read_spec, temper
 from pipeline.errors import PipelineError
 from pipeline.evaluate import infer, load_model, prepare_all
 from pipeline.io import IMAGE_SUFFIXES
-from pipeline.layout import is_image_file
 from pipeline.masks import MaskParams
 from pipeline.models import LEGACY_MODEL_FILE, MODEL_FILE
+from pipeline.sources import is_image_file
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.masks import MaskParams, build_masks
-from pipeline.sources import ingest
+from pipeline.sources.ingest import ingest
+from pipeline.sources.synthetic import generate_dataset
 from pipeline.split import split_dataset
-from pipeline.synthetic import generate_dataset
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 for role in ("AUTHOR", "COMMITTER"):  # tests commit into throw-away repositories

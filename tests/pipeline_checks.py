@@ -3,7 +3,11 @@
 A stage's script is the ``python -m stages.X`` (or ``python stages/X.py``) of its cmd. Its
 required deps are the script plus every ``pipeline`` module it imports, transitively
 (``import pipeline.x``, ``from pipeline.x import y``, ``from pipeline import x``, relative
-imports, imports inside functions). Its required params
+imports, imports inside functions, the ``__init__.py`` of each package on the way). A package
+whose ``__init__.py`` imports nothing at import time (a lazy ``__getattr__``, names listed in an
+``_EXPORTS`` literal) is not a dep itself; the modules its named attributes come from are. A
+folder dep (``pipeline/sources``) stands for every module below it and is exact only when the
+stage imports all of them. Its required params
 are the ``params.yaml`` keys subscripted on the result of ``load_params()``, directly
 (``load_params()["masks"]``) or through a variable (``params = load_params(); params["train"]``),
 with one more level where the first one is subscripted again (``params["models"][name]``).
@@ -17,11 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGE = "pipeline"
-# pipeline/__init__.py only defines a lazy ``__getattr__`` (no work at import time), so the stages
-# deliberately do not list it; a stage that used ``pipeline.predict`` through it would be caught
-# because the lazily imported module is followed like any other import.
-IGNORED_MODULES = {f"{PACKAGE}/__init__.py"}
 DYNAMIC = "*"
+EXPORTS = "_EXPORTS"  # a lazy package's literal {submodule: (exported names)}
 
 
 @dataclass
@@ -80,9 +81,37 @@ def _package_of(path: str) -> str:
     return ".".join(parts[:-1])
 
 
+def _parent_inits(root: Path, module_file: str) -> set[str]:
+    """The ``__init__.py`` of every package above ``module_file`` (Python runs them first)."""
+    parents = Path(module_file).parents
+    return {(folder / "__init__.py").as_posix() for folder in parents
+            if folder != Path(".") and (root / folder / "__init__.py").is_file()}
+
+
+def is_lazy_init(root: Path, path: str) -> bool:
+    """Whether ``path`` is a package ``__init__.py`` importing no ``pipeline`` module at import
+    time (its imports, if any, sit inside functions: a lazy ``__getattr__``)."""
+    if Path(path).name != "__init__.py":
+        return False
+    tree = ast.parse((root / path).read_text(), filename=path)
+    for node in tree.body:
+        if isinstance(node, ast.Import) and any(
+                alias.name.split(".")[0] == PACKAGE for alias in node.names):
+            return False
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[
+                0] == PACKAGE):
+            return False
+    return True
+
+
 def _lazy_attributes(root: Path, init_file: str) -> dict[str, str]:
-    """``pipeline.__getattr__`` imports: attribute name -> module file it imports."""
+    """A lazy package's attributes: name -> module file it is imported from on first use.
+
+    Found in the ``__getattr__`` imports (``from pipeline.predict import predict``) and in an
+    ``_EXPORTS = {"submodule": ("name", ...)}`` literal.
+    """
     tree = ast.parse((root / init_file).read_text())
+    package = _package_of(init_file)
     found: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -90,6 +119,12 @@ def _lazy_attributes(root: Path, init_file: str) -> dict[str, str]:
             if target:
                 for alias in node.names:
                     found[alias.asname or alias.name] = target
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and EXPORTS in {
+                t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(t, ast.Name)}:
+            for submodule, names in ast.literal_eval(node.value).items():
+                target = _module_file(root, f"{package}.{submodule}")
+                found.update(dict.fromkeys(names, target))
     return found
 
 
@@ -102,7 +137,7 @@ def imported_modules(root: Path, path: str) -> set[str]:
             for alias in node.names:
                 target = _module_file(root, alias.name)
                 if target:
-                    found.add(target)
+                    found |= {target} | _parent_inits(root, target)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = _package_of(path).split(".")
@@ -113,7 +148,7 @@ def imported_modules(root: Path, path: str) -> set[str]:
             target = _module_file(root, module)
             if target is None:
                 continue
-            found.add(target)
+            found |= {target} | _parent_inits(root, target)
             for alias in node.names:  # from pipeline import plots  (a submodule)
                 sub = _module_file(root, f"{module}.{alias.name}")
                 if sub:
@@ -134,9 +169,31 @@ def module_closure(root: Path, script: str) -> set[str]:
         if path in seen:
             continue
         seen.add(path)
-        if path not in IGNORED_MODULES:  # its imports are lazy; named attributes are followed
+        if not is_lazy_init(root, path):  # its imports are lazy; named attributes are followed
             todo.extend(imported_modules(root, path) - seen)
     return seen
+
+
+def _folder_modules(root: Path, folder: str) -> set[str]:
+    """Every module file below a folder dep (``pipeline/sources``), lazy ``__init__`` aside."""
+    files = {path.relative_to(root).as_posix() for path in (root / folder).rglob("*.py")}
+    return {path for path in files if not is_lazy_init(root, path)}
+
+
+def _check_deps(root: Path, stage: StageInfo, script: str, modules: set[str]) -> list[str]:
+    """Missing module deps, and module or folder deps the stage does not import."""
+    deps = {Path(d).as_posix() for d in stage.deps}
+    folders = {dep: _folder_modules(root, dep) for dep in sorted(deps)
+               if dep.startswith(f"{PACKAGE}/") and (root / dep).is_dir()}
+    covered = deps.union(*folders.values())
+    problems = [f"stage {stage.name}: missing dep {module} (imported by {script})"
+                for module in sorted(modules - covered)]
+    problems += [f"stage {stage.name}: dep {dep} is not imported by {script}"
+                 for dep in sorted(deps) if dep.endswith(".py") and dep not in modules]
+    for folder, inside in folders.items():
+        problems += [f"stage {stage.name}: dep {folder} holds {module}, not imported by {script}"
+                     for module in sorted(inside - modules)]
+    return problems
 
 
 def _is_load_params(node: ast.AST) -> bool:
@@ -205,15 +262,8 @@ def _covers(entry: str, key: str, sub: str | None, args: list[str]) -> bool:
 def check_stage(root: Path, stage: StageInfo) -> list[str]:
     """Problems of one stage, each a message naming the stage and the module or key."""
     script, args = script_of(stage.cmd)
-    problems = []
-    modules = module_closure(root, script) - IGNORED_MODULES
-    deps = {Path(d).as_posix() for d in stage.deps}
-    for module in sorted(modules):
-        if module not in deps:
-            problems.append(f"stage {stage.name}: missing dep {module} (imported by {script})")
-    for dep in sorted(deps):
-        if dep.endswith(".py") and dep not in modules:
-            problems.append(f"stage {stage.name}: dep {dep} is not imported by {script}")
+    modules = {path for path in module_closure(root, script) if not is_lazy_init(root, path)}
+    problems = _check_deps(root, stage, script, modules)
 
     reads: set[tuple[str, str | None]] = set()
     for module in modules:

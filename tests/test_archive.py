@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.archive import ArchiveError, UnsafeArchiveError, safe_extract
+from pipeline.sources.archive import ArchiveError, UnsafeArchiveError, safe_extract
 
 
 def make_zip(path: Path, entries: dict[str, bytes]) -> Path:
@@ -104,7 +104,7 @@ def test_macos_metadata_is_skipped_with_one_warning(
         "cells/._a.jpg": b"meta",
         "cells/.DS_Store": b"meta",
     })
-    with caplog.at_level(logging.WARNING, logger="pipeline.archive"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources.archive"):
         dest = safe_extract(archive, tmp_path / "out")
     assert tree(dest) == {"cells/a.jpg": b"A"}
     assert len(caplog.records) == 1

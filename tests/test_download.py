@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import download as download_module
-from pipeline.download import ChecksumError, DownloadError, download, sha256_file
+from pipeline.sources import download as download_module
+from pipeline.sources.download import ChecksumError, DownloadError, download, sha256_file
 
 PAYLOAD = bytes(range(256)) * 400  # 100 KiB, several read chunks
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
@@ -130,7 +130,7 @@ def test_without_checksum_the_digest_is_returned_recorded_and_logged(
     server: FileServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     dest = tmp_path / "data.bin"
-    with caplog.at_level(logging.INFO, logger="pipeline.download"):
+    with caplog.at_level(logging.INFO, logger="pipeline.sources.download"):
         assert fetch(server.url, dest) == PAYLOAD_SHA256
     assert (tmp_path / "data.bin.sha256").read_text().split() == [PAYLOAD_SHA256, "data.bin"]
     assert PAYLOAD_SHA256 in caplog.text

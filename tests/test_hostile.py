@@ -27,13 +27,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.archive import ArchiveError, ArchiveLimits, UnsafeArchiveError, safe_extract
 from pipeline.cli import main as wbc
 from pipeline.data import Preprocess
 from pipeline.ensemble import write_spec
 from pipeline.errors import SIGTERM_EXIT, USER_ERROR_EXIT, run_entry_point
 from pipeline.io import ImageDecodeError, decode_image
-from pipeline.labels import UnsafeNameError, safe_name
 from pipeline.masks import MaskParams
 from pipeline.metrics import classification_metrics
 from pipeline.models import (
@@ -44,7 +42,9 @@ from pipeline.models import (
     load_checkpoint,
     save_checkpoint,
 )
-from pipeline.sources import ImageLimits, build_raw_dataset, ingest
+from pipeline.sources.archive import ArchiveError, ArchiveLimits, UnsafeArchiveError, safe_extract
+from pipeline.sources.ingest import ImageLimits, build_raw_dataset, ingest
+from pipeline.sources.labels import UnsafeNameError, safe_name
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["eosinophil", "lymphocyte", "monocyte", "neutrophil"]
@@ -522,7 +522,7 @@ def test_entry_point_exit_codes(capsys, monkeypatch):
 SLOW_INGEST = """
 import sys, time
 from pathlib import Path
-import pipeline.sources as sources
+import pipeline.sources.ingest as sources
 from pipeline.errors import run_entry_point
 
 original = sources._ingest_one

@@ -7,9 +7,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import masks
-from pipeline.labels import PBC_CLASSES
 from pipeline.masks import MaskParams, compute_mask
-from pipeline.synthetic import render_example
+from pipeline.sources import PBC_CLASSES, render_example
 
 
 def _iou(first: np.ndarray, second: np.ndarray) -> float:

@@ -86,6 +86,59 @@ def test_checker_reports_transitive_module_and_params(stages):
     assert "params key evaluate is listed but never read" in problems
 
 
+def test_checker_holds_a_folder_dep_to_what_the_stage_imports(stages):
+    """``pipeline/sources`` is exact for download (it imports the whole ingest package), not for
+    evaluate (labels and layout only), and a dropped folder dep names each missing module."""
+    download = _by_name(stages)["download"]
+    assert "pipeline/sources" in download.deps
+    assert pc.check_stage(ROOT, download) == []
+    without = dataclasses.replace(
+        download, deps=[d for d in download.deps if d != "pipeline/sources"]
+        + ["pipeline/sources/ingest.py"])
+    missing = pc.check_stage(ROOT, without)
+    assert "stage download: missing dep pipeline/sources/synthetic.py " \
+        "(imported by stages/download.py)" in missing
+    assert not any("ingest.py" in problem for problem in missing)
+
+    evaluate = _by_name(stages)["evaluate@mobilenet_attention"]
+    whole = dataclasses.replace(evaluate, deps=[
+        d for d in evaluate.deps if not d.startswith("pipeline/sources/")] + ["pipeline/sources"])
+    problems = pc.check_stage(ROOT, whole)
+    assert ("stage evaluate@mobilenet_attention: dep pipeline/sources holds "
+            "pipeline/sources/synthetic.py, not imported by stages/evaluate.py") in problems
+    assert not any("labels.py" in problem or "layout.py" in problem for problem in problems)
+
+
+def test_packages_lazy_and_eager(tmp_path):
+    """A lazy package's ``_EXPORTS`` names lead to their modules and the package is no dep; an
+    eager package's ``__init__`` is a dep of every import below it, and its imports followed."""
+    (tmp_path / "pipeline" / "lazy").mkdir(parents=True)
+    (tmp_path / "pipeline" / "eager").mkdir()
+    (tmp_path / "pipeline" / "__init__.py").write_text("")
+    (tmp_path / "pipeline" / "lazy" / "__init__.py").write_text(
+        "import importlib\n_EXPORTS = {'a': ('f',), 'b': ('g',)}\n")
+    for name in ("a", "b"):
+        (tmp_path / "pipeline" / "lazy" / f"{name}.py").write_text("")
+    (tmp_path / "pipeline" / "eager" / "__init__.py").write_text("from pipeline.eager.c import h\n")
+    (tmp_path / "pipeline" / "eager" / "c.py").write_text("")
+    (tmp_path / "pipeline" / "eager" / "d.py").write_text("")
+    (tmp_path / "script.py").write_text(
+        "from pipeline.lazy import f\nfrom pipeline.eager.d import x\n")
+    assert pc.is_lazy_init(tmp_path, "pipeline/lazy/__init__.py")
+    assert not pc.is_lazy_init(tmp_path, "pipeline/eager/__init__.py")
+    assert pc.module_closure(tmp_path, "script.py") == {
+        "script.py", "pipeline/__init__.py", "pipeline/lazy/__init__.py", "pipeline/lazy/a.py",
+        "pipeline/eager/__init__.py", "pipeline/eager/c.py", "pipeline/eager/d.py"}
+    stage = pc.StageInfo("s", "python script.py", deps=[
+        "script.py", "pipeline/lazy/a.py", "pipeline/eager"])
+    assert pc.check_stage(tmp_path, stage) == []
+    stage.deps = ["script.py", "pipeline/lazy", "pipeline/eager/d.py"]
+    assert pc.check_stage(tmp_path, stage) == [
+        "stage s: missing dep pipeline/eager/__init__.py (imported by script.py)",
+        "stage s: missing dep pipeline/eager/c.py (imported by script.py)",
+        "stage s: dep pipeline/lazy holds pipeline/lazy/b.py, not imported by script.py"]
+
+
 def test_params_reads_are_found(tmp_path):
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "pipeline" / "__init__.py").write_text("")
@@ -293,7 +346,7 @@ def test_end_to_end(tiny_run, tmp_path):
 
 def _cells(folder: Path) -> Path:
     """A small class-per-folder data set outside the repository, as a user's own images."""
-    from pipeline.synthetic import generate_dataset
+    from pipeline.sources import generate_dataset
 
     generate_dataset(folder, images_per_class=3, seed=5, workers=1)
     return folder

@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import sources
 from pipeline.io import read_json
-from pipeline.layout import LayoutError
-from pipeline.sources import SourceError, build_raw_dataset, ingest
+from pipeline.sources import ingest as ingest_module
+from pipeline.sources.ingest import SourceError, build_raw_dataset, ingest
+from pipeline.sources.layout import LayoutError
 
 
 def _small_class_tree(synthetic_folder: Path, root: Path, per_class: int = 3) -> Path:
@@ -27,7 +27,7 @@ def _small_class_tree(synthetic_folder: Path, root: Path, per_class: int = 3) ->
 def test_class_layout_manifest(synthetic_folder, tmp_path):
     manifest = ingest(synthetic_folder, tmp_path / "raw", {"source": "test"})
     assert len(manifest) == 80
-    assert list(manifest.columns) == sources.MANIFEST_COLUMNS
+    assert list(manifest.columns) == ingest_module.MANIFEST_COLUMNS
     assert manifest.groupby("label").size().eq(10).all()
     row = manifest.iloc[0]
     image = tmp_path / "raw" / "images" / row["path"]
@@ -77,7 +77,7 @@ def test_no_layout_is_a_clear_error(tmp_path):
 
 
 def test_offline_remote_source_names_url_and_alternatives(tmp_path, monkeypatch):
-    monkeypatch.setitem(sources.REMOTE_SOURCES, "pbc", sources.RemoteSource(
+    monkeypatch.setitem(ingest_module.REMOTE_SOURCES, "pbc", ingest_module.RemoteSource(
         url="http://127.0.0.1:9/pbc.zip", filename="pbc.zip"))
     data = {"source": "pbc", "timeout_s": 1, "retries": 0}
     with pytest.raises(SourceError) as error:

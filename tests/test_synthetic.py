@@ -9,8 +9,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.labels import PBC_CLASSES
-from pipeline.synthetic import DEFAULT_SIZE, generate_dataset, render_cell, render_example
+from pipeline.sources.labels import PBC_CLASSES
+from pipeline.sources.synthetic import DEFAULT_SIZE, generate_dataset, render_cell, render_example
 
 SMALL = (121, 120)  # a third of PBC's size: same scene, rendered faster
 

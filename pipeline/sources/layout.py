@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.io import IMAGE_SUFFIXES
-from pipeline.labels import UnsafeNameError, closest_known_class, normalize_label, safe_name
+from pipeline.sources.labels import UnsafeNameError, closest_known_class, normalize_label, safe_name
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,6 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.archive import ArchiveLimits, safe_extract
-from pipeline.download import DownloadError, download, sha256_file
 from pipeline.errors import PipelineError, one_line
 from pipeline.io import (
     MAX_IMAGE_PIXELS,
@@ -33,8 +31,10 @@ from pipeline.io import (
     write_csv,
     write_json,
 )
-from pipeline.layout import Candidate, scan_layout
-from pipeline.synthetic import generate_dataset
+from pipeline.sources.archive import ArchiveLimits, safe_extract
+from pipeline.sources.download import DownloadError, download, sha256_file
+from pipeline.sources.layout import Candidate, scan_layout
+from pipeline.sources.synthetic import generate_dataset
 
 logger = logging.getLogger(__name__)
 

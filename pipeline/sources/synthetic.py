@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.io import atomic_path, opencv_threads
-from pipeline.labels import PBC_CLASSES
+from pipeline.sources.labels import PBC_CLASSES
 
 DEFAULT_SIZE: tuple[int, int] = (363, 360)  # (height, width) like PBC
 _JPEG_QUALITY = 95

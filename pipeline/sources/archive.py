@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, ensure_inside
-from pipeline.labels import UnsafeNameError, safe_name
+from pipeline.sources.labels import UnsafeNameError, safe_name
 
 logger = logging.getLogger(__name__)
 
