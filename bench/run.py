@@ -34,6 +34,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pipeline.config import from_params
 from pipeline.data import CellDataset, Preprocess, train_transform
 from pipeline.device import amp_supported, autocast, select_device
 from pipeline.evaluate import infer
@@ -356,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
     params = load_params()
-    configs = {name: ModelConfig(**entry) for name, entry in params["models"].items()}
+    configs = {name: from_params(ModelConfig, entry, f"models.{name}")
+               for name, entry in params["models"].items()}
     if args.models:
         wanted = [name.strip() for name in args.models.split(",") if name.strip()]
         unknown = sorted(set(wanted) - set(configs))
@@ -371,7 +373,8 @@ def main(argv: list[str] | None = None) -> None:
                               else "default"}
     os.environ["TQDM_DISABLE"] = "1"  # inherited by the spawned model processes
     print("[bench] masks ...", flush=True)
-    report["masks"] = bench_masks(mask_params(params), budget, args.mask_images)
+    masks = from_params(MaskParams, params["masks"], "masks")
+    report["masks"] = bench_masks(masks, budget, args.mask_images)
     print("[bench] dvc ...", flush=True)
     report["dvc"] = bench_dvc()
     report["models"] = bench_models(configs, budget)
@@ -382,12 +385,6 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(format_report(report))
     print(f"\nresults: {args.out}")
-
-
-def mask_params(params: dict[str, Any]) -> MaskParams:
-    """MaskParams from ``params.yaml: masks`` (keys that are not mask knobs are dropped)."""
-    fields = {f.name for f in dataclasses.fields(MaskParams)}
-    return MaskParams(**{k: v for k, v in params["masks"].items() if k in fields})
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Every error a user can cause (bad data, a bad model file, an unreachable source) derives from
 :class:`PipelineError`; ``str(error)`` is one line saying what is wrong and what to do.
-:func:`run_entry_point` turns such errors into ``error: ...`` on stderr and exit code 2, and makes
-SIGTERM (what DVC, CI and schedulers send) clean up like Ctrl-C does.
+:func:`run_entry_point`, which every stage and the ``wbc`` command run through, configures logging
+once, turns such errors into ``error: ...`` on stderr and exit code 2, and makes SIGTERM (what
+DVC, CI and schedulers send) clean up like Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 USER_ERROR_EXIT = 2
 SIGTERM_EXIT = 128 + signal.SIGTERM
 DEBUG_ENV = "WBC_DEBUG"
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 class PipelineError(Exception):
@@ -57,13 +59,23 @@ def one_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def configure_logging() -> None:
+    """Log INFO and above to stderr in one format: the set-up every entry point shares.
+
+    Does nothing where logging is configured already (a host application, pytest).
+    """
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+
+
 def run_entry_point(main: Callable[..., int | None], *args: Any, debug: bool | None = None
                     ) -> int:
     """Run ``main(*args)`` and return its exit code: user errors are one line and exit code 2.
 
-    Tracebacks are shown only with ``debug`` (``--debug``) or ``WBC_DEBUG=1``.
+    Logging is configured (:func:`configure_logging`) before ``main`` runs. Tracebacks are shown
+    only with ``debug`` (``--debug``) or ``WBC_DEBUG=1``.
     """
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0") if debug is None else debug
+    configure_logging()
     install_sigterm_handler()
     try:
         return int(main(*args) or 0)

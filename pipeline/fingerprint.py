@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from pipeline.io import write_json
-from pipeline.sources import REMOTE_SOURCES, SourceError, sha256_file
-
-SUBSET_KEYS = ("per_class", "seed")  # data settings that change which images are ingested
+from pipeline.sources import REMOTE_SOURCES, DataConfig, SourceError, sha256_file
 
 
 def _file_hashes(root: Path, cache_file: Path) -> dict[str, dict[str, Any]]:
@@ -42,12 +41,12 @@ def _file_hashes(root: Path, cache_file: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def source_fingerprint(data: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
+def source_fingerprint(config: DataConfig, cache_dir: Path) -> dict[str, Any]:
     """What identifies ``data.source``'s content (see the module docstring)."""
-    source = str(data["source"])
-    subset = {key: data[key] for key in SUBSET_KEYS if key in data}
+    source = str(config.source)
+    subset = {"per_class": config.per_class, "seed": config.seed}  # which images are ingested
     if source == "synthetic":
-        return {"source": source, "synthetic": data["synthetic"], **subset}
+        return {"source": source, "synthetic": asdict(config.synthetic), **subset}
     if source in REMOTE_SOURCES:
         remote = REMOTE_SOURCES[source]
         return {"source": source, "url": remote.url, "sha256": remote.sha256, **subset}

@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -30,6 +30,9 @@ STATUSES = ("ok", "fallback", "whole-image", "empty")
 @dataclass(frozen=True)
 class MaskParams:
     """Every knob of the mask stage (``params.yaml: masks``)."""
+
+    # the masks stage's gallery reads it, not the mask computation (nor any checkpoint)
+    READ_ELSEWHERE: ClassVar[frozenset[str]] = frozenset({"gallery_per_class"})
 
     work_size: int = 128
     saturation_min: int = 75

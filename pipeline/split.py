@@ -209,20 +209,35 @@ def _counts(parts: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
             for name, frame in parts.items()}
 
 
-def split_dataset(manifest: pd.DataFrame, images_dir: Path, settings: dict[str, Any]
-                  ) -> SplitResult:
-    """Split a manifest as ``params.yaml: split`` says, and into folds when it asks for them."""
-    folds = fold_count(settings.get("folds"))
-    max_distance = int(settings["near_duplicate_distance"])
+@dataclass(frozen=True)
+class SplitConfig:
+    """How to split (``params.yaml: split``)."""
+
+    folds: tuple[int, ...] = ()  # cross-validation fold ids 0..K-1; () off
+    val: float = 0.15
+    test: float = 0.15
+    seed: int = 42
+    near_duplicate_distance: int = 4  # pHash Hamming distance grouping near-duplicates; -1 off
+    original_id_pattern: str = r"^_(\d+)_\d+\."
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folds", tuple(self.folds))  # a YAML list
+        fold_count(list(self.folds))
+
+
+def split_dataset(manifest: pd.DataFrame, images_dir: Path, config: SplitConfig) -> SplitResult:
+    """Split a manifest as ``config`` says, and into folds when it asks for them."""
+    folds = fold_count(list(config.folds))
+    max_distance = int(config.near_duplicate_distance)
     hashes = None
     if max_distance >= 0:
         hashes = perceptual_hashes([images_dir / p for p in manifest["path"]])
-    groups, links = find_groups(manifest, hashes, max_distance, settings["original_id_pattern"])
-    part = assign_parts(manifest, groups, settings["val"], settings["test"], settings["seed"])
+    groups, links = find_groups(manifest, hashes, max_distance, config.original_id_pattern)
+    part = assign_parts(manifest, groups, config.val, config.test, config.seed)
     parts = {name: manifest[part == name].sort_values("path") for name in PARTS}
     fold_parts = [{name: manifest[fold_part == name].sort_values("path") for name in PARTS}
-                  for fold_part in (assign_folds(manifest, groups, folds, settings["val"],
-                                                 settings["seed"]) if folds else [])]
+                  for fold_part in (assign_folds(manifest, groups, folds, config.val,
+                                                 config.seed) if folds else [])]
     group_sizes = pd.Series(groups).value_counts()
     summary = {
         "images": len(manifest),

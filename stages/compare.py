@@ -1,6 +1,5 @@
 """Stage compare: every evaluated model side by side (metrics/summary.json, reports/)."""
 
-import logging
 import sys
 from pathlib import Path
 
@@ -16,5 +15,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(run_entry_point(main))

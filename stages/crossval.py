@@ -1,6 +1,5 @@
 """Stage crossval@<model>: mean, spread and pooled out-of-fold metrics over the folds."""
 
-import logging
 import sys
 from pathlib import Path
 
@@ -17,5 +16,4 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(run_entry_point(main, sys.argv[1]))

@@ -1,7 +1,6 @@
 """Stage ensemble: evaluate the weighted average of the members' calibrated probabilities,
 with a temperature of its own fitted on the validation split."""
 
-import logging
 import sys
 from pathlib import Path
 
@@ -33,5 +32,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(run_entry_point(main))

@@ -5,7 +5,6 @@ fold's test part, into data/cv/MODEL/K/eval.
 """
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -48,7 +47,6 @@ def main(name: str, fold: int | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")
     parser.add_argument("--fold", type=int, help="score this cross-validation fold's model")

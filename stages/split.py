@@ -1,23 +1,20 @@
 """Stage split: leakage-safe stratified train/val/test lists in data/split."""
 
-import logging
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline.config import from_params
 from pipeline.errors import run_entry_point
 from pipeline.io import atomic_path, load_params, write_csv, write_json
-from pipeline.split import SplitError, split_dataset
+from pipeline.split import SplitConfig, split_dataset
 
 
 def main() -> None:
-    settings = load_params()["split"]
+    config = from_params(SplitConfig, load_params()["split"], "split")
     manifest = pd.read_csv("data/raw/manifest.csv", keep_default_na=False)
-    try:
-        result = split_dataset(manifest, Path("data/raw/images"), settings)
-    except SplitError as error:
-        sys.exit(f"split: {error}")
+    result = split_dataset(manifest, Path("data/raw/images"), config)
     with atomic_path("data/split") as out:
         for folder, parts in [(out, result.parts)] + [
                 (out / "folds" / str(fold), parts) for fold, parts in enumerate(result.folds)]:
@@ -27,5 +24,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(run_entry_point(main))

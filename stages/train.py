@@ -5,7 +5,6 @@ cross-validation fold K (data/split/folds/K) into data/cv/MODEL/K/train.
 """
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -47,7 +46,6 @@ def main(name: str, fold: int | None = None) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")
     parser.add_argument("--fold", type=int, help="train on this cross-validation fold")

@@ -10,15 +10,14 @@ import pytest
 from pipeline.masks import MaskParams, build_masks
 from pipeline.sources.ingest import ingest
 from pipeline.sources.synthetic import generate_dataset
-from pipeline.split import split_dataset
+from pipeline.split import SplitConfig, split_dataset
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 for role in ("AUTHOR", "COMMITTER"):  # tests commit into throw-away repositories
     os.environ.setdefault(f"GIT_{role}_NAME", "tests")
     os.environ.setdefault(f"GIT_{role}_EMAIL", "tests@wbc.local")
 
-SPLIT_SETTINGS = {"val": 0.2, "test": 0.2, "seed": 0, "near_duplicate_distance": 4,
-                  "original_id_pattern": r"^_(\d+)_\d+\."}
+SPLIT_CONFIG = SplitConfig(val=0.2, test=0.2, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +35,7 @@ def prepared(tmp_path_factory, synthetic_folder) -> Path:
     manifest = ingest(synthetic_folder, data / "raw", {"source": "test"})
     build_masks(manifest, data / "raw" / "images", data / "masks", MaskParams(),
                 gallery_per_class=2)
-    parts = split_dataset(manifest, data / "raw" / "images", SPLIT_SETTINGS).parts
+    parts = split_dataset(manifest, data / "raw" / "images", SPLIT_CONFIG).parts
     (data / "split").mkdir()
     for name, rows in parts.items():
         rows.to_csv(data / "split" / f"{name}.csv", index=False)

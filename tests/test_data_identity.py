@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from pipeline.fingerprint import source_fingerprint
-from pipeline.sources import SourceError, build_raw_dataset
+from pipeline.sources import DataConfig, SourceError, build_raw_dataset
+from pipeline.sources.ingest import SyntheticConfig
 
 
 def test_per_class_subset_is_seeded(synthetic_folder, tmp_path):
     def draw(seed: int, name: str) -> pd.DataFrame:
-        settings = {"source": str(synthetic_folder), "per_class": 4, "seed": seed}
+        settings = DataConfig(source=str(synthetic_folder), per_class=4, seed=seed)
         return build_raw_dataset(settings, tmp_path / name, tmp_path / "cache")
 
     first, again, other = draw(0, "a"), draw(0, "b"), draw(1, "c")
@@ -25,7 +27,7 @@ def test_per_class_subset_is_seeded(synthetic_folder, tmp_path):
     drawn = first.groupby("label")["path"].apply(lambda paths: sorted(Path(p).name for p in paths))
     assert any(names != sorted(f.name for f in (synthetic_folder / label).iterdir())[:4]
                for label, names in drawn.items())  # not simply the first files
-    everything = build_raw_dataset({"source": str(synthetic_folder), "per_class": 1000},
+    everything = build_raw_dataset(DataConfig(source=str(synthetic_folder), per_class=1000),
                                    tmp_path / "all", tmp_path / "cache")
     assert len(everything) == 80  # fewer than asked: the whole class
 
@@ -33,7 +35,7 @@ def test_per_class_subset_is_seeded(synthetic_folder, tmp_path):
 def test_fingerprint_follows_the_folder_content(synthetic_folder, tmp_path):
     folder = tmp_path / "cells"
     shutil.copytree(synthetic_folder, folder)
-    settings, cache = {"source": str(folder)}, tmp_path / "cache"
+    settings, cache = DataConfig(source=str(folder)), tmp_path / "cache"
     first = source_fingerprint(settings, cache)
     assert first["files"] == 80 and source_fingerprint(settings, cache) == first
     image = sorted((folder / "monocyte").iterdir())[0]
@@ -42,13 +44,14 @@ def test_fingerprint_follows_the_folder_content(synthetic_folder, tmp_path):
     assert edited["sha256"] != first["sha256"] and edited["files"] == 80
     image.unlink()
     assert source_fingerprint(settings, cache)["files"] == 79
-    assert source_fingerprint({**settings, "per_class": 5}, cache)["per_class"] == 5
+    assert source_fingerprint(replace(settings, per_class=5), cache)["per_class"] == 5
 
 
 def test_fingerprint_of_remote_and_generated_sources(tmp_path):
-    pbc = source_fingerprint({"source": "pbc"}, tmp_path)
+    pbc = source_fingerprint(DataConfig(source="pbc"), tmp_path)
     assert pbc["url"].startswith("https://") and "sha256" in pbc
-    generated = {"source": "synthetic", "synthetic": {"images_per_class": 5, "seed": 1}}
-    assert source_fingerprint(generated, tmp_path)["synthetic"] == generated["synthetic"]
+    generated = DataConfig(synthetic=SyntheticConfig(images_per_class=5, seed=1))
+    assert source_fingerprint(generated, tmp_path)["synthetic"] == {"images_per_class": 5,
+                                                                     "seed": 1}
     with pytest.raises(SourceError, match="neither synthetic"):
-        source_fingerprint({"source": str(tmp_path / "missing")}, tmp_path)
+        source_fingerprint(DataConfig(source=str(tmp_path / "missing")), tmp_path)

@@ -43,7 +43,7 @@ from pipeline.models import (
     save_checkpoint,
 )
 from pipeline.sources.archive import ArchiveError, ArchiveLimits, UnsafeArchiveError, safe_extract
-from pipeline.sources.ingest import ImageLimits, build_raw_dataset, ingest
+from pipeline.sources.ingest import DataConfig, ImageLimits, build_raw_dataset, ingest
 from pipeline.sources.labels import UnsafeNameError, safe_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,13 +270,13 @@ def test_pixel_limit_and_min_side_are_params(tmp_path):
     root = class_tree(tmp_path / "data")
     cell_image(root / "monocyte" / "tiny.png", size=(8, 8))
     cell_image(root / "monocyte" / "large.png", size=(100, 100))
-    data = {"source": str(root), "max_image_pixels": 5000, "min_image_side": 16}
+    data = DataConfig(source=str(root), max_image_pixels=5000, min_image_side=16)
     build_raw_dataset(data, tmp_path / "raw", tmp_path / "cache")
     rejected = pd.read_csv(tmp_path / "raw" / "rejected.csv")
     assert set(rejected["reason"]) == {
         "100x100 pixels exceeds the limit of 5000 (data.max_image_pixels)",
         "image too small to hold a cell: 8x8, under 16 px a side (data.min_image_side)"}
-    assert ImageLimits.from_params({}) == ImageLimits()
+    assert DataConfig().image_limits == ImageLimits()
 
 
 def test_sixteen_bit_greyscale_is_scaled_by_its_range(tmp_path):
@@ -346,7 +346,7 @@ def test_rejected_csv_is_byte_identical_across_runs(tmp_path):
     with zipfile.ZipFile(archive, "w") as handle:
         for path in sorted(tree.rglob("*")):
             handle.write(path, path.relative_to(tree))
-    data = {"source": str(archive)}
+    data = DataConfig(source=str(archive))
     first = build_raw_dataset(data, tmp_path / "a", tmp_path / "cache")
     second = build_raw_dataset(data, tmp_path / "b", tmp_path / "cache")
     assert first.equals(second)

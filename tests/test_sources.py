@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.io import read_json
 from pipeline.sources import ingest as ingest_module
-from pipeline.sources.ingest import SourceError, build_raw_dataset, ingest
+from pipeline.sources.ingest import DataConfig, SourceError, build_raw_dataset, ingest
 from pipeline.sources.layout import LayoutError
 
 
@@ -59,7 +59,7 @@ def test_zip_source_with_bad_files(synthetic_folder, tmp_path):
     with zipfile.ZipFile(archive, "w") as handle:
         for path in sorted(tree.rglob("*")):
             handle.write(path, Path("dataset") / path.relative_to(tree))
-    data = {"source": str(archive), "timeout_s": 1, "retries": 0}
+    data = DataConfig(source=str(archive), timeout_s=1, retries=0)
     manifest = build_raw_dataset(data, tmp_path / "raw", tmp_path / "cache")
     assert len(manifest) == 9
     rejected = pd.read_csv(tmp_path / "raw" / "rejected.csv")
@@ -79,7 +79,7 @@ def test_no_layout_is_a_clear_error(tmp_path):
 def test_offline_remote_source_names_url_and_alternatives(tmp_path, monkeypatch):
     monkeypatch.setitem(ingest_module.REMOTE_SOURCES, "pbc", ingest_module.RemoteSource(
         url="http://127.0.0.1:9/pbc.zip", filename="pbc.zip"))
-    data = {"source": "pbc", "timeout_s": 1, "retries": 0}
+    data = DataConfig(source="pbc", timeout_s=1, retries=0)
     with pytest.raises(SourceError) as error:
         build_raw_dataset(data, tmp_path / "raw", tmp_path / "cache")
     message = str(error.value)
@@ -89,4 +89,4 @@ def test_offline_remote_source_names_url_and_alternatives(tmp_path, monkeypatch)
 
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(SourceError, match="neither synthetic"):
-        build_raw_dataset({"source": "nowhere/at/all"}, tmp_path / "raw", tmp_path / "cache")
+        build_raw_dataset(DataConfig(source="nowhere/at/all"), tmp_path / "raw", tmp_path / "cache")

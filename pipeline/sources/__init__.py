@@ -25,7 +25,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "labels": ("PBC_CLASSES", "normalize_label"),
     "layout": ("is_image_file", "scan_layout"),
     "synthetic": ("generate_dataset", "render_example"),
-    "ingest": ("REMOTE_SOURCES", "SourceError", "build_raw_dataset"),
+    "ingest": ("REMOTE_SOURCES", "DataConfig", "SourceError", "build_raw_dataset"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, ensure_inside
@@ -69,13 +69,6 @@ class ArchiveLimits:
     max_total_bytes: int = 16 << 30
     max_entries: int = 500_000
     max_entry_bytes: int = 256 << 20
-
-    @classmethod
-    def from_params(cls, data: dict[str, Any]) -> ArchiveLimits:
-        defaults = cls()
-        return cls(data.get("archive_max_total_bytes", defaults.max_total_bytes),
-                   data.get("archive_max_entries", defaults.max_entries),
-                   data.get("archive_max_entry_bytes", defaults.max_entry_bytes))
 
 
 @dataclass

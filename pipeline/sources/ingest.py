@@ -13,7 +13,7 @@ import os
 import random
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +74,40 @@ class ImageLimits:
     max_pixels: int = MAX_IMAGE_PIXELS
     min_side: int = MIN_IMAGE_SIDE
 
-    @classmethod
-    def from_params(cls, data: dict[str, Any]) -> ImageLimits:
-        return cls(data.get("max_image_pixels", MAX_IMAGE_PIXELS),
-                   data.get("min_image_side", MIN_IMAGE_SIDE))
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The generated data set (``params.yaml: data.synthetic``)."""
+
+    images_per_class: int = 60
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and what is let in (``params.yaml: data``)."""
+
+    source: str = "synthetic"  # synthetic | a name in REMOTE_SOURCES | a folder or archive path
+    cache_dir: str = ".cache/downloads"
+    timeout_s: float = 60
+    retries: int = 5
+    max_image_pixels: int = ImageLimits.max_pixels
+    min_image_side: int = ImageLimits.min_side
+    archive_max_total_bytes: int = ArchiveLimits.max_total_bytes
+    archive_max_entries: int = ArchiveLimits.max_entries
+    archive_max_entry_bytes: int = ArchiveLimits.max_entry_bytes
+    synthetic: SyntheticConfig = SyntheticConfig()
+    per_class: int | None = None  # ingest a random N images per class (the same for a seed)
+    seed: int = 0  # of that draw
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.max_image_pixels, self.min_image_side)
+
+    @property
+    def archive_limits(self) -> ArchiveLimits:
+        return ArchiveLimits(self.archive_max_total_bytes, self.archive_max_entries,
+                             self.archive_max_entry_bytes)
 
 
 def _ingest_one(job: tuple[Candidate, Path, Path, ImageLimits]) -> dict[str, Any]:
@@ -171,35 +201,36 @@ def _offline_hint(name: str, remote: RemoteSource, error: Exception) -> SourceEr
     )
 
 
-def _fetch_remote(name: str, data: dict[str, Any], cache_dir: Path) -> tuple[Path, dict[str, Any]]:
+def _fetch_remote(name: str, config: DataConfig, cache_dir: Path
+                  ) -> tuple[Path, dict[str, Any]]:
     remote = REMOTE_SOURCES[name]
     archive = cache_dir / remote.filename
     try:
         digest = download(remote.url, archive, sha256=remote.sha256,
-                          timeout=data["timeout_s"], retries=data["retries"])
+                          timeout=config.timeout_s, retries=config.retries)
     except DownloadError as error:
         raise _offline_hint(name, remote, error) from error
     extracted = cache_dir / f"{archive.stem}-{digest[:12]}"
     if not extracted.is_dir():
-        safe_extract(archive, extracted, ArchiveLimits.from_params(data))
+        safe_extract(archive, extracted, config.archive_limits)
     return extracted, {"source": name, "url": remote.url, "sha256": digest}
 
 
-def build_raw_dataset(data: dict[str, Any], out_dir: Path, cache_dir: Path) -> pd.DataFrame:
+def build_raw_dataset(config: DataConfig, out_dir: Path, cache_dir: Path) -> pd.DataFrame:
     """Resolve ``data.source`` to images and ingest them into ``out_dir`` (the download stage)."""
-    source = str(data["source"])
-    limits = ImageLimits.from_params(data)
+    source = str(config.source)
+    limits = config.image_limits
     cache_dir.mkdir(parents=True, exist_ok=True)
-    subset = {"per_class": data.get("per_class"), "seed": data.get("seed", 0)}
+    subset = {"per_class": config.per_class, "seed": config.seed}
     if source == "synthetic":
-        settings = data["synthetic"]
+        settings = asdict(config.synthetic)
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             root = Path(tmp) / "synthetic"
             generate_dataset(root, settings["images_per_class"], seed=settings["seed"])
             return ingest(root, out_dir, {"source": "synthetic", **settings}, limits=limits,
                           **subset)
     if source in REMOTE_SOURCES:
-        root, provenance = _fetch_remote(source, data, cache_dir)
+        root, provenance = _fetch_remote(source, config, cache_dir)
         return ingest(root, out_dir, provenance, limits=limits, **subset)
     path = Path(source).expanduser()
     if not path.exists():
@@ -210,7 +241,7 @@ def build_raw_dataset(data: dict[str, Any], out_dir: Path, cache_dir: Path) -> p
     if path.is_dir():
         return ingest(path, out_dir, {"source": str(path.resolve())}, limits=limits, **subset)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        root = safe_extract(path, Path(tmp) / "archive", ArchiveLimits.from_params(data))
+        root = safe_extract(path, Path(tmp) / "archive", config.archive_limits)
         provenance = {"source": str(path.resolve()), "sha256": sha256_file(path)}
         return ingest(root, out_dir, provenance, limits=limits, **subset)
 
