@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import InputError
 from pipeline.io import read_json
 
 REVIEW = "review"
@@ -37,9 +38,9 @@ def pick_threshold(probabilities: np.ndarray, labels: np.ndarray, target_accurac
     """The lowest confidence threshold whose kept predictions reach ``target_accuracy``
     (largest coverage); None when even the single most confident prediction misses it."""
     if not 0 < target_accuracy <= 1:
-        raise ValueError(f"abstain target accuracy must be in (0, 1], not {target_accuracy}")
+        raise InputError(f"abstain target accuracy must be in (0, 1], not {target_accuracy}")
     if len(labels) == 0:
-        raise ValueError("no validation images to pick an abstention threshold on")
+        raise InputError("no validation images to pick an abstention threshold on")
     curve = risk_coverage(probabilities, labels)
     reaching = curve[curve["accuracy"] >= target_accuracy]
     return None if reaching.empty else float(reaching["threshold"].iloc[-1])
@@ -80,7 +81,7 @@ def stored_threshold(model: str | Path, eval_dir: Path = Path("data/eval"),
     if not summary.is_file():
         if missing_ok:
             return None
-        raise ValueError(f"no evaluation of {name} ({summary}): its evaluate stage picks the "
+        raise InputError(f"no evaluation of {name} ({summary}): its evaluate stage picks the "
                          "abstention threshold")
     return (read_json(summary).get("abstention") or {}).get("threshold")
 
@@ -88,7 +89,7 @@ def stored_threshold(model: str | Path, eval_dir: Path = Path("data/eval"),
 def mark_review(rows: list[dict[str, Any]], threshold: float | None) -> list[dict[str, Any]]:
     """Add ``decision`` to prediction rows: the top-1 class, or ``review`` below ``threshold``."""
     if threshold is None:
-        raise ValueError("this model has no abstention threshold (none reached the target "
+        raise InputError("this model has no abstention threshold (none reached the target "
                          "accuracy on validation, or it was never evaluated)")
     for row in rows:
         if not row.get("error"):

@@ -71,11 +71,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from pipeline.explain import explain_files
 
-    try:
-        table = explain_files(args.model, args.inputs, args.output, args.device, args.batch_size)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"wbc explain: {error}", file=sys.stderr)
-        return 2
+    table = explain_files(args.model, args.inputs, args.output, args.device, args.batch_size)
     failed = table["error"].astype(bool)
     for row in table[failed].drop_duplicates("path").itertuples():
         print(f"wbc explain: skipped {row.path}: {row.error}", file=sys.stderr)
@@ -84,13 +80,9 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.export import ParityError, export_model
+    from pipeline.export import export_model
 
-    try:
-        report = export_model(args.model, args.output, args.quantize, images=args.images)
-    except (FileNotFoundError, ValueError, ParityError) as error:
-        print(f"wbc export: {error}", file=sys.stderr)
-        return 2
+    report = export_model(args.model, args.output, args.quantize, images=args.images)
     for line in report.lines():
         print(line)
     print(f"wrote {args.output}")

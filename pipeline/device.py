@@ -6,6 +6,8 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from pipeline.errors import InputError
+
 
 def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` picks CUDA, else Apple MPS, else the CPU."""
@@ -30,7 +32,7 @@ def use_bf16(device: torch.device, setting: bool | str = "auto") -> bool:
     on every CPU (fp32); ``true`` also on CPUs with AVX-512 bf16 or AMX (an opt-in: faster
     inference there, slower training, different numbers); ``false`` never."""
     if setting not in ("auto", True, False):
-        raise ValueError(f"train.amp must be auto, true or false, not {setting!r}")
+        raise InputError(f"train.amp must be auto, true or false, not {setting!r}")
     if setting == "auto":
         return device.type == "cuda" and amp_supported(device)
     return bool(setting) and amp_supported(device)

@@ -22,6 +22,7 @@ import onnx
 import torch
 from torch import nn
 
+from pipeline.errors import InputError, PipelineError
 from pipeline.io import atomic_path
 from pipeline.onnx_runtime import METADATA_KEY, session
 
@@ -31,7 +32,7 @@ PROB_TOLERANCE = 1e-3  # largest allowed |p_onnx - p_torch| over the parity samp
 OPSET = 17
 
 
-class ParityError(RuntimeError):
+class ParityError(PipelineError, RuntimeError):
     """The exported graph does not reproduce PyTorch on the parity sample."""
 
 
@@ -135,7 +136,7 @@ def export_onnx(members: list[tuple[nn.Module, float, float]], metadata: dict[st
     change measured on the sample against ``labels`` (class indices).
     """
     if len(sample) == 0:
-        raise ValueError("the parity check needs at least one image")
+        raise InputError("the parity check needs at least one image")
     prep = metadata["preprocess"]
     wrapper = ExportedClassifier([(m.eval().float().to("cpu"), w, t) for m, w, t in members],
                                  prep["mean"], prep["std"], metadata["temperature"]).eval()
@@ -207,7 +208,7 @@ def _same_setting(checkpoints: list[dict[str, Any]]) -> None:
     first = checkpoints[0]
     for other in checkpoints[1:]:
         if any(other[k] != first[k] for k in keys):
-            raise ValueError(f"ensemble members {first['name']} and {other['name']} differ in "
+            raise InputError(f"ensemble members {first['name']} and {other['name']} differ in "
                              "classes or preprocessing; export the members one by one")
 
 
@@ -227,7 +228,7 @@ def export_model(model: str | Path, dest: Path, quantize: bool = False,
     from pipeline.predict import resolve_model
 
     if dest.suffix != ".onnx":
-        raise ValueError(f"the export goes to a .onnx file, not {dest}")
+        raise InputError(f"the export goes to a .onnx file, not {dest}")
     members, temperature = resolve_model(model, data_dir / "models")
     loaded = [(*load_checkpoint(path), weight) for path, weight in members]
     checkpoints = [checkpoint for _, checkpoint, _ in loaded]
@@ -243,7 +244,7 @@ def export_model(model: str | Path, dest: Path, quantize: bool = False,
 
     def prepared(part: str) -> tuple[torch.Tensor, np.ndarray]:
         if images is None and not (data_dir / "split" / f"{part}.csv").is_file():
-            raise ValueError(f"no {data_dir / 'split' / part}.csv for the parity check: run the "
+            raise InputError(f"no {data_dir / 'split' / part}.csv for the parity check: run the "
                              "split and masks stages, or give --images a labelled folder")
         data = (external_set(images) if images is not None else
                 held_out_set(data_dir / "split", data_dir / "raw" / "images",

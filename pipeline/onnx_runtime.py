@@ -14,6 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from pipeline.errors import InputError
+
 METADATA_KEY = "wbc"
 
 
@@ -38,11 +40,11 @@ class OnnxClassifier:
         try:
             self.session = session(path, threads)
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own untyped errors
-            raise ValueError(f"{path} is not a readable ONNX model: "
+            raise InputError(f"{path} is not a readable ONNX model: "
                              f"{str(error).splitlines()[0]}") from error
         props = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in props:
-            raise ValueError(f"{path} is an ONNX model but not one exported by wbc export")
+            raise InputError(f"{path} is an ONNX model but not one exported by wbc export")
         self.metadata: dict[str, Any] = json.loads(props[METADATA_KEY])
 
     def logits(self, images: torch.Tensor | np.ndarray, batch_size: int = 64,

@@ -99,3 +99,13 @@ def test_stage_with_an_unknown_key_exits_2_with_one_line(stage, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: params.yaml {section}: unknown key(s) typo_key; ")
     assert result.stderr.count("\n") == 1 and not (tmp_path / "data").exists()
+
+
+def test_a_bad_synthetic_size_stops_download_with_one_line(tmp_path):
+    params = {**PARAMS, "data": {**PARAMS["data"], "synthetic": {"images_per_class": 0}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "stages.download"], cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                            text=True)
+    assert (result.returncode, result.stderr) == (
+        2, "error: images_per_class must be at least 1, got 0\n")

@@ -478,6 +478,30 @@ def test_cli_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, ca
     assert code == USER_ERROR_EXIT and "Traceback" in err
 
 
+@pytest.mark.parametrize("case", ["abstain without evaluation", "unreadable onnx",
+                                  "export not to onnx", "explain nothing"])
+def test_every_cli_command_reports_user_errors_in_one_line(case, tmp_path, checkpoint, capsys,
+                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/eval here
+    cell = cell_image(tmp_path / "cell.png")
+    (tmp_path / "garbage.onnx").write_bytes(b"not a graph")
+    (tmp_path / "empty").mkdir()
+    args, message = {
+        "abstain without evaluation": (["predict", "--abstain", str(checkpoint), str(cell)],
+                                       "error: no evaluation of "),
+        "unreadable onnx": (["predict", str(tmp_path / "garbage.onnx"), str(cell)],
+                            f"error: {tmp_path / 'garbage.onnx'} is not a readable ONNX model"),
+        "export not to onnx": (["export", str(checkpoint), "-o", str(tmp_path / "m.txt")],
+                               "error: the export goes to a .onnx file, not "),
+        "explain nothing": (["explain", str(checkpoint), str(tmp_path / "empty"), "-o",
+                             str(tmp_path / "out")], "error: no input files"),
+    }[case]
+    code, _, err = run_wbc(args, capsys)
+    last = err.strip().splitlines()[-1]  # after any progress bar or log line
+    assert code == USER_ERROR_EXIT and last.startswith(message), err
+    assert "Traceback" not in err
+
+
 def test_ensemble_members_are_relative_to_its_file(tmp_path, checkpoint, capsys, monkeypatch):
     spec = tmp_path / "models" / "ensemble" / "ensemble.json"
     write_spec(spec, {"a": checkpoint, "b": checkpoint}, {"a": 0.5, "b": 0.5})

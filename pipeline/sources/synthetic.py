@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.errors import InputError
 from pipeline.io import atomic_path, opencv_threads
 from pipeline.sources.labels import PBC_CLASSES
 
@@ -573,7 +574,7 @@ def _expose(canvas: _Canvas, density: np.ndarray) -> np.ndarray:
 
 def _check_label(label: str) -> None:
     if label not in PBC_CLASSES:
-        raise ValueError(f"unknown class {label!r}; expected one of: {', '.join(PBC_CLASSES)}")
+        raise InputError(f"unknown class {label!r}; expected one of: {', '.join(PBC_CLASSES)}")
 
 
 def render_cell(label: str, rng: np.random.Generator,
@@ -640,13 +641,13 @@ def generate_dataset(out_dir: Path, images_per_class: int, seed: int = 0,
     ``workers`` processes render in parallel (default: one per CPU; 1 renders in this process).
     """
     if not classes:
-        raise ValueError("classes must name at least one class")
+        raise InputError("classes must name at least one class")
     if len(set(classes)) != len(classes):
-        raise ValueError(f"classes must not repeat a class, got {list(classes)}")
+        raise InputError(f"classes must not repeat a class, got {list(classes)}")
     for label in classes:
         _check_label(label)
     if images_per_class < 1:
-        raise ValueError(f"images_per_class must be at least 1, got {images_per_class}")
+        raise InputError(f"images_per_class must be at least 1, got {images_per_class}")
     out_dir = Path(out_dir)
     workers = workers or os.cpu_count() or 1
     with atomic_path(out_dir) as staging:
