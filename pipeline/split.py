@@ -227,7 +227,7 @@ class SplitConfig:
 
 def split_dataset(manifest: pd.DataFrame, images_dir: Path, config: SplitConfig) -> SplitResult:
     """Split a manifest as ``config`` says, and into folds when it asks for them."""
-    folds = fold_count(list(config.folds))
+    folds = len(config.folds)  # checked by SplitConfig
     max_distance = int(config.near_duplicate_distance)
     hashes = None
     if max_distance >= 0:

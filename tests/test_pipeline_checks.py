@@ -109,6 +109,20 @@ def test_checker_holds_a_folder_dep_to_what_the_stage_imports(stages):
     assert not any("labels.py" in problem or "layout.py" in problem for problem in problems)
 
 
+def test_folder_deps_ignore_bytecode(stages):
+    """Python's ``__pycache__`` inside a folder dep must not change its hash (.dvcignore)."""
+    from dvc.repo import Repo
+
+    folders = {dep for stage in stages for dep in stage.deps
+               if dep.startswith("pipeline/") and (ROOT / dep).is_dir()}
+    assert "pipeline/sources" in folders
+    with Repo(str(ROOT)) as repo:
+        for folder in folders:
+            bytecode = ROOT / folder / "__pycache__" / "ingest.cpython-311.pyc"
+            assert repo.dvcignore.is_ignored_file(str(bytecode)), folder
+            assert not repo.dvcignore.is_ignored_file(str(ROOT / folder / "ingest.py"))
+
+
 def test_packages_lazy_and_eager(tmp_path):
     """A lazy package's ``_EXPORTS`` names lead to their modules and the package is no dep; an
     eager package's ``__init__`` is a dep of every import below it, and its imports followed."""
