@@ -128,6 +128,14 @@ def _lazy_attributes(root: Path, init_file: str) -> dict[str, str]:
     return found
 
 
+def _bound_module(root: Path, module_file: str) -> set[str]:
+    """A module bound to a name: a lazy package brings every module its attributes come from
+    (which of them the code then uses is not followed)."""
+    if is_lazy_init(root, module_file):
+        return {module_file, *_lazy_attributes(root, module_file).values()}
+    return {module_file}
+
+
 def imported_modules(root: Path, path: str) -> set[str]:
     """Files of the ``pipeline`` modules that ``path`` imports directly (anywhere in the file)."""
     tree = ast.parse((root / path).read_text(), filename=path)
@@ -137,7 +145,7 @@ def imported_modules(root: Path, path: str) -> set[str]:
             for alias in node.names:
                 target = _module_file(root, alias.name)
                 if target:
-                    found |= {target} | _parent_inits(root, target)
+                    found |= _bound_module(root, target) | _parent_inits(root, target)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = _package_of(path).split(".")
@@ -152,7 +160,7 @@ def imported_modules(root: Path, path: str) -> set[str]:
             for alias in node.names:  # from pipeline import plots  (a submodule)
                 sub = _module_file(root, f"{module}.{alias.name}")
                 if sub:
-                    found.add(sub)
+                    found |= _bound_module(root, sub)
                 elif target.endswith("__init__.py"):  # from pipeline import predict (lazy attr)
                     lazy = _lazy_attributes(root, target).get(alias.name)
                     if lazy:

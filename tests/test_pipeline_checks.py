@@ -151,6 +151,11 @@ def test_packages_lazy_and_eager(tmp_path):
         "stage s: missing dep pipeline/eager/__init__.py (imported by script.py)",
         "stage s: missing dep pipeline/eager/c.py (imported by script.py)",
         "stage s: dep pipeline/lazy holds pipeline/lazy/b.py, not imported by script.py"]
+    # the lazy package bound to a name: any of its attributes may be used
+    for line in ("import pipeline.lazy\n", "from pipeline import lazy\n"):
+        (tmp_path / "other.py").write_text(line)
+        assert pc.module_closure(tmp_path, "other.py") >= {
+            "pipeline/lazy/a.py", "pipeline/lazy/b.py"}
 
 
 def test_params_reads_are_found(tmp_path):
