@@ -4,14 +4,14 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.compare import compare
+from pipeline.compare import CompareConfig, compare
 from pipeline.errors import run_entry_point
 from pipeline.io import load_params, read_json
 
 
 def main() -> None:
-    settings = load_params()["compare"]
-    compare(Path("data/eval"), settings, Path("metrics/summary.json"), Path("reports"),
+    config = CompareConfig(**load_params()["compare"])
+    compare(Path("data/eval"), config, Path("metrics/summary.json"), Path("reports"),
             read_json(Path("data/raw/source.json")))
 
 
