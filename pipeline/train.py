@@ -55,6 +55,7 @@ from pipeline.models import (
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The shared recipe (``params.yaml: train``; the defaults are its values)."""
