@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data import Preprocess, eval_transform, load_prepared, read_split
+from pipeline.evaluate import held_out_set
 from pipeline.explain import (
     figure_for,
     gradcam_maps,
@@ -32,7 +33,7 @@ from pipeline.explain import (
     mean_scores,
     sample_for_figure,
 )
-from pipeline.masks import MaskParams, mask_path
+from pipeline.masks import MaskParams
 from pipeline.models import ModelConfig, attention_outside_cell_loss, build_model, data_config
 
 VARIANTS = {
@@ -45,10 +46,9 @@ VARIANTS = {
 
 def load_part(part: str, prep: Preprocess
               ) -> tuple[torch.Tensor, list[str], list[Path], list[Path]]:
-    rows = read_split(Path("data/split"), part)
-    paths = [Path("data/raw/images") / p for p in rows["path"]]
-    masks = [mask_path(Path("data/masks"), p) for p in rows["path"]]
-    return load_prepared(paths, prep, masks, desc=part), list(rows["label"]), paths, masks
+    data = held_out_set(Path("data/split"), Path("data/raw/images"), Path("data/masks"), part)
+    images = load_prepared(data.paths, prep, data.mask_files, desc=part)
+    return images, data.labels, data.paths, data.mask_files
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ import torch
 from pipeline.data import Preprocess, eval_transform, load_prepared
 from pipeline.evaluate import external_set, held_out_set, infer, restrict_to_classes
 from pipeline.export import export_onnx
+from pipeline.inference import predict_logits
 from pipeline.masks import MaskParams
 from pipeline.models import load_checkpoint
 from pipeline.onnx_runtime import OnnxClassifier
@@ -89,9 +90,9 @@ def main() -> None:
                 for name in ("fp32", "int8")}
     normalise = eval_transform(prep)
 
-    @torch.no_grad()
-    def float32(x: torch.Tensor, b: int) -> torch.Tensor:
-        return torch.cat([model(normalise(x[s:s + b])) for s in range(0, len(x), b)])
+    def float32(x: torch.Tensor, b: int) -> torch.Tensor:  # contiguous NCHW, no autocast
+        batches = (normalise(x[s:s + b]) for s in range(0, len(x), b))
+        return predict_logits(model, batches, device, amp=False, channels_last=False)[0]
 
     runners: dict[str, Runner] = {
         "pytorch": lambda x, b: infer(model, x, prep, device, b)[0],

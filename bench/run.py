@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -30,17 +29,25 @@ from typing import Any
 
 import pandas as pd
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.config import from_params
 from pipeline.data import CellDataset, Preprocess, train_transform
-from pipeline.device import amp_supported, autocast, select_device
+from pipeline.device import amp_supported, select_device
 from pipeline.evaluate import infer
+from pipeline.io import load_params
 from pipeline.masks import MaskParams, build_masks, compute_mask
-from pipeline.models import ModelConfig, build_model, data_config
+from pipeline.models import AttentionClassifier, ModelConfig, build_model, data_config
 from pipeline.sources import PBC_CLASSES, generate_dataset, render_example, scan_layout
+from pipeline.train import (
+    Runtime,
+    TrainConfig,
+    build_optimisation,
+    loader_workers,
+    peak_memory_mb,
+    train_one_epoch,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADER_TARGET_RATIO = 3.0
@@ -64,11 +71,6 @@ class Budget:
 
 QUICK = Budget(loader_images=128, train_warmup=1, train_steps=2, infer1_images=8,
                infer64_images=64, mask_single=8, mask_pool=48)
-
-
-def load_params() -> dict[str, Any]:
-    """``params.yaml`` of the project."""
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 def cpu_model() -> str:
@@ -99,20 +101,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated on CUDA, else this process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _random_images(count: int, size: int) -> torch.Tensor:
     return torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8)
 
 
 def bench_loader(prep: Preprocess, count: int, device: torch.device) -> float:
     """Images/s of the training DataLoader (train_transform over preloaded uint8 images)."""
-    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    workers = loader_workers("auto", device)
     labels = torch.arange(count) % len(PBC_CLASSES)
     dataset = CellDataset(_random_images(count, prep.image_size), labels, train_transform(prep))
     loader = DataLoader(dataset, batch_size=TRAIN_BATCH, shuffle=True, drop_last=True,
@@ -125,30 +120,26 @@ def bench_loader(prep: Preprocess, count: int, device: torch.device) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def bench_training(model: nn.Module, size: int, device: torch.device, budget: Budget) -> float:
-    """Images/s of forward + backward + AdamW step (channels_last, batch 32, warm-up excluded)."""
-    amp = amp_supported(device)
-    model.train().to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    images = torch.randn(TRAIN_BATCH, 3, size, size, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
-    targets = torch.arange(TRAIN_BATCH, device=device) % len(PBC_CLASSES)
+def bench_training(model: AttentionClassifier, size: int, device: torch.device, budget: Budget
+                   ) -> float:
+    """Images/s of the pipeline's own training step (``train.train_one_epoch`` with the default
+    recipe: forward, backward, clipping, AdamW, schedule, moving average; channels_last, batch
+    32, bf16 where supported), warm-up excluded."""
+    config = TrainConfig(epochs=1, batch_size=TRAIN_BATCH, lr=1e-3)
+    model.to(device, memory_format=torch.channels_last)
+    images = torch.randn(TRAIN_BATCH, 3, size, size)
+    targets = torch.arange(TRAIN_BATCH) % len(PBC_CLASSES)
+    fit = build_optimisation(model, config, targets, len(PBC_CLASSES), budget.train_steps,
+                             device)
 
-    def step() -> None:
-        with autocast(device, amp):
-            loss = criterion(model(images).float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+    def steps(count: int) -> None:
+        train_one_epoch(model, model, [(images, targets)] * count, fit, config, Runtime(device),
+                        amp_supported(device), 0, "bench train")
 
-    for _ in range(budget.train_warmup):
-        step()
+    steps(budget.train_warmup)
     _sync(device)
     started = time.perf_counter()
-    for _ in range(budget.train_steps):
-        step()
+    steps(budget.train_steps)
     _sync(device)
     return budget.train_steps * TRAIN_BATCH / (time.perf_counter() - started)
 
@@ -191,7 +182,7 @@ def bench_model(name: str, config: ModelConfig, budget: Budget, extra_sizes: tup
         "loader_ratio_ok": loader / training >= LOADER_TARGET_RATIO,
         "infer_b1_images_per_s": infer1, "infer_b64_images_per_s": infer64,
         "infer_b64_by_size": {str(config.image_size): infer64},
-        "peak_memory_mb": _peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
     }
     for size in extra_sizes:
@@ -356,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
-    params = load_params()
+    params = load_params(ROOT / "params.yaml")
     configs = {name: from_params(ModelConfig, entry, f"models.{name}")
                for name, entry in params["models"].items()}
     if args.models:

@@ -36,33 +36,37 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failed.all() else 0
 
 
-def _score(model: str, data: Any, settings: dict[str, Any]) -> dict[str, Any]:
+def _score(model: str, data: Any, config: Any) -> Any:
     """Score a single model or an ensemble (weighted member probabilities, its temperature)."""
+    from dataclasses import replace
+
     from pipeline.ensemble import temper
     from pipeline.evaluate import score_checkpoint
     from pipeline.predict import resolve_model
 
     members, temperature = resolve_model(model)
-    scored_members = [(score_checkpoint(path, data, settings), weight) for path, weight in members]
+    scored_members = [(score_checkpoint(path, data, config), weight) for path, weight in members]
     scored = scored_members[0][0]
     if len(members) > 1:
-        if any(s["classes"] != scored["classes"] for s, _ in scored_members):
+        if any(s.classes != scored.classes for s, _ in scored_members):
             raise PipelineError(f"{model}: its members predict different classes")
-        for key in ("probabilities", "uncalibrated"):
-            mixed = sum(s[key] * w for s, w in scored_members) / sum(w for _, w in members)
-            scored[key] = temper(mixed, temperature) if key == "probabilities" else mixed
-        scored |= {"name": Path(model).stem, "temperature": temperature, "attention": None}
+        total = sum(w for _, w in members)
+        uncalibrated = sum(s.uncalibrated * w for s, w in scored_members) / total
+        mixed = sum(s.probabilities * w for s, w in scored_members) / total
+        scored = replace(scored, probabilities=temper(mixed, temperature),
+                         uncalibrated=uncalibrated, name=Path(model).stem,
+                         temperature=temperature, attention=None)
     return scored
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import external_set, write_evaluation
+    from pipeline.evaluate import EvaluateConfig, external_set, write_evaluation
 
-    settings = {"batch_size": args.batch_size, "tta": args.tta, "device": args.device,
-                "ignore_unknown_classes": args.ignore_unknown, "mistakes": 18,
-                "strict_images": args.strict}
-    scored = _score(args.model, external_set(args.data), settings)
-    headline = write_evaluation(scored, args.output, args.output / "eval.json", settings)
+    config = EvaluateConfig(batch_size=args.batch_size, tta=args.tta, device=args.device,
+                            ignore_unknown_classes=args.ignore_unknown, mistakes=18,
+                            strict_images=args.strict, abstain_target_accuracy=None)
+    scored = _score(args.model, external_set(args.data), config)
+    headline = write_evaluation(scored, args.output, args.output / "eval.json", config)
     print(f"accuracy {headline['accuracy']:.4f}  macro-F1 {headline['macro_f1']:.4f}  "
           f"({headline['images']} images) -> {args.output}")
     return 0

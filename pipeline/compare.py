@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,22 @@ COLUMNS = {
     "ece": "ECE",
     "ece_uncalibrated": "ECE (uncal.)",
 }
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """The comparison's settings (``params.yaml: compare``): the original work's accuracies,
+    drawn as reference rows when the run's data is PBC."""
+
+    references: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        references = dict(self.references or {})
+        for name, value in references.items():
+            if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"compare.references: {name!r} must be an accuracy in [0, 1], "
+                                 f"not {value!r}")
+        object.__setattr__(self, "references", references)
 
 
 def collect(eval_dir: Path) -> pd.DataFrame:
@@ -132,9 +149,9 @@ def write_comparison(table: pd.DataFrame, references: dict[str, float], metrics_
             f"Test metrics by model\n{data}", tmp / "summary.png", shown_references)
 
 
-def compare(eval_dir: Path, settings: dict[str, Any], metrics_path: Path, report_dir: Path,
+def compare(eval_dir: Path, config: CompareConfig, metrics_path: Path, report_dir: Path,
             source: dict[str, Any] | None = None) -> pd.DataFrame:
     """Build and write the comparison of everything evaluated under ``eval_dir``."""
     table = collect(eval_dir)
-    write_comparison(table, settings["references"], metrics_path, report_dir, source)
+    write_comparison(table, config.references, metrics_path, report_dir, source)
     return table

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError, one_line
 from pipeline.io import decode_image, opencv_threads
 from pipeline.masks import MaskParams, compute_mask
 
@@ -103,21 +104,46 @@ def prepare_file(job: tuple[Path, Path | None, Preprocess, MaskParams]) -> np.nd
     return prepare_image(image, mask, prep)
 
 
-def load_prepared(paths: list[Path], prep: Preprocess, mask_files: list[Path] | None = None,
-                  mask_params: MaskParams | None = None, workers: int | None = None,
-                  desc: str = "load") -> torch.Tensor:
-    """Decode, mask and resize images in parallel into one uint8 tensor (N, 3, S, S).
+def prepare_or_reason(job: tuple[Path, Path | None, Preprocess, MaskParams]
+                      ) -> np.ndarray | str:
+    """The model input for one file, or the one-line reason it cannot be read."""
+    try:
+        return prepare_file(job)
+    except (PipelineError, OSError, ValueError, MemoryError) as error:
+        return one_line(error)
+
+
+def prepare_all(paths: list[Path], prep: Preprocess, mask_files: list[Path] | None = None,
+                mask_params: MaskParams | None = None, desc: str = "load",
+                workers: int | None = None) -> list[np.ndarray | str]:
+    """Decode, mask and resize every file in parallel: its ``image_size`` uint8 RGB array, or
+    the one-line reason it cannot be read.
 
     Masks come from ``mask_files`` (the mask stage's output) or, without them, are computed on
     the fly with ``mask_params`` (images from outside the pipeline).
     """
     files = mask_files if prep.mask_mode != "none" and mask_files else [None] * len(paths)
-    jobs = [(path, mask, prep, mask_params or MaskParams()) for path, mask in zip(paths, files,
-                                                                                   strict=True)]
+    jobs = [(path, mask, prep, mask_params or MaskParams())
+            for path, mask in zip(paths, files, strict=True)]
     with opencv_threads(1), ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        arrays = list(tqdm(pool.map(prepare_file, jobs, chunksize=16), total=len(jobs), desc=desc,
-                           unit="img", leave=False))
+        return list(tqdm(pool.map(prepare_or_reason, jobs, chunksize=16), total=len(jobs),
+                         desc=desc, unit="img", leave=False))
+
+
+def stack_images(arrays: list[np.ndarray]) -> torch.Tensor:
+    """Prepared (S, S, 3) arrays as one uint8 tensor (N, 3, S, S)."""
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_prepared(paths: list[Path], prep: Preprocess, mask_files: list[Path] | None = None,
+                  mask_params: MaskParams | None = None, workers: int | None = None,
+                  desc: str = "load") -> torch.Tensor:
+    """Every one of ``paths`` prepared (see ``prepare_all``), as one uint8 tensor (N, 3, S, S);
+    an unreadable file is an error naming it."""
+    prepared = prepare_all(paths, prep, mask_files, mask_params, desc, workers)
+    if reasons := [item for item in prepared if isinstance(item, str)]:
+        raise PipelineError(f"{reasons[0]} ({len(reasons)} of {len(paths)} images unreadable)")
+    return stack_images(prepared)
 
 
 def train_transform(prep: Preprocess) -> v2.Compose:

@@ -10,6 +10,7 @@ validation probabilities from their evaluation folders, so no member is run twic
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +18,33 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError, one_line
-from pipeline.evaluate import EvalSet
+from pipeline.evaluate import EvalSet, Scored, ScoredValidation
 from pipeline.io import read_json, write_json
 from pipeline.metrics import fit_temperature
 
 WEIGHTINGS = ("mean", "val_f1")
 
 
-def member_weights(members: list[str], weighting: str, val_f1: dict[str, float]
-                   ) -> dict[str, float]:
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Which evaluated models are averaged, and how (``params.yaml: ensemble``)."""
+
+    members: tuple[str, ...]
+    weighting: str = "val_f1"  # mean | val_f1 (weights proportional to validation macro-F1)
+    temperature_scaling: bool = True  # fit the ensemble's own temperature on validation
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "members", tuple(self.members or ()))
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"ensemble.weighting must be one of {', '.join(WEIGHTINGS)}, "
+                             f"not {self.weighting!r}")
+        if not self.members:
+            raise ValueError("ensemble.members is empty")
+
+
+def member_weights(config: EnsembleConfig, val_f1: dict[str, float]) -> dict[str, float]:
     """Normalised weights: equal, or proportional to each member's validation macro-F1."""
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"ensemble.weighting must be one of {', '.join(WEIGHTINGS)}, "
-                         f"not {weighting!r}")
-    if not members:
-        raise ValueError("ensemble.members is empty")
-    raw = {m: (val_f1[m] if weighting == "val_f1" else 1.0) for m in members}
+    raw = {m: (val_f1[m] if config.weighting == "val_f1" else 1.0) for m in config.members}
     total = sum(raw.values())
     return {m: w / total for m, w in raw.items()}
 
@@ -76,7 +88,7 @@ def read_spec(path: Path) -> dict[str, Any]:
 
 
 def combine_evaluations(eval_dirs: dict[str, Path], weights: dict[str, float], data: EvalSet,
-                        validation: EvalSet | None = None) -> dict[str, Any]:
+                        validation: EvalSet | None = None) -> Scored:
     """Average members' saved probabilities on ``data`` into one scored result.
 
     Every member must have been evaluated on exactly these images with the same classes. With
@@ -101,18 +113,17 @@ def combine_evaluations(eval_dirs: dict[str, Path], weights: dict[str, float], d
         temperature = fit_temperature(_log(average["val_calibrated"]), labels)
     seconds_per_image = sum(1.0 / s["metrics"]["inference_images_per_second"]
                             for s in summaries.values())
-    scored_validation = None if validation is None else {
-        "names": validation.names, "labels": validation.labels,
-        "probabilities": temper(average["val_calibrated"], temperature)}
-    return {
-        "name": "ensemble", "classes": classes, "data": data, "validation": scored_validation,
-        "probabilities": temper(average["calibrated"], temperature),
-        "uncalibrated": average["uncalibrated"],
-        "temperature": temperature, "images_per_second": 1.0 / seconds_per_image,
-        "device": next(iter(summaries.values()))["metrics"]["device"],
-        "training": {
+    scored_validation = None if validation is None else ScoredValidation(
+        validation.names, validation.labels, temper(average["val_calibrated"], temperature))
+    return Scored(
+        name="ensemble", classes=classes, data=data, validation=scored_validation,
+        probabilities=temper(average["calibrated"], temperature),
+        uncalibrated=average["uncalibrated"],
+        temperature=temperature, images_per_second=1.0 / seconds_per_image,
+        device=next(iter(summaries.values()))["metrics"]["device"],
+        training={
             "members": weights,
             "parameters": sum(s["training"]["parameters"] for s in summaries.values()),
             "train_seconds": sum(s["training"]["train_seconds"] for s in summaries.values()),
         },
-    }
+    )

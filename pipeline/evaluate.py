@@ -9,10 +9,8 @@ headline numbers to ``metrics/<model>/eval.json`` for ``dvc metrics diff``.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +21,21 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_
 from tqdm import tqdm
 
 from pipeline import abstain, explain, plots
-from pipeline.data import Preprocess, eval_transform, prepare_file, read_split
-from pipeline.device import autocast, select_device, use_bf16
-from pipeline.errors import InputError, PipelineError, one_line
+from pipeline.data import Preprocess, eval_transform, prepare_all, read_split, stack_images
+from pipeline.device import select_device, use_bf16
+from pipeline.errors import InputError, PipelineError
+from pipeline.inference import predict_logits
 from pipeline.io import (
     atomic_path,
     decode_image,
-    opencv_threads,
     read_json,
     write_csv,
     write_json,
 )
 from pipeline.masks import MaskParams, mask_path
 from pipeline.metrics import (
+    CALIBRATION_BINS,
+    calibration_bins,
     classification_metrics,
     expected_calibration_error,
     restricted_to_present,
@@ -49,6 +49,33 @@ from pipeline.sources import normalize_label, scan_layout
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """How models are scored (``params.yaml: evaluate``; ``wbc evaluate`` builds one from its
+    options). ``device`` is not a params key: stages score on the best device found."""
+
+    batch_size: int = 64
+    tta: bool = False  # average the 8 flips/rotations
+    external: tuple[str, ...] = ()  # other data sets scored beside the test split
+    dataset: str | None = None  # None: the test split; else a folder / manifest.csv
+    ignore_unknown_classes: bool = False
+    strict_images: bool = False  # an unreadable image fails the evaluation (else skipped)
+    mistakes: int = 18  # most confident mistakes shown
+    abstain_target_accuracy: float | None = 0.995  # None: no abstention threshold
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "external", tuple(self.external or ()))
+        if self.batch_size < 1:
+            raise ValueError(f"evaluate.batch_size must be at least 1, not {self.batch_size}")
+        if self.mistakes < 0:
+            raise ValueError(f"evaluate.mistakes must be 0 or more, not {self.mistakes}")
+        target = self.abstain_target_accuracy
+        if target is not None and not 0.0 < target <= 1.0:
+            raise ValueError(f"evaluate.abstain_target_accuracy must be in (0, 1] or null, "
+                             f"not {target}")
+
+
 @dataclass
 class EvalSet:
     """Images to score: absolute paths, canonical labels, and stored masks when there are any."""
@@ -57,6 +84,12 @@ class EvalSet:
     labels: list[str]
     names: list[str]
     mask_files: list[Path] | None = None
+
+    def subset(self, keep: list[int]) -> EvalSet:
+        """The images at positions ``keep``, in that order."""
+        pick = lambda items: [items[i] for i in keep] if items is not None else None  # noqa: E731
+        return EvalSet(pick(self.paths), pick(self.labels), pick(self.names),
+                       pick(self.mask_files))
 
 
 def held_out_set(split_dir: Path, images_dir: Path, masks_dir: Path, part: str = "test"
@@ -79,11 +112,11 @@ def external_set(location: Path) -> EvalSet:
                    [c.relative for c in candidates])
 
 
-def evaluation_set(settings: dict[str, Any], split_dir: Path, images_dir: Path,
+def evaluation_set(config: EvaluateConfig, split_dir: Path, images_dir: Path,
                    masks_dir: Path) -> EvalSet:
     """``evaluate.dataset`` when set (another data set), else the pipeline's test split."""
-    if settings["dataset"]:
-        return external_set(Path(settings["dataset"]))
+    if config.dataset:
+        return external_set(Path(config.dataset))
     return held_out_set(split_dir, images_dir, masks_dir)
 
 
@@ -100,14 +133,7 @@ def restrict_to_classes(data: EvalSet, classes: list[str], ignore_unknown: bool)
                        len(data.labels) - len(keep), ", ".join(unknown))
     if not keep:
         raise InputError("no image of a class the model knows")
-    pick = lambda items: [items[i] for i in keep] if items is not None else None  # noqa: E731
-    return EvalSet(pick(data.paths), pick(data.labels), pick(data.names), pick(data.mask_files))
-
-
-def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
-    """The 8 flips and 90-degree rotations of a batch (smear images have no up or left)."""
-    rotations = [torch.rot90(images, k, dims=(2, 3)) for k in range(4)]
-    return rotations + [view.flip(3) for view in rotations]
+    return data.subset(keep)
 
 
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module | OnnxClassifier,
@@ -119,51 +145,22 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module | Onnx
     return load_checkpoint(path, device)
 
 
-@torch.no_grad()
 def infer(model: torch.nn.Module | OnnxClassifier, images: torch.Tensor, prep: Preprocess,
           device: torch.device, batch_size: int, tta: bool = False, attention: bool = False
           ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """Logits (averaged over views with TTA), class-token attention maps and images/s."""
+    """Logits (averaged over views with TTA), class-token attention maps and images/s for
+    prepared uint8 images (N, 3, S, S)."""
     if isinstance(model, OnnxClassifier):
         return model.infer(images, batch_size, tta)
     normalise = eval_transform(prep)
-    amp = use_bf16(device)  # fp32 on CPU: the same numbers on every CPU
-    model.eval().to(device, memory_format=torch.channels_last)
-    outputs, maps = [], []
+    model.to(device, memory_format=torch.channels_last)
+    starts = range(0, len(images), batch_size)
+    batches = (normalise(images[start:start + batch_size]) for start in starts)
     started = time.perf_counter()
-    for start in tqdm(range(0, len(images), batch_size), desc="infer", unit="batch",
-                      leave=False):
-        batch = normalise(images[start:start + batch_size]).to(device)
-        views = dihedral_views(batch) if tta else [batch]
-        logits = 0
-        for view in views:
-            with autocast(device, amp):
-                logits = logits + model(view.contiguous(memory_format=torch.channels_last)).float()
-            if attention and view is views[0]:
-                maps.append(model.last_attention.float().cpu())
-        outputs.append((logits / len(views)).cpu())
-    seconds = time.perf_counter() - started
-    return torch.cat(outputs), torch.cat(maps) if maps else None, len(images) / seconds
-
-
-def prepare_or_reason(job: tuple[Path, Path | None, Preprocess, MaskParams]
-                      ) -> np.ndarray | str:
-    """The model input for one file, or the one-line reason it cannot be read."""
-    try:
-        return prepare_file(job)
-    except (PipelineError, OSError, ValueError, MemoryError) as error:
-        return one_line(error)
-
-
-def prepare_all(paths: list[Path], prep: Preprocess, mask_files: list[Path] | None,
-                mask_params: MaskParams, desc: str, workers: int | None = None
-                ) -> list[np.ndarray | str]:
-    """Decode, mask and resize every file in parallel; a reason string where one is unreadable."""
-    masks = mask_files if prep.mask_mode != "none" and mask_files else [None] * len(paths)
-    jobs = [(p, m, prep, mask_params) for p, m in zip(paths, masks, strict=True)]
-    with opencv_threads(1), ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        return list(tqdm(pool.map(prepare_or_reason, jobs, chunksize=16), total=len(jobs),
-                         desc=desc, unit="img", leave=False))
+    logits, maps = predict_logits(  # fp32 on CPU: the same numbers on every CPU
+        model, tqdm(batches, desc="infer", unit="batch", total=len(starts), leave=False),
+        device, use_bf16(device), tta=tta, attention=attention)
+    return logits, maps, len(images) / (time.perf_counter() - started)
 
 
 def load_readable(data: EvalSet, prep: Preprocess, mask_params: MaskParams, desc: str,
@@ -182,133 +179,169 @@ def load_readable(data: EvalSet, prep: Preprocess, mask_params: MaskParams, desc
     if len(keep) < len(prepared):
         logger.warning("%s: skipped %d unreadable of %d images", desc, len(prepared) - len(keep),
                        len(prepared))
-    pick = lambda items: [items[i] for i in keep] if items is not None else None  # noqa: E731
-    subset = EvalSet(pick(data.paths), pick(data.labels), pick(data.names),
-                     pick(data.mask_files))
-    images = torch.from_numpy(np.stack([prepared[i] for i in keep])).permute(0, 3, 1, 2)
-    return subset, images.contiguous()
+    return data.subset(keep), stack_images([prepared[i] for i in keep])
 
 
-def score_checkpoint(model_path: Path, data: EvalSet, settings: dict[str, Any],
-                     validation: EvalSet | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ScoredValidation:
+    """Calibrated probabilities on the validation split (the ensemble fits its temperature and
+    the abstention threshold is chosen on them)."""
+
+    names: list[str]
+    labels: list[str]
+    probabilities: np.ndarray
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A model's (or an ensemble's) answers on an evaluation set: what the report is made of."""
+
+    name: str
+    classes: list[str]
+    data: EvalSet  # the images scored (the readable ones)
+    probabilities: np.ndarray  # calibrated: softmax(logits / temperature), one row per image
+    uncalibrated: np.ndarray
+    temperature: float
+    images_per_second: float
+    device: str
+    training: dict[str, Any]  # the training summary (an ensemble's: members' weights, totals)
+    skipped_unreadable: int = 0
+    validation: ScoredValidation | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)  # model, train, preprocess settings
+    prepared: torch.Tensor | None = None  # the model's input images (for the explain figure)
+    attention: torch.Tensor | None = None  # class-token attention maps (None from ONNX)
+    localisation: dict[str, Any] | None = None  # explain.localise's maps and scores
+
+
+def score_checkpoint(model_path: Path, data: EvalSet, config: EvaluateConfig,
+                     validation: EvalSet | None = None) -> Scored:
     """Run a trained model over an evaluation set; return everything the report needs.
 
     With ``validation``, the model's calibrated probabilities on it are returned too (same
     TTA setting), so that an ensemble can fit its own temperature on them.
     """
-    device = select_device(settings.get("device", "auto"))
+    device = select_device(config.device)
     model, checkpoint = load_model(model_path, device)
     classes = checkpoint["classes"]
-    data = restrict_to_classes(data, classes, settings.get("ignore_unknown_classes", False))
+    data = restrict_to_classes(data, classes, config.ignore_unknown_classes)
     prep = Preprocess(**checkpoint["preprocess"])
     mask_params = MaskParams(**checkpoint["mask_params"])
     temperature = checkpoint["temperature"]
-
-    strict = settings.get("strict_images", False)
-
-    def run(subset: EvalSet, desc: str, attention: bool = False
-            ) -> tuple[EvalSet, torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
-        subset, images = load_readable(subset, prep, mask_params, desc, strict)
-        return subset, images, *infer(model, images, prep, device, settings["batch_size"],
-                                      settings["tta"], attention=attention)
-
-    readable, images, logits, maps, speed = run(data, "evaluate", attention=True)
-    scored = {
-        "name": checkpoint["name"], "classes": classes, "data": readable,
-        "skipped_unreadable": len(data.paths) - len(readable.paths),
-        "probabilities": torch.softmax(logits / temperature, 1).numpy(),
-        "uncalibrated": torch.softmax(logits, 1).numpy(),
-        "temperature": temperature, "images_per_second": speed, "device": str(device),
-        "prepared": images, "attention": maps, "training": checkpoint["summary"],
-        "recipe": {key: checkpoint.get(f"{key}_config", {}) for key in ("model", "train")}
-        | {"preprocess": checkpoint["preprocess"]},
-    }
+    readable, images = load_readable(data, prep, mask_params, "evaluate", config.strict_images)
+    logits, maps, speed = infer(model, images, prep, device, config.batch_size, config.tta,
+                                attention=True)
+    localisation = None
     if maps is not None:  # an ONNX export has no attention maps and no gradients
-        scored["localisation"] = explain.localise(
+        localisation = explain.localise(
             model, images, maps, readable.paths, readable.mask_files, prep, mask_params, device,
-            settings["batch_size"], logits.argmax(1).numpy())
+            config.batch_size, logits.argmax(1).numpy())
+    scored_validation = None
     if validation is not None:
-        validation, _, val_logits, _, _ = run(validation, "validation")
-        scored["validation"] = {"names": validation.names, "labels": validation.labels,
-                                "probabilities": torch.softmax(val_logits / temperature, 1).numpy()}
-    return scored
+        validation, val_images = load_readable(validation, prep, mask_params, "validation",
+                                               config.strict_images)
+        val_logits, _, _ = infer(model, val_images, prep, device, config.batch_size, config.tta)
+        scored_validation = ScoredValidation(
+            validation.names, validation.labels,
+            torch.softmax(val_logits / temperature, 1).numpy())
+    return Scored(
+        name=checkpoint["name"], classes=classes, data=readable,
+        skipped_unreadable=len(data.paths) - len(readable.paths),
+        probabilities=torch.softmax(logits / temperature, 1).numpy(),
+        uncalibrated=torch.softmax(logits, 1).numpy(), temperature=temperature,
+        images_per_second=speed, device=str(device), prepared=images, attention=maps,
+        training=checkpoint["summary"], localisation=localisation, validation=scored_validation,
+        recipe={key: checkpoint.get(f"{key}_config", {}) for key in ("model", "train")}
+        | {"preprocess": checkpoint["preprocess"]})
 
 
 RESOURCE_KEYS = ("inference_images_per_second", "device")
 
 
-def write_evaluation(scored: dict[str, Any], out_dir: Path, metrics_path: Path,
-                     settings: dict[str, Any], resources_path: Path | None = None,
-                     raw_dir: Path | None = None, external: dict[str, Any] | None = None
-                     ) -> dict[str, Any]:
+def write_evaluation(scored: Scored, out_dir: Path, metrics_path: Path, config: EvaluateConfig,
+                     resources_path: Path | None = None, raw_dir: Path | None = None,
+                     external: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compute metrics and write every evaluation output (see the module docstring).
 
     Throughput and device go to ``resources_path`` (default: ``eval_resources.json`` beside the
     metrics), not to the metrics, so that metric diffs show quality only; with ``raw_dir`` (the
     ingested training data) the model card names its provenance; ``external`` (summaries of
     other data sets, by name) goes beside the test results in ``summary.json`` and the card."""
-    classes, data = scored["classes"], scored["data"]
+    classes, data = scored.classes, scored.data
     index = {label: i for i, label in enumerate(classes)}
     labels = np.array([index[label] for label in data.labels])
-    probabilities = scored["probabilities"]
-    headline, per_class = classification_metrics(labels, probabilities, classes)
-    headline["skipped_unreadable"] = scored.get("skipped_unreadable", 0)
-    headline |= _interval_columns(bootstrap_intervals(labels, probabilities.argmax(1)))
-    if headline["absent_classes"]:
-        headline |= _restricted_scores(labels, probabilities)
-    if headline["absent_classes"]:
-        logger.warning("%s: no image of %s in the data; macro averages are over the %d classes "
-                       "present", scored["name"], headline["absent_classes"],
-                       headline["classes_scored"])
-    headline["ece_uncalibrated"] = expected_calibration_error(scored["uncalibrated"], labels)
-    headline |= {"temperature": scored["temperature"], "tta": bool(settings["tta"]),
-                 "inference_images_per_second": scored["images_per_second"],
-                 "device": scored["device"]}
-    predicted = probabilities.argmax(1)
-    predictions = pd.DataFrame({
-        "path": data.names, "label": data.labels, "predicted": [classes[i] for i in predicted],
-        "confidence": probabilities.max(1),
-        **{f"p_{name}": probabilities[:, i] for i, name in enumerate(classes)},
-        **scored.get("localisation", {}).get("scores", {}),
-    })
-    if "localisation" in scored:
-        headline |= explain.mean_scores(scored["localisation"]["scores"])
-    write_csv(out_dir / "predictions.csv", predictions)
-    write_csv(out_dir / "report.csv", pd.DataFrame(per_class))
-    with atomic_path(out_dir / "probabilities.npz") as tmp, open(tmp, "wb") as handle:
-        validation = scored.get("validation") or {"names": [], "probabilities": np.zeros(0)}
-        np.savez(handle, calibrated=probabilities, uncalibrated=scored["uncalibrated"],
-                 classes=np.array(classes), names=np.array(data.names),
-                 val_calibrated=validation["probabilities"],
-                 val_names=np.array(validation["names"]))
-    _write_curve_data(labels, probabilities, classes, out_dir)
-    abstention, curves = _abstention(scored, labels, settings)
+    headline, per_class = _headline(scored, labels, config)
+    predicted = scored.probabilities.argmax(1)
+    _write_tables(scored, per_class, out_dir)
+    plot_data = _plot_data(labels, scored.probabilities, classes)
+    for name, table in plot_data.items():
+        write_csv(out_dir / f"{name}.csv", table)
+    abstention, curves = _abstention(scored, labels, config)
     with atomic_path(out_dir / "figures") as figures:
-        _write_figures(scored, labels, predicted, headline, figures, settings)
+        _write_figures(scored, labels, predicted, headline, plot_data, figures, config)
         if abstention:
             write_csv(out_dir / "risk_coverage.csv", curves["test"])
-            abstain.risk_coverage_png(curves, abstention, scored["name"],
+            abstain.risk_coverage_png(curves, abstention, scored.name,
                                       figures / "risk_coverage.png")
             headline |= {f"abstain_{k}": abstention["test"][k] for k in ("coverage", "accuracy")}
             headline["abstain_threshold"] = abstention["threshold"]
     write_json(out_dir / "summary.json", {
-        "model": scored["name"], "metrics": headline, "training": scored["training"],
+        "model": scored.name, "metrics": headline, "training": scored.training,
         "abstention": abstention,
-        "card": card_facts(classes, labels, predicted, per_class, scored.get("recipe", {}),
-                           raw_dir),
+        "card": card_facts(classes, labels, predicted, per_class, scored.recipe, raw_dir),
         "external": external or {}})
     write_model_card(out_dir / "summary.json", out_dir / "MODEL_CARD.md")
     write_json(metrics_path, {k: v for k, v in headline.items() if k not in RESOURCE_KEYS})
     write_json(resources_path or metrics_path.with_name("eval_resources.json"),
                {k: headline[k] for k in RESOURCE_KEYS})
     logger.info("%s: accuracy %.4f, macro-F1 %.4f, ECE %.4f (uncalibrated %.4f) on %d images",
-                scored["name"], headline["accuracy"], headline["macro_f1"], headline["ece"],
+                scored.name, headline["accuracy"], headline["macro_f1"], headline["ece"],
                 headline["ece_uncalibrated"], len(labels))
     return headline
 
 
-def evaluate_external(model_path: Path, locations: list[str], settings: dict[str, Any],
-                      out_dir: Path) -> dict[str, Any]:
+def _headline(scored: Scored, labels: np.ndarray, config: EvaluateConfig
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The headline metrics (``eval.json``, with throughput and device) and per-class rows."""
+    probabilities = scored.probabilities
+    headline, per_class = classification_metrics(labels, probabilities, scored.classes)
+    headline["skipped_unreadable"] = scored.skipped_unreadable
+    headline |= _interval_columns(bootstrap_intervals(labels, probabilities.argmax(1)))
+    if headline["absent_classes"]:
+        headline |= _restricted_scores(labels, probabilities)
+        logger.warning("%s: no image of %s in the data; macro averages are over the %d classes "
+                       "present", scored.name, headline["absent_classes"],
+                       headline["classes_scored"])
+    headline["ece_uncalibrated"] = expected_calibration_error(scored.uncalibrated, labels)
+    headline |= {"temperature": scored.temperature, "tta": bool(config.tta),
+                 "inference_images_per_second": scored.images_per_second,
+                 "device": scored.device}
+    if scored.localisation is not None:
+        headline |= explain.mean_scores(scored.localisation["scores"])
+    return headline, per_class
+
+
+def _write_tables(scored: Scored, per_class: list[dict[str, Any]], out_dir: Path) -> None:
+    """``predictions.csv``, ``report.csv`` and ``probabilities.npz`` (which the ensemble reads:
+    calibrated and uncalibrated test probabilities, calibrated validation ones)."""
+    classes, data, probabilities = scored.classes, scored.data, scored.probabilities
+    predictions = pd.DataFrame({
+        "path": data.names, "label": data.labels,
+        "predicted": [classes[i] for i in probabilities.argmax(1)],
+        "confidence": probabilities.max(1),
+        **{f"p_{name}": probabilities[:, i] for i, name in enumerate(classes)},
+        **(scored.localisation or {}).get("scores", {}),
+    })
+    write_csv(out_dir / "predictions.csv", predictions)
+    write_csv(out_dir / "report.csv", pd.DataFrame(per_class))
+    validation = scored.validation or ScoredValidation([], [], np.zeros(0))
+    with atomic_path(out_dir / "probabilities.npz") as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, calibrated=probabilities, uncalibrated=scored.uncalibrated,
+                 classes=np.array(classes), names=np.array(data.names),
+                 val_calibrated=validation.probabilities, val_names=np.array(validation.names))
+
+
+def evaluate_external(model_path: Path, locations: list[str] | tuple[str, ...],
+                      config: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
     """Score a model on every external data set (``evaluate.external``), each into
     ``out_dir/<set name>`` (the folder's own name); return their summaries by name.
 
@@ -322,8 +355,8 @@ def evaluate_external(model_path: Path, locations: list[str], settings: dict[str
             if name in results:
                 raise InputError(f"two external sets are named {name!r}: rename one folder")
             logger.info("external set %s: %s", name, location)
-            scored = score_checkpoint(model_path, external_set(location), settings)
-            write_evaluation(scored, staging / name, staging / name / "eval.json", settings)
+            scored = score_checkpoint(model_path, external_set(location), config)
+            write_evaluation(scored, staging / name, staging / name / "eval.json", config)
             results[name] = read_json(staging / name / "summary.json")
         write_json(staging / "index.json", {name: str(location) for name, location in
                                             zip(results, locations, strict=True)})
@@ -348,25 +381,25 @@ def _restricted_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[st
                      _interval_columns(bootstrap_intervals(labels, predicted)).items()}
 
 
-def _abstention(scored: dict[str, Any], labels: np.ndarray, settings: dict[str, Any]
+def _abstention(scored: Scored, labels: np.ndarray, config: EvaluateConfig
                 ) -> tuple[dict[str, Any] | None, dict[str, pd.DataFrame]]:
     """Threshold picked on validation and its test coverage/accuracy; None without validation."""
-    validation = scored.get("validation")
-    target = settings.get("abstain_target_accuracy")
-    if not validation or not validation.get("labels") or target is None:
+    validation, target = scored.validation, config.abstain_target_accuracy
+    if validation is None or not validation.labels or target is None:
         return None, {}
-    index = {label: i for i, label in enumerate(scored["classes"])}
-    val_labels = np.array([index[label] for label in validation["labels"]])
-    summary = abstain.abstention_summary(validation["probabilities"], val_labels,
-                                         scored["probabilities"], labels, target)
-    return summary, {"validation": abstain.risk_coverage(validation["probabilities"], val_labels),
-                     "test": abstain.risk_coverage(scored["probabilities"], labels)}
+    index = {label: i for i, label in enumerate(scored.classes)}
+    val_labels = np.array([index[label] for label in validation.labels])
+    summary = abstain.abstention_summary(validation.probabilities, val_labels,
+                                         scored.probabilities, labels, target)
+    return summary, {"validation": abstain.risk_coverage(validation.probabilities, val_labels),
+                     "test": abstain.risk_coverage(scored.probabilities, labels)}
 
 
-def _write_curve_data(labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
-                      out_dir: Path) -> None:
-    """One-vs-rest ROC and precision-recall points (one file each, a ``class`` column naming
-    the series) and reliability bins, for ``dvc plots``."""
+def _plot_data(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]
+               ) -> dict[str, pd.DataFrame]:
+    """The tables behind the curves, by file name (for ``dvc plots`` and the PNG figures):
+    one-vs-rest ROC and precision-recall points (a ``class`` column naming the series) and
+    the reliability bins the ECE is computed over."""
     roc, pr = [], []
     for i, name in enumerate(classes):
         positive = labels == i
@@ -377,16 +410,9 @@ def _write_curve_data(labels: np.ndarray, probabilities: np.ndarray, classes: li
         precision, recall, _ = precision_recall_curve(positive, probabilities[:, i])
         pr.append(pd.DataFrame({"class": name, "recall": recall, "precision": precision}))
     empty = pd.DataFrame(columns=["class"])
-    write_csv(out_dir / "roc.csv", pd.concat(roc or [empty], ignore_index=True))
-    write_csv(out_dir / "precision_recall.csv", pd.concat(pr or [empty], ignore_index=True))
-    confidence = probabilities.max(1)
-    correct = probabilities.argmax(1) == labels
-    bins = np.minimum((confidence * 10).astype(int), 9)
-    reliability = pd.DataFrame({"bin": bins, "confidence": confidence, "accuracy": correct})
-    write_csv(out_dir / "reliability.csv",
-              reliability.groupby("bin").agg(confidence=("confidence", "mean"),
-                                             accuracy=("accuracy", "mean"),
-                                             images=("accuracy", "size")).reset_index())
+    return {"roc": pd.concat(roc or [empty], ignore_index=True),
+            "precision_recall": pd.concat(pr or [empty], ignore_index=True),
+            "reliability": calibration_bins(probabilities, labels)}
 
 
 def _thumbnail(path: Path, size: int = 200) -> np.ndarray:
@@ -397,26 +423,28 @@ def _thumbnail(path: Path, size: int = 200) -> np.ndarray:
     return cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
 
 
-def _write_figures(scored: dict[str, Any], labels: np.ndarray, predicted: np.ndarray,
-                   headline: dict[str, Any], figures: Path, settings: dict[str, Any]) -> None:
-    classes, data, name = scored["classes"], scored["data"], scored["name"]
-    probabilities = scored["probabilities"]
+def _write_figures(scored: Scored, labels: np.ndarray, predicted: np.ndarray,
+                   headline: dict[str, Any], plot_data: dict[str, pd.DataFrame], figures: Path,
+                   config: EvaluateConfig) -> None:
+    classes, data, name = scored.classes, scored.data, scored.name
+    probabilities = scored.probabilities
     title = (f"{name}: accuracy {headline['accuracy']:.3f}, macro-F1 {headline['macro_f1']:.3f}"
              f" ({len(labels)} images)")
     plots.confusion_matrix_png(labels, predicted, classes, title, figures / "confusion.png")
-    plots.curves_png(labels, probabilities, classes, title, figures / "roc_pr.png")
-    plots.reliability_png(labels, probabilities, headline["ece"], name,
+    plots.curves_png(plot_data["roc"], plot_data["precision_recall"], classes, title,
+                     figures / "roc_pr.png")
+    plots.reliability_png(plot_data["reliability"], CALIBRATION_BINS, headline["ece"], name,
                           figures / "reliability.png")
     wrong = np.nonzero(predicted != labels)[0]
-    worst = wrong[np.argsort(-probabilities[wrong].max(1))][: settings["mistakes"]]
+    worst = wrong[np.argsort(-probabilities[wrong].max(1))][: config.mistakes]
     plots.image_grid_png(
         [_thumbnail(data.paths[i]) for i in worst],
         [f"true {data.labels[i]}\npred {classes[predicted[i]]} ({probabilities[i].max():.0%})"
          for i in worst],
         f"{name}: most confident mistakes ({len(wrong)} errors in {len(labels)})",
         figures / "mistakes.png")
-    if "localisation" in scored:
-        explain.figure_for(scored["prepared"], scored["localisation"], scored["attention"],
+    if scored.localisation is not None:
+        explain.figure_for(scored.prepared, scored.localisation, scored.attention,
                            explain.sample_for_figure(labels, predicted, classes),
                            [classes[i] for i in predicted], probabilities.max(1), data.labels,
                            f"{name}: where the model looks (attention rollout, Grad-CAM)",

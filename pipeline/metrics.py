@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -14,19 +17,30 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+CALIBRATION_BINS = 15  # equal-width confidence bins of the ECE and the reliability diagram
 
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15
-                               ) -> float:
-    """ECE: the confidence-weighted gap between confidence and accuracy over equal-width bins."""
+
+def calibration_bins(probabilities: np.ndarray, labels: np.ndarray,
+                     bins: int = CALIBRATION_BINS) -> pd.DataFrame:
+    """Top-class confidence in ``bins`` equal-width bins, (a, b] with 0 in the first: each
+    non-empty bin's mean confidence, accuracy and image count, for the ECE and its diagram."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    rows = [{"bin": index, "confidence": confidence[in_bin].mean(),
+             "accuracy": correct[in_bin].mean(), "images": int(in_bin.sum())}
+            for index in range(bins) if (in_bin := which == index).any()]
+    return pd.DataFrame(rows, columns=["bin", "confidence", "accuracy", "images"])
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
+                               bins: int = CALIBRATION_BINS) -> float:
+    """ECE: the image-weighted gap between confidence and accuracy over ``calibration_bins``."""
+    table = calibration_bins(probabilities, labels, bins)
     error = 0.0
-    for index in range(bins):
-        in_bin = which == index
-        if in_bin.any():
-            error += in_bin.mean() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
+    for row in table.itertuples():
+        error += row.images / len(labels) * abs(row.confidence - row.accuracy)
     return float(error)
 
 
@@ -43,8 +57,13 @@ def _roc_auc_ovr(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
     present = np.unique(labels)
     if len(present) < 2:
         return None
-    scores = [roc_auc_score(labels == c, probabilities[:, c]) for c in present]
-    return float(np.mean(scores))
+    if probabilities.shape[1] == 2:  # sklearn scores two classes as one binary problem
+        return float(roc_auc_score(labels, probabilities[:, 1]))
+    with warnings.catch_warnings():  # a class absent from the data has no AUC: not averaged
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        scores = roc_auc_score(labels, probabilities, multi_class="ovr", average=None,
+                               labels=np.arange(probabilities.shape[1]))
+    return float(np.mean(scores[present]))
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]

@@ -25,6 +25,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from timm.data import resolve_model_data_config
 from torch import nn
 
 from pipeline.errors import PipelineError, one_line
@@ -272,10 +273,10 @@ def build_model(config: ModelConfig, num_classes: int, load_weights: bool = True
 
 
 def data_config(model: AttentionClassifier) -> dict[str, Any]:
-    """Normalisation constants the backbone was pretrained with (timm's pretrained config)."""
-    cfg = model.backbone.pretrained_cfg
-    return {"mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
-            "std": list(cfg.get("std", (0.229, 0.224, 0.225)))}
+    """Normalisation constants the backbone was pretrained with (timm's resolved data config:
+    its pretrained config, else ImageNet's)."""
+    resolved = resolve_model_data_config(model.backbone)
+    return {"mean": list(resolved["mean"]), "std": list(resolved["std"])}
 
 
 class CheckpointError(PipelineError, ValueError):

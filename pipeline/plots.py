@@ -9,14 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
-    ConfusionMatrixDisplay,
-    auc,
-    average_precision_score,
-    precision_recall_curve,
-    roc_curve,
-)
+import pandas as pd  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, auc  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -38,21 +32,22 @@ def confusion_matrix_png(labels: np.ndarray, predicted: np.ndarray, classes: lis
     _save(fig, path)
 
 
-def curves_png(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], title: str,
+def curves_png(roc: pd.DataFrame, pr: pd.DataFrame, classes: list[str], title: str,
                path: Path) -> None:
-    """One-vs-rest ROC and precision-recall curves per class, side by side."""
+    """One-vs-rest ROC and precision-recall curves per class, side by side, from the points
+    ``evaluate`` writes (``class``, ``fpr``, ``tpr``; ``class``, ``recall``, ``precision``)."""
     fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(13, 5.5))
     colours = plt.get_cmap("tab10")
     for index, name in enumerate(classes):
-        positive = labels == index
-        if not positive.any() or positive.all():
+        roc_points, pr_points = roc[roc["class"] == name], pr[pr["class"] == name]
+        if roc_points.empty:
             continue
-        scores, colour = probabilities[:, index], colours(index % 10)
-        fpr, tpr, _ = roc_curve(positive, scores)
+        colour = colours(index % 10)
+        fpr, tpr = roc_points["fpr"].to_numpy(), roc_points["tpr"].to_numpy()
         roc_ax.plot(fpr, tpr, color=colour, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
-        precision, recall, _ = precision_recall_curve(positive, scores)
-        pr_ax.plot(recall, precision, color=colour,
-                   label=f"{name} (AP {average_precision_score(positive, scores):.3f})")
+        recall, precision = pr_points["recall"].to_numpy(), pr_points["precision"].to_numpy()
+        average_precision = max(0.0, -np.sum(np.diff(recall) * precision[:-1]))  # as sklearn's
+        pr_ax.plot(recall, precision, color=colour, label=f"{name} (AP {average_precision:.3f})")
     roc_ax.plot([0, 1], [0, 1], ls=":", color="grey")
     roc_ax.set(title="ROC, one vs rest", xlabel="false positive rate", ylabel="true positive rate")
     pr_ax.set(title="Precision-recall, one vs rest", xlabel="recall", ylabel="precision")
@@ -62,20 +57,20 @@ def curves_png(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]
     _save(fig, path)
 
 
-def reliability_png(labels: np.ndarray, probabilities: np.ndarray, ece: float, title: str,
-                    path: Path, bins: int = 10) -> None:
-    """Reliability diagram of the top-class confidence, with the confidence histogram."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
-    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=bins,
-                                                  strategy="uniform")
+def reliability_png(bins: pd.DataFrame, bin_count: int, ece: float, title: str, path: Path
+                    ) -> None:
+    """Reliability diagram from ``metrics.calibration_bins`` (the ``bin_count`` bins the ECE is
+    computed over), with the number of images in each bin below."""
     fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), height_ratios=(3, 1), sharex=True)
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect calibration")
-    ax.plot(mean_confidence, accuracy, marker="o", label=f"model (ECE {ece:.3f})")
+    ax.plot(bins["confidence"], bins["accuracy"], marker="o",
+            label=f"model (ECE {ece:.3f}, {bin_count} bins)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{title}\nreliability diagram")
     ax.legend(loc="upper left")
-    hist.hist(confidence, bins=bins, range=(0, 1), color="tab:blue", alpha=0.7)
+    hist.bar(bins["bin"] / bin_count, bins["images"], width=1 / bin_count, align="edge",
+             color="tab:blue", alpha=0.7)
+    hist.set_xlim(0, 1)
     hist.set_xlabel("confidence of the predicted class")
     hist.set_ylabel("images")
     _save(fig, path)

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data import Preprocess
+from pipeline.data import Preprocess, prepare_all, stack_images
 from pipeline.device import select_device
 from pipeline.ensemble import read_spec, temper
 from pipeline.errors import PipelineError
-from pipeline.evaluate import infer, load_model, prepare_all
+from pipeline.evaluate import infer, load_model
 from pipeline.io import IMAGE_SUFFIXES
 from pipeline.masks import MaskParams
 from pipeline.models import LEGACY_MODEL_FILE, MODEL_FILE
@@ -113,7 +113,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
         good = [i for i in range(len(files)) if i not in errors]
         probabilities = np.zeros((len(files), len(classes)))
         if good:
-            images = torch.from_numpy(np.stack([prepared[i] for i in good])).permute(0, 3, 1, 2)
+            images = stack_images([prepared[i] for i in good])
             logits, _, _ = infer(network, images, prep, torch_device, batch_size, tta)
             probabilities[good] = torch.softmax(logits / checkpoint["temperature"], 1).numpy()
         total = probabilities * weight if total is None else total + probabilities * weight

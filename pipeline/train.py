@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
@@ -38,6 +39,7 @@ from pipeline.data import (
     train_transform,
 )
 from pipeline.device import autocast, numeric_mode, select_device, use_bf16
+from pipeline.inference import predict_logits
 from pipeline.io import atomic_path, write_json
 from pipeline.masks import MaskParams, mask_path
 from pipeline.metrics import fit_temperature, macro_f1
@@ -53,25 +55,26 @@ from pipeline.models import (
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """The shared recipe (``params.yaml: train``)."""
+    """The shared recipe (``params.yaml: train``; the defaults are its values)."""
 
     epochs: int
     batch_size: int
     lr: float
-    backbone_lr_scale: float = 0.1
+    backbone_lr_scale: float = 0.3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     freeze_epochs: int = 0
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
-    ema_decay: float = 0.0  # 0: off; else validate and keep an exponential moving average
+    ema_decay: float = 0.998  # 0: off; else validate and keep an exponential moving average
     recompute_bn: bool = False  # re-estimate batch-norm statistics of the kept weights each epoch
-    patience: int = 5
+    patience: int = 4
     balance: str = "loss_weights"
     mask_mode: str = "crop"
-    mask_margin: float = 0.25
+    mask_margin: float = 0.3
     device: str = "auto"
     amp: bool | str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | true: bf16 on CPU too | false
     channels_last: bool = True
@@ -188,22 +191,6 @@ def set_backbone_frozen(model: AttentionClassifier, frozen: bool) -> None:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader: DataLoader, runtime: Runtime, amp: bool,
-                   channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels over a loader, in order."""
-    model.eval()
-    outputs, labels = [], []
-    for images, targets in loader:
-        images = images.to(runtime.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(runtime.device, amp):
-            outputs.append(model(images).float().cpu())
-        labels.append(targets)
-    return torch.cat(outputs), torch.cat(labels)
-
-
-@torch.no_grad()
 def recompute_batchnorm(model: nn.Module, loader: DataLoader, runtime: Runtime, amp: bool,
                         channels_last: bool) -> None:
     """Re-estimate every batch-norm layer's running statistics as the plain average over one
@@ -238,14 +225,16 @@ def _gather(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return merged
 
 
-def _loader_workers(config: TrainConfig, device: torch.device) -> int:
-    if config.num_workers != "auto":
-        return int(config.num_workers)
-    # On a CPU, a loader process steals cores from the model: augment in the main process.
+def loader_workers(num_workers: int | str, device: torch.device) -> int:
+    """Data-loader processes for ``train.num_workers`` (``auto``: up to 8 beside a GPU, none on
+    a CPU, where a loader process steals cores from the model)."""
+    if num_workers != "auto":
+        return int(num_workers)
     return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA, else this process's peak resident memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -255,6 +244,208 @@ def _seed_everything(seed: int) -> None:
     """Seed every generator; CPU kernels are deterministic without the (3x slower) strict mode."""
     torch.manual_seed(seed)
     np.random.seed(seed)
+
+
+def build_datasets(rows: dict[str, pd.DataFrame], classes: list[str], prep: Preprocess,
+                   images_dir: Path, masks_dir: Path, mask_params: MaskParams
+                   ) -> tuple[CellDataset, CellDataset]:
+    """The training images (augmented on access) and the validation images, prepared once."""
+    index = {label: i for i, label in enumerate(classes)}
+    datasets = []
+    for part, transform in (("train", train_transform(prep)), ("val", eval_transform(prep))):
+        paths = list(rows[part]["path"])
+        images = load_prepared([images_dir / p for p in paths], prep,
+                               [mask_path(masks_dir, p) for p in paths], mask_params)
+        labels = torch.tensor(rows[part]["label"].map(index).to_numpy())
+        datasets.append(CellDataset(images, labels, transform))
+    return datasets[0], datasets[1]
+
+
+def build_loaders(train_set: CellDataset, val_set: CellDataset, config: TrainConfig,
+                  runtime: Runtime) -> tuple[DataLoader, DataLoader]:
+    """Shuffled (or class-balanced) training batches, and this rank's share of validation."""
+    sampler = BalancedSampler(train_set.labels, config.seed, runtime.rank, runtime.world_size) \
+        if config.balance == "sampler" else None
+    if sampler is None and runtime.distributed:
+        sampler = torch.utils.data.DistributedSampler(train_set, seed=config.seed)
+    workers = loader_workers(config.num_workers, runtime.device)
+    loader_args = {"batch_size": config.batch_size, "num_workers": workers,
+                   "pin_memory": runtime.device.type == "cuda", "persistent_workers": workers > 0}
+    train_loader = DataLoader(train_set, sampler=sampler, shuffle=sampler is None,
+                              drop_last=len(train_set) > config.batch_size,
+                              generator=torch.Generator().manual_seed(config.seed), **loader_args)
+    val_shard = torch.utils.data.Subset(val_set, range(runtime.rank, len(val_set),
+                                                       runtime.world_size))
+    return train_loader, DataLoader(val_shard, **loader_args)
+
+
+@dataclass
+class Optimisation:
+    """What updates the weights: the loss, AdamW and its schedule, the weights' moving average
+    (``ema``, None when off) and the count of optimiser steps taken."""
+
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    ema: ModelEmaV3 | None
+    step: int = 0
+
+
+def build_optimisation(model: AttentionClassifier, config: TrainConfig, train_labels: torch.Tensor,
+                       num_classes: int, steps_per_epoch: int, device: torch.device
+                       ) -> Optimisation:
+    """Loss (class-weighted with ``balance: loss_weights``), AdamW, warmup then cosine decay."""
+    # The average's decay warms up (1 - (1 + step)^(-2/3), capped at ema_decay): short runs work.
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
+    class_weights = None
+    if config.balance == "loss_weights":
+        counts = torch.bincount(train_labels, minlength=num_classes).clamp(min=1).float()
+        class_weights = (counts.sum() / (num_classes * counts)).to(device)
+    criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=config.label_smoothing)
+    optimizer = torch.optim.AdamW(_param_groups(model, config))
+    steps_per_epoch = max(1, steps_per_epoch)
+    scheduler = CosineLRScheduler(optimizer, t_initial=config.epochs * steps_per_epoch,
+                                  warmup_t=int(config.warmup_epochs * steps_per_epoch),
+                                  warmup_lr_init=config.lr * 0.01, lr_min=config.lr * 0.01,
+                                  t_in_epochs=False)
+    return Optimisation(criterion, optimizer, scheduler, ema)
+
+
+def _wrap(model: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.Module:
+    """The network the training steps call: DDP across ranks, compiled when asked."""
+    wrapped = model
+    if runtime.distributed:
+        wrapped = DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    return torch.compile(wrapped) if config.compile else wrapped
+
+
+def train_one_epoch(network: nn.Module, model: AttentionClassifier, loader: DataLoader,
+                    fit: Optimisation, config: TrainConfig, runtime: Runtime, amp: bool,
+                    epoch: int, desc: str) -> tuple[dict[str, float], int]:
+    """One pass over the training batches (epoch numbered from 0); the mean loss and accuracy
+    over every rank's images, and how many images that was."""
+    if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    network.train()
+    if epoch < config.freeze_epochs:
+        model.backbone.eval()  # keep batch-norm statistics frozen too
+    loss_sum, correct, count = 0.0, 0, 0
+    progress = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not runtime.is_main)
+    for images, targets in progress:
+        images = images.to(runtime.device, non_blocking=True)
+        targets = targets.to(runtime.device, non_blocking=True)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(runtime.device, amp):
+            logits = network(images)
+            loss = fit.criterion(logits.float(), targets)
+        fit.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        fit.optimizer.step()
+        fit.step += 1
+        if fit.ema is not None:
+            fit.ema.update(model, step=fit.step)
+        fit.scheduler.step_update(fit.step)
+        loss_sum += loss.item() * len(targets)
+        correct += (logits.argmax(1) == targets).sum().item()
+        count += len(targets)
+        progress.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
+    totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64)
+    if runtime.distributed:
+        dist.all_reduce(totals)
+    scores = {"train_loss": float(totals[0] / totals[2]),
+              "train_accuracy": float(totals[1] / totals[2])}
+    return scores, int(totals[2])
+
+
+def validate(model: nn.Module, loader: DataLoader, labels: torch.Tensor, runtime: Runtime,
+             amp: bool, channels_last: bool, num_classes: int
+             ) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
+    """Validation loss, accuracy and macro-F1 over every rank's share (``labels``: this
+    rank's), with the gathered logits and labels (for temperature scaling)."""
+    logits, _ = predict_logits(model, (images for images, _ in loader), runtime.device, amp,
+                               channels_last)
+    logits, labels = _gather(logits, runtime), _gather(labels, runtime)
+    scores = {"val_loss": float(nn.functional.cross_entropy(logits, labels)),
+              "val_accuracy": float((logits.argmax(1) == labels).float().mean()),
+              "val_macro_f1": macro_f1(labels.numpy(), logits.argmax(1).numpy(), num_classes)}
+    return scores, (logits, labels)
+
+
+@dataclass
+class EarlyStopping:
+    """The best epoch so far (by validation macro-F1; a tie is no gain), its weights and
+    validation logits; stop once ``patience`` epochs have passed without a gain."""
+
+    patience: int
+    epoch: int = -1
+    score: float = -1.0
+    record: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    val: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def should_stop(self, record: dict[str, Any], model: nn.Module,
+                    val: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        """Keep this epoch if it is the best yet, else say whether patience has run out."""
+        if record["val_macro_f1"] > self.score:
+            self.epoch, self.score, self.record = record["epoch"], record["val_macro_f1"], record
+            self.state, self.val = copy.deepcopy(model.state_dict()), val
+            return False
+        return record["epoch"] - self.epoch >= self.patience
+
+
+@dataclass
+class Throughput:
+    """Wall time of the whole run, and time and images spent in training steps."""
+
+    started: float = field(default_factory=time.perf_counter)
+    train_seconds: float = 0.0
+    images: int = 0
+
+
+@dataclass
+class Run:
+    """What a training run sets up before its first epoch."""
+
+    model: AttentionClassifier
+    weight_source: str
+    config: TrainConfig  # the recipe trained with (random_init overrides applied)
+    recipe: str
+    classes: list[str]
+    prep: Preprocess
+    train_set: CellDataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    val_labels: torch.Tensor  # of this rank's validation share
+    amp: bool
+    fit: Optimisation
+
+
+def set_up(name: str, model_config: ModelConfig, config: TrainConfig, mask_params: MaskParams,
+           split_dir: Path, images_dir: Path, masks_dir: Path, runtime: Runtime) -> Run:
+    """Model, recipe, data and optimisation of a run, on ``runtime``'s device."""
+    rows = {part: read_split(split_dir, part) for part in ("train", "val")}
+    classes = sorted(set(rows["train"]["label"]) | set(rows["val"]["label"]))
+    model, weight_source = build_model(model_config, len(classes))
+    config, recipe = recipe_for(config, weight_source)
+    if recipe != "default" and runtime.is_main:
+        logger.warning("%s: %s, so training with the random-init recipe: %s", name,
+                       weight_source, config.random_init)
+    prep = Preprocess(model_config.image_size, **data_config(model), mask_mode=config.mask_mode,
+                      mask_margin=config.mask_margin)
+    train_set, val_set = build_datasets(rows, classes, prep, images_dir, masks_dir, mask_params)
+    train_loader, val_loader = build_loaders(train_set, val_set, config, runtime)
+    model.to(runtime.device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    fit = build_optimisation(model, config, train_set.labels, len(classes), len(train_loader),
+                             runtime.device)
+    return Run(model, weight_source, config, recipe, classes, prep, train_set, train_loader,
+               val_loader, val_set.labels[runtime.rank::runtime.world_size],
+               use_bf16(runtime.device, config.amp), fit)
 
 
 def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_params: MaskParams,
@@ -267,186 +458,107 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
     ``train_resources.json``), not to the metrics, so that metric diffs show quality only."""
     runtime = start_runtime(config)
     _seed_everything(config.seed)
-    started = time.perf_counter()
-    train_rows, val_rows = read_split(split_dir, "train"), read_split(split_dir, "val")
-    classes = sorted(set(train_rows["label"]) | set(val_rows["label"]))
-    index = {label: i for i, label in enumerate(classes)}
-    model, weight_source = build_model(model_config, len(classes))
-    config, recipe = recipe_for(config, weight_source)
-    if recipe != "default" and runtime.is_main:
-        logger.warning("%s: %s, so training with the random-init recipe: %s", name,
-                       weight_source, config.random_init)
-    prep = Preprocess(model_config.image_size, **data_config(model), mask_mode=config.mask_mode,
-                      mask_margin=config.mask_margin)
-
-    def dataset(rows, transform) -> CellDataset:
-        images = load_prepared([images_dir / p for p in rows["path"]], prep,
-                               [mask_path(masks_dir, p) for p in rows["path"]], mask_params)
-        return CellDataset(images, torch.tensor(rows["label"].map(index).to_numpy()), transform)
-
-    train_set, val_set = dataset(train_rows, train_transform(prep)), dataset(val_rows,
-                                                                             eval_transform(prep))
-    sampler = BalancedSampler(train_set.labels, config.seed, runtime.rank, runtime.world_size) \
-        if config.balance == "sampler" else None
-    if sampler is None and runtime.distributed:
-        sampler = torch.utils.data.DistributedSampler(train_set, seed=config.seed)
-    workers = _loader_workers(config, runtime.device)
-    loader_args = {"batch_size": config.batch_size, "num_workers": workers,
-                   "pin_memory": runtime.device.type == "cuda", "persistent_workers": workers > 0}
-    train_loader = DataLoader(train_set, sampler=sampler, shuffle=sampler is None,
-                              drop_last=len(train_set) > config.batch_size,
-                              generator=torch.Generator().manual_seed(config.seed), **loader_args)
-    val_shard = torch.utils.data.Subset(val_set, range(runtime.rank, len(val_set),
-                                                       runtime.world_size))
-    val_loader = DataLoader(val_shard, **loader_args)
-
-    model.to(runtime.device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    amp = use_bf16(runtime.device, config.amp)
-    # The average's decay warms up (1 - (1 + step)^(-2/3), capped at ema_decay): short runs work.
-    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
-    kept = ema.module if ema is not None else model  # the weights validated and saved
-    class_weights = None
-    if config.balance == "loss_weights":
-        counts = torch.bincount(train_set.labels, minlength=len(classes)).clamp(min=1).float()
-        class_weights = (counts.sum() / (len(classes) * counts)).to(runtime.device)
-    criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=config.label_smoothing)
-    optimizer = torch.optim.AdamW(_param_groups(model, config))
-    steps_per_epoch = max(1, len(train_loader))
-    scheduler = CosineLRScheduler(optimizer, t_initial=config.epochs * steps_per_epoch,
-                                  warmup_t=int(config.warmup_epochs * steps_per_epoch),
-                                  warmup_lr_init=config.lr * 0.01, lr_min=config.lr * 0.01,
-                                  t_in_epochs=False)
-
-    def wrap() -> nn.Module:
-        wrapped: nn.Module = model
-        if runtime.distributed:
-            wrapped = DistributedDataParallel(
-                model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-        return torch.compile(wrapped) if config.compile else wrapped
-
-    live = _open_live(live_dir, runtime)
-    best: dict[str, Any] = {"f1": -1.0, "epoch": -1, "state": None}
-    history, seen_images, train_seconds, step = [], 0, 0.0, 0
+    clock = Throughput()
+    run = set_up(name, model_config, config, mask_params, split_dir, images_dir, masks_dir,
+                 runtime)
+    config, model, fit = run.config, run.model, run.fit
+    kept = fit.ema.module if fit.ema is not None else model  # the weights validated and saved
+    live, stopper, history = _open_live(live_dir, runtime), EarlyStopping(config.patience), []
     for epoch in range(config.epochs):
-        frozen = epoch < config.freeze_epochs
         if epoch in (0, config.freeze_epochs):
-            set_backbone_frozen(model, frozen)
-            network = wrap()
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        network.train()
-        if frozen:
-            model.backbone.eval()  # keep batch-norm statistics frozen too
-        epoch_start, loss_sum, correct, count = time.perf_counter(), 0.0, 0, 0
-        progress = tqdm(train_loader, desc=f"{name} epoch {epoch + 1}/{config.epochs}",
-                        unit="batch", leave=False, disable=not runtime.is_main)
-        for images, targets in progress:
-            images = images.to(runtime.device, non_blocking=True)
-            targets = targets.to(runtime.device, non_blocking=True)
-            if config.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(runtime.device, amp):
-                logits = network(images)
-                loss = criterion(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            step += 1
-            if ema is not None:
-                ema.update(model, step=step)
-            scheduler.step_update(step)
-            loss_sum += loss.item() * len(targets)
-            correct += (logits.argmax(1) == targets).sum().item()
-            count += len(targets)
-            progress.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
-        train_seconds += time.perf_counter() - epoch_start
-        totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64)
-        if runtime.distributed:
-            dist.all_reduce(totals)
-        seen_images += int(totals[2])
+            set_backbone_frozen(model, epoch < config.freeze_epochs)
+            network = _wrap(model, config, runtime)
+        epoch_start = time.perf_counter()
+        train_scores, images = train_one_epoch(network, model, run.train_loader, fit, config,
+                                               runtime, run.amp, epoch,
+                                               f"{name} epoch {epoch + 1}/{config.epochs}")
+        clock.train_seconds += time.perf_counter() - epoch_start
+        clock.images += images
         if config.recompute_bn:
-            recompute_batchnorm(kept, train_loader, runtime, amp, config.channels_last)
-        val_logits, val_labels = predict_logits(kept, val_loader, runtime, amp,
-                                                config.channels_last)
-        val_logits, val_labels = _gather(val_logits, runtime), _gather(val_labels, runtime)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": float(totals[0] / totals[2]),
-            "train_accuracy": float(totals[1] / totals[2]),
-            "val_loss": float(nn.functional.cross_entropy(val_logits, val_labels)),
-            "val_accuracy": float((val_logits.argmax(1) == val_labels).float().mean()),
-            "val_macro_f1": macro_f1(val_labels.numpy(), val_logits.argmax(1).numpy(),
-                                     len(classes)),
-            "lr": optimizer.param_groups[-1]["lr"],
-        }
+            recompute_batchnorm(kept, run.train_loader, runtime, run.amp, config.channels_last)
+        val_scores, val = validate(kept, run.val_loader, run.val_labels, runtime, run.amp,
+                                   config.channels_last, len(run.classes))
+        record = {"epoch": epoch + 1, **train_scores, **val_scores,
+                  "lr": fit.optimizer.param_groups[-1]["lr"]}
         history.append(record)
-        _log_epoch(live, record)
-        if runtime.is_main:
-            logger.info("%s epoch %d/%d %s", name, epoch + 1, config.epochs,
-                        " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
-        if record["val_macro_f1"] > best["f1"]:
-            best = {"f1": record["val_macro_f1"], "epoch": epoch + 1,
-                    "state": copy.deepcopy(kept.state_dict()), "record": record,
-                    "val": (val_logits, val_labels)}
-        elif epoch + 1 - best["epoch"] >= config.patience:
+        _log_epoch(live, record, name, config.epochs, runtime)
+        if stopper.should_stop(record, kept, val):
             if runtime.is_main:
                 logger.info("%s: early stop, no val macro-F1 gain for %d epochs", name,
                             config.patience)
             break
-
-    model.load_state_dict(best["state"])
-    temperature = fit_temperature(*best["val"]) if config.temperature_scaling else 1.0
-    summary = {
-        "model": name,
-        "backbone": model_config.backbone,
-        "image_size": model_config.image_size,
-        "weight_source": weight_source,
-        "recipe": recipe,
-        "best_epoch": best["epoch"],
-        "epochs_run": len(history),
-        "val_accuracy": best["record"]["val_accuracy"],
-        "val_macro_f1": best["record"]["val_macro_f1"],
-        "temperature": temperature,
-        "train_images": len(train_set),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "seconds": time.perf_counter() - started,
-        "train_seconds": train_seconds,
-        "images_per_second": seen_images / max(train_seconds, 1e-9),
-        "device": str(runtime.device),
-        "world_size": runtime.world_size,
-        "numeric_mode": numeric_mode(amp),
-        "peak_memory_mb": _peak_memory_mb(runtime.device),
-    }
+    model.load_state_dict(stopper.state)
+    temperature = fit_temperature(*stopper.val) if config.temperature_scaling else 1.0
+    summary = _summary(name, model_config, run, stopper, len(history), temperature, clock,
+                       runtime)
     if runtime.is_main:
-        checkpoint = {
-            "format": CHECKPOINT_FORMAT,
-            "name": name,
-            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-            "classes": classes,
-            "model_config": asdict(model_config),
-            "preprocess": prep.to_dict(),
-            "mask_params": asdict(mask_params),
-            "train_config": asdict(config),
-            "temperature": temperature,
-            "summary": summary,
-            "history": history,
-        }
-        with atomic_path(out_dir) as tmp:
-            tmp.mkdir(parents=True)
-            save_checkpoint(checkpoint, tmp / MODEL_FILE)
-        write_json(metrics_path, {k: v for k, v in summary.items() if k not in RESOURCE_KEYS})
-        write_json(resources_path or metrics_path.with_name("train_resources.json"),
-                   {k: summary[k] for k in RESOURCE_KEYS})
-        _end_live(live, best["record"])
+        checkpoint = _checkpoint(name, model_config, mask_params, run, temperature, summary,
+                                 history)
+        write_outputs(checkpoint, out_dir, metrics_path, resources_path)
+        _end_live(live, stopper.record)
     if runtime.distributed:
         dist.barrier()
         dist.destroy_process_group()
     return summary
 
+
+def _summary(name: str, model_config: ModelConfig, run: Run, best: EarlyStopping,
+             epochs_run: int, temperature: float, clock: Throughput, runtime: Runtime
+             ) -> dict[str, Any]:
+    """The run in one flat record: quality figures, then resources (``RESOURCE_KEYS``)."""
+    return {
+        "model": name,
+        "backbone": model_config.backbone,
+        "image_size": model_config.image_size,
+        "weight_source": run.weight_source,
+        "recipe": run.recipe,
+        "best_epoch": best.epoch,
+        "epochs_run": epochs_run,
+        "val_accuracy": best.record["val_accuracy"],
+        "val_macro_f1": best.record["val_macro_f1"],
+        "temperature": temperature,
+        "train_images": len(run.train_set),
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "seconds": time.perf_counter() - clock.started,
+        "train_seconds": clock.train_seconds,
+        "images_per_second": clock.images / max(clock.train_seconds, 1e-9),
+        "device": str(runtime.device),
+        "world_size": runtime.world_size,
+        "numeric_mode": numeric_mode(run.amp),
+        "peak_memory_mb": peak_memory_mb(runtime.device),
+    }
+
+
+def _checkpoint(name: str, model_config: ModelConfig, mask_params: MaskParams, run: Run,
+                temperature: float, summary: dict[str, Any], history: list[dict[str, Any]]
+                ) -> dict[str, Any]:
+    """The trained model with everything needed to use and to reproduce it."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "name": name,
+        "state_dict": {k: v.cpu() for k, v in run.model.state_dict().items()},
+        "classes": run.classes,
+        "model_config": asdict(model_config),
+        "preprocess": run.prep.to_dict(),
+        "mask_params": asdict(mask_params),
+        "train_config": asdict(run.config),
+        "temperature": temperature,
+        "summary": summary,
+        "history": history,
+    }
+
+
+def write_outputs(checkpoint: dict[str, Any], out_dir: Path, metrics_path: Path,
+                  resources_path: Path | None = None) -> None:
+    """The checkpoint (the folder replaced atomically), the quality metrics and, apart, the
+    resources used (default: ``train_resources.json`` beside the metrics)."""
+    summary = checkpoint["summary"]
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        save_checkpoint(checkpoint, tmp / MODEL_FILE)
+    write_json(metrics_path, {k: v for k, v in summary.items() if k not in RESOURCE_KEYS})
+    write_json(resources_path or metrics_path.with_name("train_resources.json"),
+               {k: summary[k] for k in RESOURCE_KEYS})
 
 def _open_live(live_dir: Path, runtime: Runtime):
     """DVCLive logger on rank 0 (None elsewhere); its plots are declared in dvc.yaml."""
@@ -457,8 +569,11 @@ def _open_live(live_dir: Path, runtime: Runtime):
     return Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
 
 
-def _log_epoch(live, record: dict[str, Any]) -> None:
-    """One row per epoch in DVCLive's plots; its ``step`` column is the epoch number."""
+def _log_epoch(live, record: dict[str, Any], name: str, epochs: int, runtime: Runtime) -> None:
+    """One log line per epoch, and one row in DVCLive's plots (``step``: the epoch number)."""
+    if runtime.is_main:
+        logger.info("%s epoch %d/%d %s", name, record["epoch"], epochs,
+                    " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
     if live is None:
         return
     live.step = record["epoch"]

@@ -3,14 +3,15 @@
 import sys
 from pathlib import Path
 
-from pipeline.compare import compare
+from pipeline.compare import CompareConfig, compare
+from pipeline.config import from_params
 from pipeline.errors import run_entry_point
 from pipeline.io import load_params, read_json
 
 
 def main() -> None:
-    settings = load_params()["compare"]
-    compare(Path("data/eval"), settings, Path("metrics/summary.json"), Path("reports"),
+    config = from_params(CompareConfig, load_params()["compare"], "compare")
+    compare(Path("data/eval"), config, Path("metrics/summary.json"), Path("reports"),
             read_json(Path("data/raw/source.json")))
 
 

@@ -4,30 +4,32 @@ with a temperature of its own fitted on the validation split."""
 import sys
 from pathlib import Path
 
-from pipeline.ensemble import combine_evaluations, member_weights, write_spec
+from pipeline.config import from_params
+from pipeline.ensemble import EnsembleConfig, combine_evaluations, member_weights, write_spec
 from pipeline.errors import run_entry_point
-from pipeline.evaluate import evaluation_set, held_out_set, write_evaluation
+from pipeline.evaluate import EvaluateConfig, evaluation_set, held_out_set, write_evaluation
 from pipeline.io import load_params, read_json
 from pipeline.models import MODEL_FILE
 
 
 def main() -> None:
     params = load_params()
-    settings, evaluate_settings = params["ensemble"], params["evaluate"]
-    members = settings["members"]
+    config, evaluate_config = (from_params(EnsembleConfig, params["ensemble"], "ensemble"),
+                               from_params(EvaluateConfig, params["evaluate"], "evaluate"))
+    members = config.members
     val_f1 = {m: read_json(Path("metrics") / m / "train.json")["val_macro_f1"] for m in members}
-    weights = member_weights(members, settings["weighting"], val_f1)
+    weights = member_weights(config, val_f1)
     split, images, masks = Path("data/split"), Path("data/raw/images"), Path("data/masks")
-    data = evaluation_set(evaluate_settings, split, images, masks)
+    data = evaluation_set(evaluate_config, split, images, masks)
     validation = (held_out_set(split, images, masks, part="val")
-                  if settings["temperature_scaling"] else None)
+                  if config.temperature_scaling else None)
     scored = combine_evaluations({m: Path("data/eval") / m for m in members}, weights, data,
                                  validation)
     write_spec(Path("data/models/ensemble/ensemble.json"),
                {m: Path("data/models") / m / MODEL_FILE for m in members}, weights,
-               scored["temperature"])
+               scored.temperature)
     write_evaluation(scored, Path("data/eval/ensemble"), Path("metrics/ensemble/eval.json"),
-                     evaluate_settings, Path("resources/ensemble/eval.json"),
+                     evaluate_config, Path("resources/ensemble/eval.json"),
                      raw_dir=Path("data/raw"))
 
 

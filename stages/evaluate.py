@@ -8,8 +8,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.config import from_params
 from pipeline.errors import run_entry_point
 from pipeline.evaluate import (
+    EvaluateConfig,
     evaluate_external,
     evaluation_set,
     held_out_set,
@@ -21,28 +23,28 @@ from pipeline.models import MODEL_FILE
 
 
 def main(name: str, fold: int | None = None) -> None:
-    settings = load_params()["evaluate"]
+    config = from_params(EvaluateConfig, load_params()["evaluate"], "evaluate")
     images, masks = Path("data/raw/images"), Path("data/masks")
     if fold is None:
         split, model_dir, out = Path("data/split"), Path("data/models") / name, None
-        data = evaluation_set(settings, split, images, masks)
+        data = evaluation_set(config, split, images, masks)
     else:
         split = Path("data/split/folds") / str(fold)
         model_dir, out = Path("data/cv") / name / str(fold) / "train" / "model", \
             Path("data/cv") / name / str(fold) / "eval"
         data = held_out_set(split, images, masks)
     validation = held_out_set(split, images, masks, part="val")  # for the ensemble's temperature
-    scored = score_checkpoint(model_dir / MODEL_FILE, data, settings, validation)
+    scored = score_checkpoint(model_dir / MODEL_FILE, data, config, validation)
     if out is None:
-        external = evaluate_external(model_dir / MODEL_FILE, settings["external"], settings,
+        external = evaluate_external(model_dir / MODEL_FILE, config.external, config,
                                      Path("data/eval") / name / "external")
         write_json(Path("metrics") / name / "external.json",
                    {set_name: summary["metrics"] for set_name, summary in external.items()})
         write_evaluation(scored, Path("data/eval") / name, Path("metrics") / name / "eval.json",
-                         settings, Path("resources") / name / "eval.json",
+                         config, Path("resources") / name / "eval.json",
                          raw_dir=Path("data/raw"), external=external)
     else:
-        write_evaluation(scored, out, out / "eval.json", settings, out / "resources.json",
+        write_evaluation(scored, out, out / "eval.json", config, out / "resources.json",
                          raw_dir=Path("data/raw"))
 
 

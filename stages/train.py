@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.config import from_params
 from pipeline.errors import PipelineError, run_entry_point
 from pipeline.io import load_params
 from pipeline.masks import MaskParams
@@ -30,13 +31,12 @@ def _outputs(name: str, fold: int | None) -> dict[str, Path]:
 
 def main(name: str, fold: int | None = None) -> None:
     params = load_params()
-    mask_settings = {k: v for k, v in params["masks"].items() if k != "gallery_per_class"}
     try:
         train_model(
             name,
-            ModelConfig(**params["models"][name]),
-            TrainConfig(**params["train"]),
-            MaskParams(**mask_settings),
+            from_params(ModelConfig, params["models"][name], f"models.{name}"),
+            from_params(TrainConfig, params["train"], "train"),
+            from_params(MaskParams, params["masks"], "masks"),
             images_dir=Path("data/raw/images"),
             masks_dir=Path("data/masks"),
             **_outputs(name, fold),

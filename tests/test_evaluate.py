@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,18 @@ import pytest
 
 from pipeline import predict as predict_module
 from pipeline.cli import main as wbc
-from pipeline.compare import compare
-from pipeline.ensemble import combine_evaluations, member_weights, temper, write_spec
+from pipeline.compare import CompareConfig, compare
+from pipeline.ensemble import (
+    EnsembleConfig,
+    combine_evaluations,
+    member_weights,
+    temper,
+    write_spec,
+)
 from pipeline.errors import PipelineError
 from pipeline.evaluate import (
     EvalSet,
+    EvaluateConfig,
     evaluate_external,
     external_set,
     held_out_set,
@@ -28,8 +36,8 @@ from pipeline.metrics import expected_calibration_error
 from pipeline.models import ModelConfig
 from pipeline.train import TrainConfig, train_model
 
-SETTINGS = {"batch_size": 16, "tta": False, "dataset": None, "ignore_unknown_classes": False,
-            "mistakes": 6}
+SETTINGS = EvaluateConfig(batch_size=16, tta=False, dataset=None, ignore_unknown_classes=False,
+                          mistakes=6, abstain_target_accuracy=None)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +50,8 @@ def trained(prepared, tmp_path_factory) -> dict[str, Path]:
         train_model(name, ModelConfig("efficientnet_lite0", 64, pretrained=True, embed_dim=32,
                                       heads=2),
                     TrainConfig(epochs=4, batch_size=16, lr=3e-3, backbone_lr_scale=0.5,
-                                warmup_epochs=0, mask_mode=mode), MaskParams(),
+                                warmup_epochs=0, mask_mode=mode, patience=5, ema_decay=0.0,
+                                mask_margin=0.25), MaskParams(),
                     prepared / "split", prepared / "raw" / "images", prepared / "masks",
                     out / name, out / f"{name}.json", out / f"live-{name}")
         paths[name] = out / name / "model.safetensors"
@@ -100,42 +109,43 @@ def test_cross_dataset_with_class_mismatch(trained, synthetic_folder, tmp_path):
     with pytest.raises(ValueError, match="data has smudge"):
         score_checkpoint(trained["first"], external_set(other), SETTINGS)
     scored = score_checkpoint(trained["first"], external_set(other),
-                              {**SETTINGS, "ignore_unknown_classes": True})
-    assert set(scored["data"].labels) == {"lymphocyte", "monocyte"}
+                              replace(SETTINGS, ignore_unknown_classes=True))
+    assert set(scored.data.labels) == {"lymphocyte", "monocyte"}
     assert wbc(["evaluate", str(trained["first"]), str(other), "-o", str(tmp_path / "r"),
                 "--ignore-unknown"]) == 0
     assert read_json(tmp_path / "r" / "eval.json")["images"] == 20
 
 
 def test_ensemble_and_compare(evaluated, prepared, tmp_path):
-    weights = member_weights(["first", "second"], "val_f1", {"first": 0.3, "second": 0.1})
+    weights = member_weights(EnsembleConfig(["first", "second"], "val_f1"),
+                             {"first": 0.3, "second": 0.1})
     assert weights == pytest.approx({"first": 0.75, "second": 0.25})
     folders = (prepared / "split", prepared / "raw" / "images", prepared / "masks")
     data, validation = held_out_set(*folders), held_out_set(*folders, part="val")
     eval_dirs = {n: evaluated / "eval" / n for n in weights}
     plain = combine_evaluations(eval_dirs, weights, data)
     members = [np.load(folder / "probabilities.npz") for folder in eval_dirs.values()]
-    assert plain["temperature"] == 1.0
-    assert np.allclose(plain["probabilities"], 0.75 * members[0]["calibrated"]
+    assert plain.temperature == 1.0
+    assert np.allclose(plain.probabilities, 0.75 * members[0]["calibrated"]
                        + 0.25 * members[1]["calibrated"])
     scored = combine_evaluations(eval_dirs, weights, data, validation)
     val_average = 0.75 * members[0]["val_calibrated"] + 0.25 * members[1]["val_calibrated"]
-    index = {label: i for i, label in enumerate(scored["classes"])}
+    index = {label: i for i, label in enumerate(scored.classes)}
     val_labels = np.array([index[label] for label in validation.labels])
 
     def val_nll(temperature: float) -> float:
         tempered = temper(val_average, temperature)
         return -np.log(tempered[np.arange(len(val_labels)), val_labels]).mean()
 
-    assert val_nll(1.0) < np.log(len(scored["classes"])) - 0.1  # members learned: not uniform
-    fitted = scored["temperature"]
+    assert val_nll(1.0) < np.log(len(scored.classes)) - 0.1  # members learned: not uniform
+    fitted = scored.temperature
     assert val_nll(fitted) <= min(val_nll(fitted * 1.25), val_nll(fitted / 1.25), val_nll(1.0))
-    assert (scored["probabilities"].argmax(1) == plain["probabilities"].argmax(1)).all()
+    assert (scored.probabilities.argmax(1) == plain.probabilities.argmax(1)).all()
     with pytest.raises(ValueError, match="validation images"):
         combine_evaluations(eval_dirs, weights, data, held_out_set(*folders, part="train"))
     write_evaluation(scored, evaluated / "eval" / "ensemble",
                      evaluated / "metrics" / "ensemble" / "eval.json", SETTINGS)
-    references = {"references": {"original (PBC-1560)": 0.98}}
+    references = CompareConfig({"original (PBC-1560)": 0.98})
     pbc = {"source": "/data/pbc-1560", "images": 1560, "classes": list(range(8))}
     table = compare(evaluated / "eval", references, tmp_path / "summary.json",
                     tmp_path / "reports", pbc)
@@ -154,7 +164,9 @@ def test_ensemble_and_compare(evaluated, prepared, tmp_path):
     assert (tmp_path / "reports" / "summary.png").stat().st_size > 5_000
     assert set(read_json(tmp_path / "summary.json")) == {"first", "second", "ensemble"}
     with pytest.raises(ValueError, match="weighting"):
-        member_weights(["first"], "median", {})
+        EnsembleConfig(["first"], "median")
+    with pytest.raises(ValueError, match="members is empty"):
+        EnsembleConfig([])
 
 
 def _fake_member(folder: Path, test: np.ndarray, val: np.ndarray, data: EvalSet,
@@ -195,9 +207,9 @@ def test_ensemble_temperature_sharpens_disagreeing_members(tmp_path):
     labels = np.array([classes.index(label) for label in data.labels])
     plain = combine_evaluations(eval_dirs, weights, data)
     scored = combine_evaluations(eval_dirs, weights, data, validation)
-    assert scored["temperature"] < 0.8
-    assert (expected_calibration_error(scored["probabilities"], labels)
-            < expected_calibration_error(plain["probabilities"], labels) / 2)
+    assert scored.temperature < 0.8
+    assert (expected_calibration_error(scored.probabilities, labels)
+            < expected_calibration_error(plain.probabilities, labels) / 2)
 
 
 def test_ensemble_members_share_preprocessing(trained, synthetic_folder, tmp_path, monkeypatch):
@@ -248,6 +260,18 @@ def test_predict_folder_with_corrupt_file(trained, synthetic_folder, tmp_path):
     only_bad.mkdir()
     (only_bad / "notes.txt").write_text("hello")
     assert wbc(["predict", str(trained["first"]), str(only_bad)]) == 2  # no image file at all
+
+
+def test_stage_settings_are_validated():
+    with pytest.raises(ValueError, match="evaluate.batch_size"):
+        EvaluateConfig(batch_size=0)
+    with pytest.raises(ValueError, match="abstain_target_accuracy"):
+        EvaluateConfig(abstain_target_accuracy=1.5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tta_views'"):
+        EvaluateConfig(tta_views=8)
+    assert EvaluateConfig(external=["a", "b"]).external == ("a", "b")
+    with pytest.raises(ValueError, match="compare.references: 'x' must be an accuracy"):
+        CompareConfig({"x": 98})
 
 
 def test_restricted_scores_renormalise_over_the_classes_present():

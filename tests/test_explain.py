@@ -120,7 +120,8 @@ def test_sample_and_figure(tmp_path):
 def checkpoint(prepared, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("explain-model")
     train_model("tiny", ModelConfig("mobilenetv2_100", 48, embed_dim=16, heads=2),
-                TrainConfig(epochs=1, batch_size=16, lr=1e-3, mask_mode="crop"), MaskParams(),
+                TrainConfig(epochs=1, batch_size=16, lr=1e-3, mask_mode="crop", patience=5,
+                            ema_decay=0.0, backbone_lr_scale=0.1, mask_margin=0.25), MaskParams(),
                 prepared / "split", prepared / "raw" / "images", prepared / "masks",
                 out / "tiny", out / "tiny.json", out / "live")
     return out / "tiny" / "model.safetensors"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from pipeline import export
 from pipeline.cli import main as wbc
-from pipeline.evaluate import held_out_set, score_checkpoint
+from pipeline.evaluate import EvaluateConfig, held_out_set, score_checkpoint
 from pipeline.io import write_json
 from pipeline.masks import MaskParams
 from pipeline.models import ModelConfig
@@ -19,7 +20,7 @@ from pipeline.onnx_runtime import OnnxClassifier
 from pipeline.predict import predict
 from pipeline.train import TrainConfig, train_model
 
-SETTINGS = {"batch_size": 16, "tta": False, "ignore_unknown_classes": False}
+SETTINGS = EvaluateConfig(batch_size=16, tta=False, ignore_unknown_classes=False)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def data_dir(prepared, tmp_path_factory) -> Path:
     for part in ("raw", "masks", "split"):
         (root / part).symlink_to(prepared / part)
     train_model("tiny", ModelConfig("mobilenetv2_100", 48, embed_dim=32, heads=2),
-                TrainConfig(epochs=1, batch_size=16, lr=1e-3, mask_mode="crop"), MaskParams(),
+                TrainConfig(epochs=1, batch_size=16, lr=1e-3, mask_mode="crop", patience=5,
+                            ema_decay=0.0, backbone_lr_scale=0.1, mask_margin=0.25), MaskParams(),
                 root / "split", root / "raw" / "images", root / "masks", root / "models" / "tiny",
                 root / "train.json", root / "live")
     write_json(root / "eval" / "tiny" / "summary.json", {"abstention": {"threshold": 0.2}})
@@ -61,12 +63,13 @@ def test_onnx_scores_and_predicts_like_the_checkpoint(exported, data_dir, synthe
     data = held_out_set(data_dir / "split", data_dir / "raw" / "images", data_dir / "masks")
     by_torch = score_checkpoint(checkpoint, data, SETTINGS)
     by_onnx = score_checkpoint(dest, data, SETTINGS)
-    assert by_onnx["attention"] is None
-    np.testing.assert_allclose(by_onnx["probabilities"], by_torch["probabilities"], atol=1e-3)
-    tta = score_checkpoint(dest, data, {**SETTINGS, "tta": True})
-    np.testing.assert_allclose(tta["probabilities"],
-                               score_checkpoint(checkpoint, data, {**SETTINGS, "tta": True})
-                               ["probabilities"], atol=1e-3)
+    assert by_onnx.attention is None
+    np.testing.assert_allclose(by_onnx.probabilities, by_torch.probabilities, atol=1e-3)
+    with_tta = replace(SETTINGS, tta=True)
+    tta = score_checkpoint(dest, data, with_tta)
+    np.testing.assert_allclose(tta.probabilities,
+                               score_checkpoint(checkpoint, data, with_tta).probabilities,
+                               atol=1e-3)
     folder = synthetic_folder / "monocyte"
     rows_torch, rows_onnx = predict(checkpoint, [folder]), predict(dest, [folder])
     assert [r["top1"] for r in rows_onnx] == [r["top1"] for r in rows_torch]

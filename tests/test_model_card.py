@@ -6,14 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.evaluate import EvalSet, write_evaluation
+from pipeline.evaluate import EvalSet, EvaluateConfig, Scored, ScoredValidation, write_evaluation
 from pipeline.io import read_json
 from pipeline.metrics_ci import bootstrap_intervals
 from pipeline.model_card import data_fingerprint, render_card, reproduce_command
 
 CLASSES = ["lymphocyte", "monocyte", "neutrophil"]
-SETTINGS = {"tta": False, "mistakes": 2,
-            "abstain_target_accuracy": 0.9}
+SETTINGS = EvaluateConfig(tta=False, mistakes=2, abstain_target_accuracy=0.9)
 
 
 def _probabilities(labels: np.ndarray, rng: np.random.Generator, flip: float) -> np.ndarray:
@@ -47,17 +46,17 @@ def test_evaluate_writes_a_card_from_its_summary(tmp_path, synthetic_folder):
     (raw / "source.json").write_text('{"source": "/data/pbc-1560"}')
     pd.DataFrame({"path": ["a.jpg", "b.jpg"], "label": ["monocyte", "lymphocyte"],
                   "sha256": ["a1" * 32, "b2" * 32]}).to_csv(raw / "manifest.csv", index=False)
-    scored = {
-        "name": "demo", "classes": CLASSES,
-        "data": EvalSet(paths, [CLASSES[i] for i in labels], [p.name for p in paths]),
-        "probabilities": _probabilities(labels, rng, 0.3),
-        "uncalibrated": _probabilities(labels, rng, 0.3), "temperature": 1.4,
-        "images_per_second": 50.0, "device": "cpu",
-        "training": {"backbone": "mobilenetv2_100", "image_size": 48, "weight_source": "x"},
-        "recipe": {"model": {"image_size": 48}, "train": {"epochs": 3}},
-        "validation": {"names": [], "labels": [CLASSES[i] for i in val_labels],
-                       "probabilities": _probabilities(val_labels, rng, 0.05)},
-    }
+    scored = Scored(
+        name="demo", classes=CLASSES,
+        data=EvalSet(paths, [CLASSES[i] for i in labels], [p.name for p in paths]),
+        probabilities=_probabilities(labels, rng, 0.3),
+        uncalibrated=_probabilities(labels, rng, 0.3), temperature=1.4,
+        images_per_second=50.0, device="cpu",
+        training={"backbone": "mobilenetv2_100", "image_size": 48, "weight_source": "x"},
+        recipe={"model": {"image_size": 48}, "train": {"epochs": 3}},
+        validation=ScoredValidation([], [CLASSES[i] for i in val_labels],
+                                    _probabilities(val_labels, rng, 0.05)),
+    )
     headline = write_evaluation(scored, tmp_path / "eval", tmp_path / "eval.json", SETTINGS,
                                 raw_dir=raw)
     summary = read_json(tmp_path / "eval" / "summary.json")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -16,12 +17,14 @@ from safetensors.torch import load_file
 
 from pipeline import train as training
 from pipeline.device import amp_supported, use_bf16
+from pipeline.errors import PipelineError
 from pipeline.masks import MaskParams
 from pipeline.models import ModelConfig, load_checkpoint
 from pipeline.train import TrainConfig, train_model
 
 TINY_MODEL = ModelConfig("mobilenetv2_100", image_size=48, embed_dim=32, heads=2)
-TINY_RECIPE = TrainConfig(epochs=1, batch_size=16, lr=1e-3, patience=3, mask_mode="crop")
+TINY_RECIPE = TrainConfig(epochs=1, batch_size=16, lr=1e-3, patience=3, mask_mode="crop",
+                          ema_decay=0.0, backbone_lr_scale=0.1, mask_margin=0.25)
 
 
 def run(prepared: Path, out: Path, model=TINY_MODEL, recipe=TINY_RECIPE) -> dict:
@@ -56,7 +59,7 @@ def test_seeded_runs_are_identical(prepared, tmp_path):
 def test_early_stopping(prepared, tmp_path, monkeypatch, val_scores, best_epoch, epochs_run):
     scores = iter(val_scores)
     monkeypatch.setattr(training, "macro_f1", lambda *_args: next(scores))
-    recipe = TrainConfig(epochs=8, batch_size=16, lr=1e-3, patience=2, warmup_epochs=0)
+    recipe = replace(TINY_RECIPE, epochs=8, patience=2, warmup_epochs=0)
     summary = run(prepared, tmp_path, recipe=recipe)
     assert (summary["best_epoch"], summary["epochs_run"]) == (best_epoch, epochs_run)
     assert summary["val_macro_f1"] == val_scores[best_epoch - 1]
@@ -143,6 +146,18 @@ def test_interrupted_run_leaves_previous_outputs(prepared, tmp_path, monkeypatch
     assert (tmp_path / "model" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live", "model", "train.json",
                                                           "train_resources.json"]
+
+
+def test_unreadable_training_image_is_a_one_line_error(prepared, tmp_path):
+    """Training reads images through the same path as evaluation; an unreadable one stops it
+    with an error naming the file, before any output is written."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data, symlinks=True)
+    broken = data / "raw" / "images" / pd.read_csv(data / "split" / "train.csv")["path"][0]
+    broken.write_bytes(b"not an image")
+    with pytest.raises(PipelineError, match=f"{broken.name}.*1 of .* images unreadable"):
+        run(data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
