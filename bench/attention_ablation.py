@@ -16,25 +16,28 @@ import json
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 from sklearn.metrics import f1_score
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.data import Preprocess, eval_transform, load_prepared, read_split
+from pipeline.data import Preprocess, eval_transform, load_masks, load_prepared, read_split
 from pipeline.evaluate import held_out_set
 from pipeline.explain import (
     figure_for,
     gradcam_maps,
-    load_masks,
     localisation_scores,
     mean_scores,
     sample_for_figure,
 )
 from pipeline.masks import MaskParams
-from pipeline.models import ModelConfig, attention_outside_cell_loss, build_model, data_config
+from pipeline.models import (
+    ModelConfig,
+    attention_outside_cell_loss,
+    build_model,
+    data_config,
+    token_cover,
+)
 
 VARIANTS = {
     "baseline (stride 32)": {},
@@ -56,12 +59,6 @@ def features(model: nn.Module, images: torch.Tensor, prep: Preprocess) -> torch.
     normalise = eval_transform(prep)
     return torch.cat([model.backbone.forward_features(normalise(images[i:i + 64]))
                       for i in tqdm(range(0, len(images), 64), desc="features", unit="batch")])
-
-
-def token_cover(masks: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
-    """Per token, the fraction of its block of the input inside the cell mask."""
-    return torch.from_numpy(np.stack([cv2.resize(m.astype(np.float32), grid[::-1],
-                                                 interpolation=cv2.INTER_AREA) for m in masks]))
 
 
 def train_head(model: nn.Module, train: tuple, val: tuple, epochs: int,
@@ -130,7 +127,8 @@ def main() -> None:
         if stride not in cache:
             cache[stride] = {p: features(model, v[0], prep) for p, v in parts.items()}
         cached = cache[stride]
-        cover = token_cover(train_masks, model.grid) if guidance else None
+        train_cover = torch.from_numpy(train_masks)[:, None]
+        cover = token_cover(train_cover, model.grid) if guidance else None
         seconds = train_head(model, (cached["train"], labels["train"], cover),
                              (cached["val"], labels["val"]), args.epochs, guidance)
         print(f"{name}: head trained in {seconds:.0f} s; scoring", flush=True)

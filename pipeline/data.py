@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -146,6 +147,31 @@ def load_prepared(paths: list[Path], prep: Preprocess, mask_files: list[Path] | 
     return stack_images(prepared)
 
 
+def prepare_mask(mask: np.ndarray, prep: Preprocess) -> np.ndarray:
+    """The boolean cell mask on the model's input: the crop, padding and resize of
+    ``prepare_image`` (geometry only)."""
+    if prep.mask_mode == "crop":
+        mask = _crop_to_mask(mask, mask, prep.mask_margin)
+    resized = cv2.resize(_square_pad(mask), (prep.image_size, prep.image_size),
+                         interpolation=cv2.INTER_AREA)
+    return resized >= 128
+
+
+def load_masks(paths: list[Path], mask_files: list[Path] | None, prep: Preprocess,
+               mask_params: MaskParams) -> np.ndarray:
+    """Input-sized boolean masks (N, S, S): stored mask files, or GrabCut computed here."""
+    masks = []
+    for index, path in enumerate(tqdm(paths, desc="masks", unit="img", leave=False)):
+        if mask_files is not None:
+            mask = cv2.imread(str(mask_files[index]), cv2.IMREAD_GRAYSCALE)
+            if mask is None:
+                raise PipelineError(f"{mask_files[index]}: unreadable mask (rerun the masks stage)")
+        else:
+            mask, _ = compute_mask(decode_image(path), mask_params)
+        masks.append(prepare_mask(mask, prep))
+    return np.stack(masks)
+
+
 def train_transform(prep: Preprocess) -> v2.Compose:
     """Augmentation for smear images: orientation is arbitrary, stain and focus vary."""
     return v2.Compose([
@@ -164,16 +190,25 @@ def eval_transform(prep: Preprocess) -> v2.Compose:
 
 
 class CellDataset(Dataset):
-    """Prepared uint8 images with integer labels and a transform applied on access."""
+    """Prepared uint8 images with integer labels and a transform applied on access.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: v2.Compose) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
+    With ``masks`` (N, 1, S, S), each item also holds its cell mask, moved by the same
+    geometric augmentation as the image (colour changes leave it alone).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: v2.Compose,
+                 masks: torch.Tensor | None = None) -> None:
+        self.images, self.labels, self.transform, self.masks = images, labels, transform, masks
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.images[index]), self.labels[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        if self.masks is None:
+            return self.transform(self.images[index]), self.labels[index]
+        image, mask = self.transform(tv_tensors.Image(self.images[index]),
+                                     tv_tensors.Mask(self.masks[index]))
+        return image.as_subclass(torch.Tensor), self.labels[index], mask.as_subclass(torch.Tensor)
 
 
 def read_split(split_dir: Path, part: str) -> pd.DataFrame:

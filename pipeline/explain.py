@@ -1,7 +1,7 @@
 """Where a model looks, and whether that is the cell: attention, Grad-CAM and a number for each.
 
 Both maps are scored against the pipeline's own GrabCut mask, carried through the same crop and
-resize the model's input went through (``prepared_mask``):
+resize the model's input went through (``data.prepare_mask``):
 
 - ``attention_in_cell``: share of the class token's attention mass inside the mask. The map is
   the model's ``last_attention`` (attention rollout over all blocks, heads averaged; see
@@ -17,7 +17,6 @@ resize the model's input went through (``prepared_mask``):
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -29,34 +28,12 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.data import Preprocess, _crop_to_mask, eval_transform, prepare_image
-from pipeline.io import decode_image
-from pipeline.masks import MaskParams, compute_mask
+from pipeline.data import Preprocess, eval_transform, load_masks
+from pipeline.masks import MaskParams
 
 logger = logging.getLogger(__name__)
 
 SCORES = ("attention_in_cell", "gradcam_in_cell", "cell_area")
-
-
-def prepared_mask(mask: np.ndarray, prep: Preprocess) -> np.ndarray:
-    """The boolean cell mask on the model's input: the same crop, padding and resize."""
-    if prep.mask_mode == "crop":
-        mask = _crop_to_mask(mask, mask, prep.mask_margin)
-    resized = prepare_image(mask, None, replace(prep, mask_mode="none"))
-    return resized >= 128
-
-
-def load_masks(paths: list[Path], mask_files: list[Path] | None, prep: Preprocess,
-               mask_params: MaskParams) -> np.ndarray:
-    """Input-sized boolean masks (N, S, S): stored mask files, or GrabCut computed here."""
-    masks = []
-    for index, path in enumerate(tqdm(paths, desc="masks", unit="img", leave=False)):
-        if mask_files is not None:
-            mask = cv2.imread(str(mask_files[index]), cv2.IMREAD_GRAYSCALE)
-        else:
-            mask, _ = compute_mask(decode_image(path), mask_params)
-        masks.append(prepared_mask(mask, prep))
-    return np.stack(masks)
 
 
 def mass_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> float:

@@ -162,6 +162,12 @@ def attention_rollout(weights: list[torch.Tensor]) -> torch.Tensor:
     return rollout
 
 
+def token_cover(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Per token, the fraction of its block of the input inside the cell: binary masks
+    (B, 1, S, S) to (B, H, W) on the token ``grid``."""
+    return F.adaptive_avg_pool2d(masks.float(), tuple(grid)).squeeze(1)
+
+
 def attention_outside_cell_loss(attention: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
     """Mask guidance: ``-log`` of the attention mass inside the cell, averaged over the batch.
 

@@ -34,6 +34,7 @@ from pipeline.data import (
     CellDataset,
     Preprocess,
     eval_transform,
+    load_masks,
     load_prepared,
     read_split,
     train_transform,
@@ -48,9 +49,11 @@ from pipeline.models import (
     MODEL_FILE,
     AttentionClassifier,
     ModelConfig,
+    attention_outside_cell_loss,
     build_model,
     data_config,
     save_checkpoint,
+    token_cover,
 )
 
 logger = logging.getLogger(__name__)
@@ -75,6 +78,8 @@ class TrainConfig:
     balance: str = "loss_weights"
     mask_mode: str = "crop"
     mask_margin: float = 0.3
+    # weight of the loss on the class token's attention outside the cell mask (0: off)
+    mask_guidance: float = 0.0
     device: str = "auto"
     amp: bool | str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | true: bf16 on CPU too | false
     channels_last: bool = True
@@ -95,6 +100,8 @@ class TrainConfig:
         keys = {f.name for f in dataclasses.fields(self)} - {"random_init"}
         if unknown := sorted(set(self.random_init) - keys):
             raise ValueError(f"train.random_init may set recipe keys only, not {unknown}")
+        if self.mask_guidance < 0:
+            raise ValueError(f"train.mask_guidance must be >= 0, not {self.mask_guidance}")
         if self.balance not in ("none", "loss_weights", "sampler"):
             raise ValueError(f"train.balance must be none, loss_weights or sampler, "
                              f"not {self.balance!r}")
@@ -247,17 +254,23 @@ def _seed_everything(seed: int) -> None:
 
 
 def build_datasets(rows: dict[str, pd.DataFrame], classes: list[str], prep: Preprocess,
-                   images_dir: Path, masks_dir: Path, mask_params: MaskParams
-                   ) -> tuple[CellDataset, CellDataset]:
-    """The training images (augmented on access) and the validation images, prepared once."""
+                   images_dir: Path, masks_dir: Path, mask_params: MaskParams,
+                   with_masks: bool = False) -> tuple[CellDataset, CellDataset]:
+    """The training images (augmented on access; with their cell masks if ``with_masks``) and
+    the validation images, prepared once."""
     index = {label: i for i, label in enumerate(classes)}
     datasets = []
     for part, transform in (("train", train_transform(prep)), ("val", eval_transform(prep))):
         paths = list(rows[part]["path"])
-        images = load_prepared([images_dir / p for p in paths], prep,
-                               [mask_path(masks_dir, p) for p in paths], mask_params)
+        images = [images_dir / p for p in paths]
+        mask_files = [mask_path(masks_dir, p) for p in paths]
+        prepared = load_prepared(images, prep, mask_files, mask_params)
         labels = torch.tensor(rows[part]["label"].map(index).to_numpy())
-        datasets.append(CellDataset(images, labels, transform))
+        masks = None
+        if with_masks and part == "train":
+            masks = torch.from_numpy(load_masks(images, mask_files, prep, mask_params)[:, None])
+            masks = masks.to(torch.uint8)
+        datasets.append(CellDataset(prepared, labels, transform, masks))
     return datasets[0], datasets[1]
 
 
@@ -332,7 +345,7 @@ def train_one_epoch(network: nn.Module, model: AttentionClassifier, loader: Data
         model.backbone.eval()  # keep batch-norm statistics frozen too
     loss_sum, correct, count = 0.0, 0, 0
     progress = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not runtime.is_main)
-    for images, targets in progress:
+    for images, targets, *masks in progress:
         images = images.to(runtime.device, non_blocking=True)
         targets = targets.to(runtime.device, non_blocking=True)
         if config.channels_last:
@@ -340,6 +353,10 @@ def train_one_epoch(network: nn.Module, model: AttentionClassifier, loader: Data
         with autocast(runtime.device, amp):
             logits = network(images)
             loss = fit.criterion(logits.float(), targets)
+        if masks:  # mask guidance: the class token's attention belongs on the cell
+            attention = model.last_attention.float()
+            cover = token_cover(masks[0].to(runtime.device), attention.shape[-2:])
+            loss = loss + config.mask_guidance * attention_outside_cell_loss(attention, cover)
         fit.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
@@ -436,7 +453,8 @@ def set_up(name: str, model_config: ModelConfig, config: TrainConfig, mask_param
                        weight_source, config.random_init)
     prep = Preprocess(model_config.image_size, **data_config(model), mask_mode=config.mask_mode,
                       mask_margin=config.mask_margin)
-    train_set, val_set = build_datasets(rows, classes, prep, images_dir, masks_dir, mask_params)
+    train_set, val_set = build_datasets(rows, classes, prep, images_dir, masks_dir, mask_params,
+                                        with_masks=config.mask_guidance > 0)
     train_loader, val_loader = build_loaders(train_set, val_set, config, runtime)
     model.to(runtime.device)
     if config.channels_last:

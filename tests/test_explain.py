@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.cli import main as wbc
-from pipeline.data import Preprocess, prepare_image
+from pipeline.data import Preprocess, prepare_image, prepare_mask
 from pipeline.ensemble import write_spec
 from pipeline.explain import (
     explain_png,
@@ -19,7 +19,6 @@ from pipeline.explain import (
     gradcam_maps,
     localisation_scores,
     mass_in_mask,
-    prepared_mask,
     sample_for_figure,
 )
 from pipeline.masks import MaskParams
@@ -67,12 +66,12 @@ def test_prepared_mask_follows_the_crop():
     image[mask > 0] = 200
     for mode in ("crop", "none", "suppress"):
         prep = Preprocess(32, PREP.mean, PREP.std, mask_mode=mode, mask_margin=0.25)
-        on_input = prepared_mask(mask, prep)
+        on_input = prepare_mask(mask, prep)
         bright = prepare_image(image, mask, prep)[..., 0] > 100
         assert on_input.shape == (32, 32)
         assert (on_input == bright).mean() > 0.97, mode
     crop = Preprocess(32, PREP.mean, PREP.std, mask_mode="crop", mask_margin=0.25)
-    assert prepared_mask(mask, crop).mean() == pytest.approx(1 / 1.5 ** 2, abs=0.05)
+    assert prepare_mask(mask, crop).mean() == pytest.approx(1 / 1.5 ** 2, abs=0.05)
 
 
 @pytest.mark.parametrize("backbone", ["efficientnet_lite0", "mobilenetv2_100"])

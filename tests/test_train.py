@@ -16,9 +16,19 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import train as training
+from pipeline.data import (
+    CellDataset,
+    Preprocess,
+    eval_transform,
+    load_masks,
+    load_prepared,
+    read_split,
+    train_transform,
+)
 from pipeline.device import amp_supported, use_bf16
 from pipeline.errors import PipelineError
-from pipeline.masks import MaskParams
+from pipeline.explain import localisation_scores
+from pipeline.masks import MaskParams, mask_path
 from pipeline.models import ModelConfig, load_checkpoint
 from pipeline.train import TrainConfig, train_model
 
@@ -188,3 +198,44 @@ def test_distributed_two_processes_on_cpu(prepared, tmp_path):
         for k, v in load_file(tmp_path / "single" / "model" / "model.safetensors").items()}
     assert single["train_images"] == summary["train_images"]
     assert len(list(tmp_path.glob("model*"))) == 1  # written once, by rank 0
+
+
+def _attention_in_cell(model_file: Path, prepared: Path) -> float:
+    """Mean share of the class token's attention inside the cell on the held-out images."""
+    model, checkpoint = load_checkpoint(model_file)
+    prep = Preprocess(**checkpoint["preprocess"])
+    rows = pd.concat([read_split(prepared / "split", part) for part in ("val", "test")])
+    paths = [prepared / "raw" / "images" / p for p in rows["path"]]
+    mask_files = [mask_path(prepared / "masks", p) for p in rows["path"]]
+    images = load_prepared(paths, prep, mask_files, MaskParams())
+    masks = load_masks(paths, mask_files, prep, MaskParams())
+    with torch.no_grad():
+        model.eval()(eval_transform(prep)(images))
+    scores = localisation_scores(model.last_attention.numpy(), None, masks)
+    return float(scores["attention_in_cell"].mean())
+
+
+def test_mask_guidance_puts_attention_on_the_cell(prepared, tmp_path):
+    model = replace(TINY_MODEL, image_size=64, output_stride=16)  # a 4x4 token grid
+    inside = {}
+    for weight in (0.0, 5.0):
+        out = tmp_path / str(weight)
+        run(prepared, out, model, replace(TINY_RECIPE, epochs=4, lr=3e-3, mask_guidance=weight))
+        inside[weight] = _attention_in_cell(out / "model" / "model.safetensors", prepared)
+    assert inside[5.0] > max(0.6, inside[0.0] + 0.15), inside
+
+
+def test_masks_follow_the_augmentation():
+    """An image that is bright exactly where its mask is stays so after augmentation."""
+    mask = torch.zeros(1, 48, 48, dtype=torch.uint8)
+    mask[:, 5:20, 10:40] = 1
+    image = (mask * 255).expand(3, -1, -1).contiguous()
+    prep = Preprocess(image_size=48, mean=(0.5,) * 3, std=(0.25,) * 3)
+    dataset = CellDataset(image[None], torch.tensor([0]), train_transform(prep), mask[None])
+    torch.manual_seed(0)
+    for _ in range(20):
+        augmented, _, moved = dataset[0]
+        brightness = augmented.mean(0)
+        assert moved.dtype == torch.uint8 and moved.shape == (1, 48, 48)
+        assert brightness[moved[0] == 1].mean() > brightness[moved[0] == 0].mean() + 2.0
+        assert 0.5 < moved.float().sum() / mask.float().sum() < 1.5
