@@ -20,6 +20,9 @@ COLUMNS = {
     "roc_auc_ovr": "ROC-AUC",
     "ece": "ECE",
     "ece_uncalibrated": "ECE (uncal.)",
+    "attention_in_cell": "attention in cell",
+    "gradcam_in_cell": "Grad-CAM in cell",
+    "cell_area": "cell area (chance)",
 }
 
 
