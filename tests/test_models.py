@@ -180,10 +180,15 @@ def test_corrupt_or_mismatched_weights_are_one_line_errors(tmp_path):
 
 
 def test_map_by_order_rejects_misfits():
-    target = {"a": torch.zeros(2), "b": torch.zeros(3)}
-    assert map_by_order({"x": torch.ones(2), "y": torch.ones(3)}, target).keys() == target.keys()
-    with pytest.raises(WeightsError, match="does not fit"):
-        map_by_order({"x": torch.ones(3), "y": torch.ones(2)}, target)
+    target = {"a.weight": torch.zeros(2), "a.bias": torch.zeros(2), "b.weight": torch.zeros(3)}
+    source = {"x.weight": torch.ones(2), "x.bias": torch.ones(2), "y.weight": torch.ones(3)}
+    assert map_by_order(source, target).keys() == target.keys()
+    with pytest.raises(WeightsError, match=r"y.weight \(3,\) does not fit a.weight \(2,\)"):
+        map_by_order(dict(reversed(source.items())), target)
+    with pytest.raises(WeightsError, match=r"x.bias \(2,\) does not fit a.weight"):
+        map_by_order({k: source[k] for k in ("x.bias", "x.weight", "y.weight")}, target)
+    with pytest.raises(WeightsError, match="2 tensors for 3"):
+        map_by_order(dict(list(source.items())[:2]), target)
 
 
 def test_bad_pretrained_value():
