@@ -8,7 +8,9 @@ used to choose). Run from the repository root with ``dvc cache dir --local`` set
     python -m bench.recipes [--recipes lite0,lite1,lite2] [--out bench/recipes.json]
     python -m bench.recipes --table bench/recipes.json        # the markdown table only
 
-Wall time is the whole ``dvc exp run`` (stages restored from the run cache take seconds).
+Wall time is the whole ``dvc exp run`` (stages restored from the run cache take seconds). Run one
+recipe at a time per git repository: worktrees share ``refs/exps``, and two concurrent
+``dvc exp run`` calls were seen to run the same queued parameters (both trained Lite0).
 """
 
 from __future__ import annotations
@@ -73,8 +75,13 @@ def run_recipe(name: str, overrides: dict[str, str]) -> dict[str, Any]:
     start = time.perf_counter()
     subprocess.run(["dvc", "exp", "run", "-n", f"recipe-{name}", f"evaluate@{MODEL}",
                     *settings], check=True)
+    result = collect()
+    wanted = overrides.get(f"models.{MODEL}.backbone")
+    if wanted and result["backbone"] != wanted:  # e.g. another worktree's queued experiment ran
+        raise SystemExit(f"recipe {name}: asked for {wanted}, the experiment trained "
+                         f"{result['backbone']}; run one `dvc exp run` at a time per git repo")
     return {"recipe": name, "overrides": COMMON | overrides,
-            "wall_seconds": round(time.perf_counter() - start, 1), **collect()}
+            "wall_seconds": round(time.perf_counter() - start, 1), **result}
 
 
 def _interval(scores: dict[str, float]) -> str:
