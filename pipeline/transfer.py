@@ -1,0 +1,147 @@
+"""Across laboratories: cell-scale and stain normalisation, and stain augmentation.
+
+Two microscopes differ in how many pixels a cell spans and in the colour of the stain. Both are
+measured from the image itself, so training and inference apply the same correction (the settings
+live in :class:`pipeline.data.Preprocess`, saved in every checkpoint):
+
+- scale: the stained nucleus inside the white cell's mask (GrabCut, :mod:`pipeline.masks`) gives
+  the cell's size; the image is cropped around it to a square in which the nucleus spans
+  ``cell_fraction`` of the side.
+- stain: Reinhard's colour transfer maps each image's CIELAB statistics to a fixed reference
+  (``STAIN_REFERENCE``, measured on PBC).
+- augmentation: the HED jitter of Tellez et al. (2018) scales and shifts the haematoxylin, eosin
+  and residual channels of the Ruifrok-Johnston colour deconvolution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+# Ruifrok & Johnston (2001) stain vectors (rows: haematoxylin, eosin, DAB), as in scikit-image.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+RGB_FROM_HED = RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
+
+# Reference colour statistics (mean, standard deviation of L*, a*, b* over the whole field): the
+# medians over pbc-1560 (bench/transfer.py prints them).
+STAIN_REFERENCE = ((80.0, 8.0, 8.0), (10.0, 8.0, 8.0))
+# What ``train.transfer: true`` turns on (each can also be set on its own in params.yaml: train).
+TRANSFER_SETTINGS: dict[str, Any] = {"cell_fraction": 0.6, "stain_normalise": True,
+                                     "stain_jitter": 0.3, "blur_sigma": 2.0}
+LIGHT = 255.0  # the lamp: the brightness of an empty field
+_BLACK_FILL = 20  # pixels darker than this in every channel are fill left by rotation, not stain
+
+
+def transfer_preprocessing(config: Any) -> dict[str, Any]:
+    """The ``Preprocess`` settings of a training recipe (``TrainConfig``): its own values, with
+    ``transfer: true`` filling those left at their off value from ``TRANSFER_SETTINGS``."""
+    chosen = {key: getattr(config, key) for key in TRANSFER_SETTINGS}
+    if config.transfer:
+        chosen |= {key: value for key, value in TRANSFER_SETTINGS.items() if not chosen[key]}
+    return chosen
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Absorbance per channel, ``-log(I / I0)``, of an RGB uint8 image (float32, same shape)."""
+    return -np.log((rgb.astype(np.float32) + 1.0) / (LIGHT + 1.0))
+
+
+def from_optical_density(density: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`optical_density`, clipped to uint8."""
+    return np.clip((LIGHT + 1.0) * np.exp(-density) - 1.0, 0, 255).astype(np.uint8)
+
+
+def cell_diameter(mask: np.ndarray) -> float:
+    """Diameter in pixels of the circle with the mask's area (0 for an empty mask)."""
+    return float(2.0 * np.sqrt(np.count_nonzero(mask) / np.pi))
+
+
+def crop_to_cell_scale(image: np.ndarray, mask: np.ndarray, fraction: float) -> np.ndarray:
+    """Square crop centred on the cell's nucleus, whose longest extent becomes ``fraction`` of
+    the side.
+
+    The nucleus, not the mask, sets the scale: GrabCut's mask holds the whole cell on crisp
+    images but the nucleus alone where the cytoplasm is pale and blurred (bccd-sample). The image
+    is reflected beyond its borders where the square reaches past them; an empty mask leaves the
+    image as it is."""
+    if not mask.any():
+        return image
+    centre_y, centre_x, extent = nucleus_extent(image, mask)
+    half = max(int(round(extent / fraction / 2)), 1)
+    padded = cv2.copyMakeBorder(image, half, half, half, half, cv2.BORDER_REFLECT_101)
+    top, left = int(round(centre_y)), int(round(centre_x))
+    return padded[top:top + 2 * half, left:left + 2 * half]
+
+
+def _fill_and_lab(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The image in CIELAB (float32) and where it is not black fill left by a rotation."""
+    lab = cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    return lab, rgb.max(axis=2) >= _BLACK_FILL
+
+
+def colour_statistics(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of L*, a*, b* over the image, black fill left out."""
+    lab, field = _fill_and_lab(rgb)
+    pixels = lab[field] if field.any() else lab.reshape(-1, 3)
+    return pixels.mean(0), pixels.std(0)
+
+
+def normalise_stain(rgb: np.ndarray) -> np.ndarray:
+    """Reinhard et al. (2001): shift and scale L*, a*, b* so that the whole field (plasma, red
+    cells and the white cell; black fill left out, then painted with the reference mean) has the
+    reference statistics ``STAIN_REFERENCE``, measured on pbc-1560."""
+    lab, field = _fill_and_lab(rgb)
+    mean, std = colour_statistics(rgb)
+    target_mean, target_std = (np.asarray(v, np.float32) for v in STAIN_REFERENCE)
+    lab = (lab - mean) / np.maximum(std, 1e-3) * target_std + target_mean
+    lab[~field] = target_mean
+    out = cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_LAB2RGB)
+    return np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def nucleus_extent(image: np.ndarray, mask: np.ndarray) -> tuple[float, float, float]:
+    """Centre (y, x) and longest side of the bounding box of the nucleus: the pixels darker in
+    green (chromatin absorbs green the most) than Otsu's threshold over the mask grown by half
+    its radius, so that the region holds both the nucleus and paler surroundings whether GrabCut
+    kept the whole cell or the nucleus alone."""
+    radius = max(int(cell_diameter(mask) / 4), 1)
+    grown = cv2.dilate((mask > 0).astype(np.uint8),
+                       cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2)) > 0
+    green = image[..., 1][grown]
+    if len(green) == 0:
+        return 0.0, 0.0, 0.0
+    threshold, _ = cv2.threshold(green.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    ys, xs = np.nonzero((mask > 0) & (image[..., 1] <= threshold))
+    if len(ys) == 0:
+        ys, xs = np.nonzero(mask)
+    return (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2, float(max(np.ptp(ys),
+                                                                            np.ptp(xs), 1))
+
+
+def rgb_to_hed(rgb: np.ndarray) -> np.ndarray:
+    """Ruifrok-Johnston colour deconvolution: (..., 3) uint8 RGB to H, E, D optical densities."""
+    return optical_density(rgb) @ HED_FROM_RGB.astype(np.float32)
+
+
+class HedJitter(torch.nn.Module):
+    """Stain augmentation (Tellez et al., 2018): each of the H, E, D densities of a uint8 (3, H, W)
+    image is scaled by U(1 - sigma, 1 + sigma) and shifted by U(-sigma, sigma) times its mean."""
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.sigma = sigma
+        self.register_buffer("to_hed", torch.from_numpy(HED_FROM_RGB.astype(np.float32)))
+        self.register_buffer("to_rgb", torch.from_numpy(RGB_FROM_HED.astype(np.float32)))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        density = -torch.log((image.float() + 1.0) / (LIGHT + 1.0))  # (3, H, W)
+        hed = torch.einsum("chw,cd->dhw", density, self.to_hed)
+        scale = 1.0 + (torch.rand(3, 1, 1) * 2 - 1) * self.sigma
+        shift = (torch.rand(3, 1, 1) * 2 - 1) * self.sigma * hed.mean((1, 2), keepdim=True).abs()
+        jittered = torch.einsum("dhw,dc->chw", hed * scale + shift, self.to_rgb)
+        rgb = (LIGHT + 1.0) * torch.exp(-jittered) - 1.0
+        return rgb.clamp(0, 255).round().to(torch.uint8)
