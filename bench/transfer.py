@@ -9,10 +9,10 @@ For a sample of each set (default: ../shared/datasets pbc-1560, pbc-external, bc
 and TEST) it computes the pipeline's GrabCut mask (``pipeline.masks.compute_mask``, default
 params) and prints the medians of: image size, the mask's status, the cell's diameter in pixels
 and as a fraction of the image's short side, the black fill left by rotation, the background's
-colour, the optical density and the haematoxylin/eosin densities inside the mask, the CIELAB
-statistics of the whole field (the stain normalisation's input) and the extent of the stained
-nucleus (the scale normalisation's input). The figure shows crops of each set as the model sees
-them with the default preprocessing and with ``train.transfer`` (scale and stain normalised).
+colour, the optical density and the haematoxylin/eosin densities inside the mask, and the CIELAB
+statistics of the whole field (the stain normalisation's input). The figure shows crops of each
+set as the model sees them with the default preprocessing and with ``train.transfer`` (scale and
+stain normalised).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from pipeline.transfer import (  # noqa: E402
     TRANSFER_SETTINGS,
     cell_diameter,
     colour_statistics,
-    nucleus_extent,
     optical_density,
     rgb_to_hed,
 )
@@ -79,8 +78,6 @@ def measure(path: Path) -> dict[str, float | str]:
     mean, std = colour_statistics(rgb)
     row |= {f"field_mean_{c}": float(v) for c, v in zip("Lab", mean, strict=True)}
     row |= {f"field_std_{c}": float(v) for c, v in zip("Lab", std, strict=True)}
-    row["nucleus_extent_fraction"] = nucleus_extent(rgb, mask)[2] / min(rgb.shape[:2])
-    row["nucleus_extent_over_mask"] = nucleus_extent(rgb, mask)[2] / max(diameter, 1.0)
     return row
 
 

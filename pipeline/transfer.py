@@ -4,9 +4,8 @@ Two microscopes differ in how many pixels a cell spans and in the colour of the 
 measured from the image itself, so training and inference apply the same correction (the settings
 live in :class:`pipeline.data.Preprocess`, saved in every checkpoint):
 
-- scale: the stained nucleus inside the white cell's mask (GrabCut, :mod:`pipeline.masks`) gives
-  the cell's size; the image is cropped around it to a square in which the nucleus spans
-  ``cell_fraction`` of the side.
+- scale: the white cell's mask (GrabCut, :mod:`pipeline.masks`) gives its diameter; the image is
+  cropped around the cell to a square in which that diameter is ``cell_fraction`` of the side.
 - stain: Reinhard's colour transfer maps each image's CIELAB statistics to a fixed reference
   (``STAIN_REFERENCE``, measured on PBC).
 - augmentation: the HED jitter of Tellez et al. (2018) scales and shifts the haematoxylin, eosin
@@ -61,19 +60,18 @@ def cell_diameter(mask: np.ndarray) -> float:
 
 
 def crop_to_cell_scale(image: np.ndarray, mask: np.ndarray, fraction: float) -> np.ndarray:
-    """Square crop centred on the cell's nucleus, whose longest extent becomes ``fraction`` of
-    the side.
+    """Square crop centred on the mask's centroid in which the cell's diameter (that of the
+    circle with the mask's area) is ``fraction`` of the side.
 
-    The nucleus, not the mask, sets the scale: GrabCut's mask holds the whole cell on crisp
-    images but the nucleus alone where the cytoplasm is pale and blurred (bccd-sample). The image
-    is reflected beyond its borders where the square reaches past them; an empty mask leaves the
-    image as it is."""
-    if not mask.any():
+    The image is reflected beyond its borders where the square reaches past them; an empty mask
+    leaves the image as it is."""
+    diameter = cell_diameter(mask)
+    if diameter == 0:
         return image
-    centre_y, centre_x, extent = nucleus_extent(image, mask)
-    half = max(int(round(extent / fraction / 2)), 1)
+    ys, xs = np.nonzero(mask)
+    half = max(int(round(diameter / fraction / 2)), 1)
     padded = cv2.copyMakeBorder(image, half, half, half, half, cv2.BORDER_REFLECT_101)
-    top, left = int(round(centre_y)), int(round(centre_x))
+    top, left = int(round(ys.mean())), int(round(xs.mean()))
     return padded[top:top + 2 * half, left:left + 2 * half]
 
 
@@ -101,25 +99,6 @@ def normalise_stain(rgb: np.ndarray) -> np.ndarray:
     lab[~field] = target_mean
     out = cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_LAB2RGB)
     return np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-def nucleus_extent(image: np.ndarray, mask: np.ndarray) -> tuple[float, float, float]:
-    """Centre (y, x) and longest side of the bounding box of the nucleus: the pixels darker in
-    green (chromatin absorbs green the most) than Otsu's threshold over the mask grown by half
-    its radius, so that the region holds both the nucleus and paler surroundings whether GrabCut
-    kept the whole cell or the nucleus alone."""
-    radius = max(int(cell_diameter(mask) / 4), 1)
-    grown = cv2.dilate((mask > 0).astype(np.uint8),
-                       cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2)) > 0
-    green = image[..., 1][grown]
-    if len(green) == 0:
-        return 0.0, 0.0, 0.0
-    threshold, _ = cv2.threshold(green.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    ys, xs = np.nonzero((mask > 0) & (image[..., 1] <= threshold))
-    if len(ys) == 0:
-        ys, xs = np.nonzero(mask)
-    return (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2, float(max(np.ptp(ys),
-                                                                            np.ptp(xs), 1))
 
 
 def rgb_to_hed(rgb: np.ndarray) -> np.ndarray:
