@@ -9,10 +9,10 @@ For a sample of each set (default: ../shared/datasets pbc-1560, pbc-external, bc
 and TEST) it computes the pipeline's GrabCut mask (``pipeline.masks.compute_mask``, default
 params) and prints the medians of: image size, the mask's status, the cell's diameter in pixels
 and as a fraction of the image's short side, the black fill left by rotation, the background's
-colour, the optical density and the haematoxylin/eosin densities inside the mask, and the CIELAB
-statistics of the whole field (the stain normalisation's input). The figure shows crops of each
-set as the model sees them with the default preprocessing and with ``train.transfer`` (scale and
-stain normalised).
+colour, the optical density and the haematoxylin/eosin densities inside the mask, and the lamp
+and optical density of the slide around the cell (the stain normalisation's input). The figure
+shows crops of each set as the model sees them with the default preprocessing and with
+``train.transfer`` (scale and stain normalised).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from pipeline.masks import MaskParams, compute_mask  # noqa: E402
 from pipeline.transfer import (  # noqa: E402
     TRANSFER_SETTINGS,
     cell_diameter,
-    colour_statistics,
     optical_density,
     rgb_to_hed,
+    slide_statistics,
 )
 
 DATASETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
@@ -75,9 +75,9 @@ def measure(path: Path) -> dict[str, float | str]:
         row[f"cell_od_{channel}"] = float(density[..., i][inside].mean()) if inside.any() else 0.0
     row["cell_H"] = float(hed[..., 0][inside].mean()) if inside.any() else 0.0
     row["cell_E"] = float(hed[..., 1][inside].mean()) if inside.any() else 0.0
-    mean, std = colour_statistics(rgb)
-    row |= {f"field_mean_{c}": float(v) for c, v in zip("Lab", mean, strict=True)}
-    row |= {f"field_std_{c}": float(v) for c, v in zip("Lab", std, strict=True)}
+    lamp, slide_density = slide_statistics(rgb, mask)
+    row |= {f"lamp_{c}": float(v) for c, v in zip("RGB", lamp, strict=True)}
+    row |= {f"slide_od_{c}": float(v) for c, v in zip("RGB", slide_density, strict=True)}
     return row
 
 

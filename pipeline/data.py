@@ -39,7 +39,7 @@ class Preprocess:
     mask_margin: float = 0.25
     suppress_strength: float = 0.7
     cell_fraction: float | None = None  # crop: the cell's diameter as this fraction of the side
-    stain_normalise: bool = False  # Reinhard colour transfer to pipeline.transfer's reference
+    stain_normalise: bool = False  # slide's colour to pipeline.transfer's reference
     stain_jitter: float = 0.0  # training only: HED jitter of this strength (Tellez et al.)
     blur_sigma: float = 0.0  # training only: half the images blurred with sigma up to this
 
@@ -93,7 +93,7 @@ def prepare_image(image: np.ndarray, mask: np.ndarray | None, prep: Preprocess) 
     """Normalise the stain (if asked), apply the mask mode and resize to a square
     ``image_size`` uint8 RGB array."""
     if prep.stain_normalise:
-        image = normalise_stain(image)
+        image = normalise_stain(image, mask)
     if prep.mask_mode != "none":
         if mask is None:
             raise ValueError(f"mask_mode {prep.mask_mode!r} needs a mask")

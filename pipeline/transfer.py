@@ -6,8 +6,9 @@ live in :class:`pipeline.data.Preprocess`, saved in every checkpoint):
 
 - scale: the white cell's mask (GrabCut, :mod:`pipeline.masks`) gives its diameter; the image is
   cropped around the cell to a square in which that diameter is ``cell_fraction`` of the side.
-- stain: Reinhard's colour transfer maps each image's CIELAB statistics to a fixed reference
-  (``STAIN_REFERENCE``, measured on PBC).
+- stain: each channel's optical density is scaled so that the slide around the cell (plasma and
+  red cells) matches a fixed reference (``STAIN_REFERENCE``, measured on PBC), and the image is
+  lit with the reference lamp.
 - augmentation: the HED jitter of Tellez et al. (2018) scales and shifts the haematoxylin, eosin
   and residual channels of the Ruifrok-Johnston colour deconvolution.
 """
@@ -25,9 +26,9 @@ RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.
 RGB_FROM_HED = RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)
 HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 
-# Reference colour statistics (mean, standard deviation of L*, a*, b* over the whole field): the
-# medians over pbc-1560 (bench/transfer.py prints them).
-STAIN_REFERENCE = ((80.0, 8.0, 8.0), (10.0, 8.0, 8.0))
+# Reference slide: the lamp (RGB) and the mean optical density per channel of plasma and red
+# cells, the medians over pbc-1560 (bench/transfer.py prints them).
+STAIN_REFERENCE = ((255.0, 232.0, 205.0), (0.094, 0.145, 0.095))
 # What ``train.transfer: true`` turns on (each can also be set on its own in params.yaml: train).
 TRANSFER_SETTINGS: dict[str, Any] = {"cell_fraction": 0.6, "stain_normalise": True,
                                      "stain_jitter": 0.3, "blur_sigma": 2.0}
@@ -75,30 +76,38 @@ def crop_to_cell_scale(image: np.ndarray, mask: np.ndarray, fraction: float) -> 
     return padded[top:top + 2 * half, left:left + 2 * half]
 
 
-def _fill_and_lab(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The image in CIELAB (float32) and where it is not black fill left by a rotation."""
-    lab = cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    return lab, rgb.max(axis=2) >= _BLACK_FILL
+def _slide(rgb: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The pixels that describe the slide: neither black fill left by a rotation nor (given its
+    mask) the white cell, whose size and class would otherwise move the statistics."""
+    field = rgb.max(axis=2) >= _BLACK_FILL
+    if mask is not None and (field & (mask == 0)).any():
+        field &= mask == 0
+    return rgb[field] if field.any() else rgb.reshape(-1, 3)
 
 
-def colour_statistics(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation of L*, a*, b* over the image, black fill left out."""
-    lab, field = _fill_and_lab(rgb)
-    pixels = lab[field] if field.any() else lab.reshape(-1, 3)
-    return pixels.mean(0), pixels.std(0)
+def slide_statistics(rgb: np.ndarray, mask: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The lamp (99th percentile of each channel over the slide) and the slide's mean optical
+    density per channel relative to that lamp."""
+    pixels = _slide(rgb, mask).astype(np.float32)
+    lamp = np.maximum(np.percentile(pixels, 99, axis=0), 1.0)
+    density = -np.log((pixels + 1.0) / (lamp + 1.0))
+    return lamp, np.maximum(density, 0).mean(0)
 
 
-def normalise_stain(rgb: np.ndarray) -> np.ndarray:
-    """Reinhard et al. (2001): shift and scale L*, a*, b* so that the whole field (plasma, red
-    cells and the white cell; black fill left out, then painted with the reference mean) has the
-    reference statistics ``STAIN_REFERENCE``, measured on pbc-1560."""
-    lab, field = _fill_and_lab(rgb)
-    mean, std = colour_statistics(rgb)
-    target_mean, target_std = (np.asarray(v, np.float32) for v in STAIN_REFERENCE)
-    lab = (lab - mean) / np.maximum(std, 1e-3) * target_std + target_mean
-    lab[~field] = target_mean
-    out = cv2.cvtColor(lab.astype(np.float32), cv2.COLOR_LAB2RGB)
-    return np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8)
+def normalise_stain(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Scale each channel's optical density (relative to the image's own lamp) so that the slide
+    (plasma and red cells, see :func:`slide_statistics`) has the reference mean density, then
+    light it with the reference lamp (``STAIN_REFERENCE``, measured on pbc-1560). Stains differ
+    between laboratories mostly by a strength per channel, which this undoes; black fill is
+    painted with the reference plasma."""
+    lamp, density = slide_statistics(rgb, mask)
+    reference_lamp, reference_density = (np.asarray(v, np.float32) for v in STAIN_REFERENCE)
+    gain = np.clip(reference_density / np.maximum(density, 1e-3), 0.25, 4.0)
+    optical = np.maximum(-np.log((rgb.astype(np.float32) + 1.0) / (lamp + 1.0)), 0) * gain
+    out = (reference_lamp + 1.0) * np.exp(-optical) - 1.0
+    out[rgb.max(axis=2) < _BLACK_FILL] = reference_lamp
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
 def rgb_to_hed(rgb: np.ndarray) -> np.ndarray:
