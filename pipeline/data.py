@@ -38,7 +38,7 @@ class Preprocess:
     mask_mode: str = "none"
     mask_margin: float = 0.25
     suppress_strength: float = 0.7
-    cell_fraction: float | None = None  # crop: the cell's diameter as this fraction of the side
+    cell_fraction: float | None = None  # crop only: the cell's diameter as this share of the side
     stain_normalise: bool = False  # slide's colour to pipeline.transfer's reference
     stain_jitter: float = 0.0  # training only: HED jitter of this strength (Tellez et al.)
     blur_sigma: float = 0.0  # training only: half the images blurred with sigma up to this
@@ -47,10 +47,9 @@ class Preprocess:
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, "
                              f"not {self.mask_mode!r}")
-        if self.cell_fraction is not None and not (
-                self.mask_mode == "crop" and 0 < self.cell_fraction <= 1):
-            raise ValueError(f"cell_fraction needs mask_mode crop and a value in (0, 1], "
-                             f"not {self.cell_fraction!r} with mask_mode {self.mask_mode!r}")
+        if self.cell_fraction is not None and not 0 < self.cell_fraction <= 1:
+            raise ValueError(f"cell_fraction must be in (0, 1] (or null), "
+                             f"not {self.cell_fraction!r}")
         if not 0 <= self.stain_jitter < 1:
             raise ValueError(f"stain_jitter must be in [0, 1), not {self.stain_jitter!r}")
 
@@ -97,7 +96,7 @@ def prepare_image(image: np.ndarray, mask: np.ndarray | None, prep: Preprocess) 
     if prep.mask_mode != "none":
         if mask is None:
             raise ValueError(f"mask_mode {prep.mask_mode!r} needs a mask")
-        if prep.cell_fraction is not None:
+        if prep.mask_mode == "crop" and prep.cell_fraction is not None:
             image = crop_to_cell_scale(image, mask, prep.cell_fraction)
         elif prep.mask_mode == "crop":
             image = _crop_to_mask(image, mask, prep.mask_margin)

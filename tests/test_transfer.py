@@ -115,7 +115,7 @@ def test_the_transfer_switch_fills_in_what_is_left_off():
     assert transfer_preprocessing(SimpleNamespace(transfer=True, **mine))["cell_fraction"] == 0.4
 
 
-@pytest.mark.parametrize("settings", [{"cell_fraction": 0.5, "mask_mode": "none"},
+@pytest.mark.parametrize("settings", [{"cell_fraction": 0.0, "mask_mode": "crop"},
                                       {"cell_fraction": 1.5, "mask_mode": "crop"},
                                       {"stain_jitter": 1.0}])
 def test_bad_transfer_settings_are_refused(settings):
