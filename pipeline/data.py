@@ -91,7 +91,7 @@ def _suppress_background(image: np.ndarray, mask: np.ndarray, strength: float) -
 def prepare_image(image: np.ndarray, mask: np.ndarray | None, prep: Preprocess) -> np.ndarray:
     """Normalise the stain (if asked), apply the mask mode and resize to a square
     ``image_size`` uint8 RGB array."""
-    if prep.stain_normalise:
+    if prep.stain_normalise and image.ndim == 3:  # not for a mask resized through here
         image = normalise_stain(image, mask)
     if prep.mask_mode != "none":
         if mask is None:
