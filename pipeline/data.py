@@ -25,6 +25,7 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError, one_line
 from pipeline.io import decode_image, opencv_threads
 from pipeline.masks import MaskParams, compute_mask
+from pipeline.transfer import HedJitter, crop_to_cell_scale, normalise_stain
 
 MASK_MODES = ("none", "crop", "suppress")
 
@@ -39,11 +40,20 @@ class Preprocess:
     mask_mode: str = "none"
     mask_margin: float = 0.25
     suppress_strength: float = 0.7
+    cell_fraction: float | None = None  # crop only: the cell's diameter as this share of the side
+    stain_normalise: bool = False  # slide's colour to pipeline.transfer's reference
+    stain_jitter: float = 0.0  # training only: HED jitter of this strength (Tellez et al.)
+    blur_sigma: float = 0.0  # training only: half the images blurred with sigma up to this
 
     def __post_init__(self) -> None:
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, "
                              f"not {self.mask_mode!r}")
+        if self.cell_fraction is not None and not 0 < self.cell_fraction <= 1:
+            raise ValueError(f"cell_fraction must be in (0, 1] (or null), "
+                             f"not {self.cell_fraction!r}")
+        if not 0 <= self.stain_jitter < 1:
+            raise ValueError(f"stain_jitter must be in [0, 1), not {self.stain_jitter!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,13 +90,23 @@ def _suppress_background(image: np.ndarray, mask: np.ndarray, strength: float) -
     return np.clip(image * soft + faded * (1 - soft), 0, 255).astype(np.uint8)
 
 
+def _crop(image: np.ndarray, mask: np.ndarray, prep: Preprocess) -> np.ndarray:
+    """``crop`` mode: at the cell's scale (``cell_fraction``) or around the mask's box."""
+    if prep.cell_fraction is not None:
+        return crop_to_cell_scale(image, mask, prep.cell_fraction)
+    return _crop_to_mask(image, mask, prep.mask_margin)
+
+
 def prepare_image(image: np.ndarray, mask: np.ndarray | None, prep: Preprocess) -> np.ndarray:
-    """Apply the mask mode and resize to a square ``image_size`` uint8 RGB array."""
+    """Normalise the stain (if asked), apply the mask mode and resize to a square
+    ``image_size`` uint8 RGB array."""
+    if prep.stain_normalise and image.ndim == 3:  # not for a mask resized through here
+        image = normalise_stain(image, mask)
     if prep.mask_mode != "none":
         if mask is None:
             raise ValueError(f"mask_mode {prep.mask_mode!r} needs a mask")
         if prep.mask_mode == "crop":
-            image = _crop_to_mask(image, mask, prep.mask_margin)
+            image = _crop(image, mask, prep)
         else:
             image = _suppress_background(image, mask, prep.suppress_strength)
     return cv2.resize(_square_pad(image), (prep.image_size, prep.image_size),
@@ -151,7 +171,7 @@ def prepare_mask(mask: np.ndarray, prep: Preprocess) -> np.ndarray:
     """The boolean cell mask on the model's input: the crop, padding and resize of
     ``prepare_image`` (geometry only)."""
     if prep.mask_mode == "crop":
-        mask = _crop_to_mask(mask, mask, prep.mask_margin)
+        mask = _crop(mask, mask, prep)
     resized = cv2.resize(_square_pad(mask), (prep.image_size, prep.image_size),
                          interpolation=cv2.INTER_AREA)
     return resized >= 128
@@ -179,6 +199,9 @@ def train_transform(prep: Preprocess) -> v2.Compose:
         v2.RandomVerticalFlip(),
         v2.RandomChoice([v2.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)]),
         v2.RandomAffine(degrees=10, translate=(0.04, 0.04), scale=(0.92, 1.08)),
+        *([HedJitter(prep.stain_jitter)] if prep.stain_jitter else []),
+        *([v2.RandomApply([v2.GaussianBlur(9, (0.1, prep.blur_sigma))])] if prep.blur_sigma
+          else []),
         v2.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.03),
         *eval_transform(prep).transforms,
     ])

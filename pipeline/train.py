@@ -55,6 +55,7 @@ from pipeline.models import (
     save_checkpoint,
     token_cover,
 )
+from pipeline.transfer import transfer_preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,11 @@ class TrainConfig:
     seed: int = 0
     temperature_scaling: bool = True
     distributed: str | bool = "auto"
+    transfer: bool = False  # across laboratories: pipeline.transfer.TRANSFER_SETTINGS
+    cell_fraction: float | None = None
+    stain_normalise: bool = False
+    stain_jitter: float = 0.0
+    blur_sigma: float = 0.0
     # Overrides of this recipe for a backbone that starts from random weights (no pretrained
     # weights found): a recipe tuned to fine-tune ImageNet features does not train one from scratch.
     random_init: dict[str, Any] = field(default_factory=dict)
@@ -452,7 +458,7 @@ def set_up(name: str, model_config: ModelConfig, config: TrainConfig, mask_param
         logger.warning("%s: %s, so training with the random-init recipe: %s", name,
                        weight_source, config.random_init)
     prep = Preprocess(model_config.image_size, **data_config(model), mask_mode=config.mask_mode,
-                      mask_margin=config.mask_margin)
+                      mask_margin=config.mask_margin, **transfer_preprocessing(config))
     train_set, val_set = build_datasets(rows, classes, prep, images_dir, masks_dir, mask_params,
                                         with_masks=config.mask_guidance > 0)
     train_loader, val_loader = build_loaders(train_set, val_set, config, runtime)

@@ -63,12 +63,24 @@ def _optical_density(rgb: Sequence[float]) -> np.ndarray:
     return -np.log(np.asarray(rgb, np.float32) / _LAMP_RGB)
 
 
+@dataclass(frozen=True)
+class Lab:
+    """A laboratory's microscope and staining: ``magnification`` scales every length (cells
+    span fewer pixels below 1), ``tint`` multiplies every dye's optical density per RGB channel
+    and ``stain_strength`` all of them. The default lab is the one the data set imitates."""
+
+    magnification: float = 1.0
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    stain_strength: float = 1.0
+
+
 class _Stain:
     """One slide's staining: a tint and a strength applied to every dye colour."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
+    def __init__(self, rng: np.random.Generator, lab: Lab = Lab()) -> None:
         self.tint = np.exp(rng.normal(0.0, 0.045, 3)).astype(np.float32)
-        self.strength = rng.uniform(0.88, 1.12)
+        self.tint *= np.asarray(lab.tint, np.float32)
+        self.strength = rng.uniform(0.88, 1.12) * lab.stain_strength
         self.eosin = rng.uniform(0.85, 1.15)  # extra factor for red cells and eosinophil granules
         greyness = rng.beta(0.5, 4.0)  # most slides have cream plasma, a few a cool grey one
         self.plasma = _optical_density(_mix(_PLASMA_CREAM_RGB, _PLASMA_GREY_RGB, greyness))
@@ -92,9 +104,10 @@ class _Canvas:
     stain: _Stain
 
     @classmethod
-    def random(cls, rng: np.random.Generator, size: tuple[int, int]) -> _Canvas:
-        magnification = rng.uniform(0.92, 1.08)
-        return cls(rng, size[0], size[1], magnification * min(size) / _REFERENCE_SIDE, _Stain(rng))
+    def random(cls, rng: np.random.Generator, size: tuple[int, int], lab: Lab = Lab()) -> _Canvas:
+        magnification = rng.uniform(0.92, 1.08) * lab.magnification
+        return cls(rng, size[0], size[1], magnification * min(size) / _REFERENCE_SIDE,
+                   _Stain(rng, lab))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -577,12 +590,12 @@ def _check_label(label: str) -> None:
         raise InputError(f"unknown class {label!r}; expected one of: {', '.join(PBC_CLASSES)}")
 
 
-def render_cell(label: str, rng: np.random.Generator,
-                size: tuple[int, int] = DEFAULT_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def render_cell(label: str, rng: np.random.Generator, size: tuple[int, int] = DEFAULT_SIZE,
+                lab: Lab = Lab()) -> tuple[np.ndarray, np.ndarray]:
     """Return (RGB uint8 image HxWx3, bool mask HxW of the true white cell — nucleus+cytoplasm —
-    or, for platelet, of the platelet clump)."""
+    or, for platelet, of the platelet clump), as photographed in ``lab``."""
     _check_label(label)
-    canvas = _Canvas.random(rng, size)
+    canvas = _Canvas.random(rng, size, lab)
     center = np.array([canvas.width / 2, canvas.height / 2]) + rng.normal(0, canvas.px(8), 2)
     window, local_center, box = canvas.window(center, canvas.px(_CELL_REACH))
     cell = _PAINTERS[label](window, local_center)
@@ -599,13 +612,13 @@ def render_cell(label: str, rng: np.random.Generator,
     return _expose(canvas, density), mask
 
 
-def render_example(label: str, index: int, seed: int,
-                   size: tuple[int, int] = DEFAULT_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def render_example(label: str, index: int, seed: int, size: tuple[int, int] = DEFAULT_SIZE,
+                   lab: Lab = Lab()) -> tuple[np.ndarray, np.ndarray]:
     """The deterministic image i of a class: seeds the rng with
     [seed, PBC_CLASSES.index(label), index]."""
     _check_label(label)
     rng = np.random.default_rng([seed, PBC_CLASSES.index(label), index])
-    return render_cell(label, rng, size)
+    return render_cell(label, rng, size, lab)
 
 
 def _encode_jpeg(rgb: np.ndarray) -> bytes:

@@ -1,0 +1,184 @@
+"""Across laboratories: scale and stain normalisation, stain augmentation, and transfer between
+two synthetic labs that differ in stain and magnification."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.data import Preprocess, eval_transform, prepare_image, train_transform
+from pipeline.sources.synthetic import Lab, render_example
+from pipeline.transfer import (
+    STAIN_REFERENCE,
+    TRANSFER_SETTINGS,
+    HedJitter,
+    cell_diameter,
+    crop_to_cell_scale,
+    normalise_stain,
+    slide_statistics,
+    transfer_preprocessing,
+)
+
+CLASSES = ("eosinophil", "lymphocyte", "monocyte", "neutrophil")  # the classes BCCD holds
+HOME = Lab()
+# Measured between pbc-1560 and bccd-sample (bench/transfer.py): a weaker stain, blue absorbed
+# least, and cells spanning fewer pixels.
+AWAY = Lab(magnification=0.6, tint=(1.3, 1.0, 0.65), stain_strength=0.6)
+HOME_SIZE, AWAY_SIZE = (120, 120), (200, 200)  # the same cell spans as many pixels in both
+
+
+def _disc_image(radius: int, centre: tuple[int, int], shape=(200, 300)) -> tuple[np.ndarray,
+                                                                                 np.ndarray]:
+    image = np.full((*shape, 3), 230, np.uint8)
+    mask = np.zeros(shape, np.uint8)
+    cv2.circle(mask, centre, radius, 255, -1)
+    image[mask > 0] = (90, 40, 140)
+    return image, mask
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.8])
+def test_a_cell_of_known_size_ends_at_the_target_fraction(fraction):
+    image, mask = _disc_image(radius=30, centre=(210, 80))  # off centre, near an edge
+    prep = Preprocess(96, (0.5,) * 3, (0.5,) * 3, mask_mode="crop", cell_fraction=fraction)
+    out = prepare_image(image, mask, prep)
+    cell = out[..., 1] < 100  # the disc's green is 40, the background's 230
+    assert cell_diameter(cell) == pytest.approx(fraction * 96, rel=0.05)
+    ys, xs = np.nonzero(cell)
+    assert abs(ys.mean() - 47.5) < 2 and abs(xs.mean() - 47.5) < 2  # centred
+
+
+def test_the_same_cell_at_two_magnifications_fills_the_same_fraction():
+    prep = Preprocess(64, (0.5,) * 3, (0.5,) * 3, mask_mode="crop", cell_fraction=0.6)
+    sizes = []
+    for radius in (20, 60):
+        image, mask = _disc_image(radius, (150, 100))
+        sizes.append(cell_diameter(prepare_image(image, mask, prep)[..., 1] < 100))
+    assert sizes[0] == pytest.approx(sizes[1], rel=0.05)
+
+
+def test_an_empty_mask_leaves_the_image_whole():
+    image, _ = _disc_image(20, (150, 100))
+    assert crop_to_cell_scale(image, np.zeros(image.shape[:2], np.uint8), 0.5) is image
+
+
+def _cell_colour(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return rgb[mask > 0].astype(float).mean(0)
+
+
+def test_two_stains_map_to_near_identical_colours():
+    stained_away = Lab(tint=AWAY.tint, stain_strength=AWAY.stain_strength)
+    before, after = [], []
+    for label in CLASSES:
+        home, home_mask = render_example(label, 0, seed=1, size=HOME_SIZE, lab=HOME)
+        away, away_mask = render_example(label, 0, seed=1, size=HOME_SIZE, lab=stained_away)
+        before.append(np.abs(_cell_colour(home, home_mask) - _cell_colour(away, away_mask)).max())
+        home_n = normalise_stain(home, home_mask.astype(np.uint8))
+        away_n = normalise_stain(away, away_mask.astype(np.uint8))
+        after.append(np.abs(_cell_colour(home_n, home_mask)
+                            - _cell_colour(away_n, away_mask)).max())
+    assert np.mean(before) > 40  # 8-bit levels, the worst channel of the cell's mean colour
+    assert np.mean(after) < min(12, np.mean(before) / 4)
+    lamp, density = slide_statistics(away_n, away_mask.astype(np.uint8))
+    assert lamp == pytest.approx(STAIN_REFERENCE[0], abs=3)
+    assert density == pytest.approx(STAIN_REFERENCE[1], abs=0.01)
+
+
+def test_black_fill_from_a_rotation_becomes_the_reference_plasma():
+    image, mask = _disc_image(30, (150, 100))
+    image[:40, :60] = 0
+    out = normalise_stain(image, mask)
+    assert np.abs(out[:40, :60].astype(int) - STAIN_REFERENCE[0]).max() <= 1
+
+
+def test_hed_jitter_varies_the_stain_and_keeps_the_image():
+    image = torch.from_numpy(render_example("eosinophil", 0, seed=2, size=(64, 64))[0]
+                             ).permute(2, 0, 1).contiguous()
+    torch.manual_seed(0)
+    still = HedJitter(0.0)(image)
+    assert (still.int() - image.int()).abs().max() <= 1
+    jittered = HedJitter(0.3)(image)
+    assert jittered.dtype == torch.uint8 and jittered.shape == image.shape
+    assert (jittered.float() - image.float()).abs().mean() > 2
+
+
+def test_the_transfer_switch_fills_in_what_is_left_off():
+    off = dict.fromkeys(TRANSFER_SETTINGS, 0.0) | {"cell_fraction": None,
+                                                    "stain_normalise": False}
+    assert transfer_preprocessing(SimpleNamespace(transfer=False, **off)) == off
+    assert transfer_preprocessing(SimpleNamespace(transfer=True, **off)) == TRANSFER_SETTINGS
+    mine = off | {"cell_fraction": 0.4}
+    assert transfer_preprocessing(SimpleNamespace(transfer=True, **mine))["cell_fraction"] == 0.4
+
+
+@pytest.mark.parametrize("settings", [{"cell_fraction": 0.0, "mask_mode": "crop"},
+                                      {"cell_fraction": 1.5, "mask_mode": "crop"},
+                                      {"stain_jitter": 1.0}])
+def test_bad_transfer_settings_are_refused(settings):
+    with pytest.raises(ValueError, match="cell_fraction|stain_jitter"):
+        Preprocess(64, (0.5,) * 3, (0.5,) * 3, **settings)
+
+
+def test_a_lab_with_lower_magnification_draws_smaller_cells():
+    _, near = render_example("lymphocyte", 0, seed=0, size=HOME_SIZE)
+    _, far = render_example("lymphocyte", 0, seed=0, size=HOME_SIZE, lab=Lab(magnification=0.5))
+    assert far.sum() / near.sum() == pytest.approx(0.25, rel=0.2)
+
+
+def _render(lab: Lab, size: tuple[int, int], first: int, count: int) -> list[tuple]:
+    return [(*render_example(label, index, seed=7, size=size, lab=lab), target)
+            for target, label in enumerate(CLASSES) for index in range(first, first + count)]
+
+
+def _train_and_score(train, tests, settings) -> list[float]:
+    """A small CNN trained on ``train`` through the pipeline's preprocessing and augmentation;
+    its accuracy on each of ``tests``."""
+    prep = Preprocess(32, (0.5,) * 3, (0.25,) * 3, mask_mode="crop", mask_margin=0.3, **settings)
+
+    def tensors(items):
+        images = [prepare_image(rgb, mask.astype(np.uint8) * 255, prep) for rgb, mask, _ in items]
+        return (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+                torch.tensor([target for *_, target in items]))
+
+    images, labels = tensors(train)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(32, len(CLASSES)))
+    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
+    augment, normalise = train_transform(prep), eval_transform(prep)
+    for _ in range(30):
+        for batch in torch.randperm(len(images)).split(16):
+            inputs = torch.stack([augment(images[i]) for i in batch])
+            loss = nn.functional.cross_entropy(model(inputs), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    scores = []
+    with torch.no_grad():
+        for items in tests:
+            test_images, test_labels = tensors(items)
+            logits = model(torch.stack([normalise(image) for image in test_images]))
+            scores.append(float((logits.argmax(1) == test_labels).float().mean()))
+    return scores
+
+
+def test_transfer_between_two_labs_fails_without_the_fix_and_works_with_it():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train = _render(HOME, HOME_SIZE, 0, 20)
+        tests = [_render(HOME, HOME_SIZE, 100, 15), _render(AWAY, AWAY_SIZE, 100, 15)]
+        home_plain, away_plain = _train_and_score(train, tests, {})
+        home_fixed, away_fixed = _train_and_score(train, tests, TRANSFER_SETTINGS)
+    finally:
+        torch.set_num_threads(threads)
+    assert home_plain >= 0.8 and home_fixed >= 0.75  # both learn the home lab (60 images)
+    assert away_plain <= 0.45  # chance is 0.25: the other lab's cells look like another class
+    assert away_fixed >= 0.65 and away_fixed - away_plain >= 0.25
