@@ -365,16 +365,19 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such model file")
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if head.startswith((b"PK\x03\x04", b"\x80")):
-        raise CheckpointError(f"{path}: old pickle format (model.pt), which is never loaded since "
-                              f"it can run code; retrain or convert it to {MODEL_FILE}")
-    try:
+    try:  # safetensors parses a length and JSON only, so trying it first is safe
         with safe_open(str(path), framework="pt") as handle:
             metadata = json.loads((handle.metadata() or {})[METADATA_KEY])
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
+        with open(path, "rb") as raw:
+            head = raw.read(4)
+        # A safetensors file may start with 0x80 too (its header length), so this is asked
+        # only of a file that is no safetensors file.
+        if head.startswith((b"PK\x03\x04", b"\x80")):
+            raise CheckpointError(f"{path}: old pickle format (model.pt), which is never loaded "
+                                  f"since it can run code; retrain or convert it to {MODEL_FILE}"
+                                  ) from error
         raise CheckpointError(f"{path}: not a safetensors model file of this pipeline "
                               f"({one_line(error)})") from error
     if not isinstance(metadata, dict):

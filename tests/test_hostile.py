@@ -140,6 +140,19 @@ def test_pickle_payload_never_runs(tmp_path, name, capsys):
     assert not marker.exists()
 
 
+def test_safetensors_whose_header_length_starts_like_a_pickle_loads(tmp_path, checkpoint):
+    """A safetensors file begins with its header's length: a low byte of 0x80 is no pickle."""
+    _, stored = load_checkpoint(checkpoint)
+    for padding in range(256):
+        model = tmp_path / f"{padding}" / "model.safetensors"
+        model.parent.mkdir()
+        save_checkpoint({**stored, "history": [{"note": "x" * padding}]}, model)
+        if model.read_bytes()[0] == 0x80:
+            break
+    assert model.read_bytes()[0] == 0x80
+    assert load_checkpoint(model)[1]["history"] == [{"note": "x" * padding}]
+
+
 def test_plain_pickle_is_refused_too(tmp_path):
     marker = tmp_path / "marker"
     model = tmp_path / "model.safetensors"
