@@ -128,7 +128,8 @@ def write_comparison(table: pd.DataFrame, references: dict[str, float], metrics_
 
     The reports name the data (``source``: the ingest's ``source.json``); the original work's
     reference figures are drawn only when that data is PBC."""
-    write_json(metrics_path, {row["model"]: {k: row[k] for k in (*COLUMNS, "images")}
+    write_json(metrics_path, {row["model"]: {k: row[k] for k in (*COLUMNS, "images")
+                                             if pd.notna(row[k])}  # a model without a map
                               for row in table.to_dict("records")})
     drawn = is_pbc(source)
     data = describe_data(source)

@@ -162,7 +162,11 @@ def test_ensemble_and_compare(evaluated, prepared, tmp_path):
     assert report.startswith("# Model comparison on synthetic (generated, seed 0): 80 images")
     assert "(reference)" not in report and "this run's data is not PBC" in report
     assert (tmp_path / "reports" / "summary.png").stat().st_size > 5_000
-    assert set(read_json(tmp_path / "summary.json")) == {"first", "second", "ensemble"}
+    summary = read_json(tmp_path / "summary.json")
+    assert set(summary) == {"first", "second", "ensemble"}
+    assert "NaN" not in (tmp_path / "summary.json").read_text()  # no map: no key, not NaN
+    assert summary["first"]["attention_in_cell"] >= 0 and "attention_in_cell" not in \
+        summary["ensemble"]
     with pytest.raises(ValueError, match="weighting"):
         EnsembleConfig(["first"], "median")
     with pytest.raises(ValueError, match="members is empty"):
