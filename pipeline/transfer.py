@@ -20,6 +20,8 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 # Ruifrok & Johnston (2001) stain vectors (rows: haematoxylin, eosin, DAB), as in scikit-image.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
@@ -115,9 +117,10 @@ def rgb_to_hed(rgb: np.ndarray) -> np.ndarray:
     return optical_density(rgb) @ HED_FROM_RGB.astype(np.float32)
 
 
-class HedJitter(torch.nn.Module):
+class HedJitter(v2.Transform):
     """Stain augmentation (Tellez et al., 2018): each of the H, E, D densities of a uint8 (3, H, W)
-    image is scaled by U(1 - sigma, 1 + sigma) and shifted by U(-sigma, sigma) times its mean."""
+    image is scaled by U(1 - sigma, 1 + sigma) and shifted by U(-sigma, sigma) times its mean.
+    A cell mask passed beside the image is left as it is (a colour change moves no pixel)."""
 
     def __init__(self, sigma: float) -> None:
         super().__init__()
@@ -125,7 +128,13 @@ class HedJitter(torch.nn.Module):
         self.register_buffer("to_hed", torch.from_numpy(HED_FROM_RGB.astype(np.float32)))
         self.register_buffer("to_rgb", torch.from_numpy(RGB_FROM_HED.astype(np.float32)))
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            return inpt
+        return tv_tensors.wrap(self._jitter(inpt), like=inpt) \
+            if isinstance(inpt, tv_tensors.Image) else self._jitter(inpt)
+
+    def _jitter(self, image: torch.Tensor) -> torch.Tensor:
         density = -torch.log((image.float() + 1.0) / (LIGHT + 1.0))  # (3, H, W)
         hed = torch.einsum("chw,cd->dhw", density, self.to_hed)
         scale = 1.0 + (torch.rand(3, 1, 1) * 2 - 1) * self.sigma

@@ -225,17 +225,21 @@ def test_mask_guidance_puts_attention_on_the_cell(prepared, tmp_path):
     assert inside[5.0] > max(0.6, inside[0.0] + 0.15), inside
 
 
-def test_masks_follow_the_augmentation():
-    """An image that is bright exactly where its mask is stays so after augmentation."""
+@pytest.mark.parametrize(("stain", "contrast"),
+                         [({}, 2.0), ({"stain_jitter": 0.3, "blur_sigma": 2.0}, 0.5)],
+                         ids=["default", "transfer augmentation"])  # stain jitter darkens white
+def test_masks_follow_the_augmentation(stain, contrast):
+    """An image that is bright exactly where its mask is stays so after augmentation (with the
+    transfer recipe's stain jitter and blur too, which leave the mask alone)."""
     mask = torch.zeros(1, 48, 48, dtype=torch.uint8)
     mask[:, 5:20, 10:40] = 1
     image = (mask * 255).expand(3, -1, -1).contiguous()
-    prep = Preprocess(image_size=48, mean=(0.5,) * 3, std=(0.25,) * 3)
+    prep = Preprocess(image_size=48, mean=(0.5,) * 3, std=(0.25,) * 3, **stain)
     dataset = CellDataset(image[None], torch.tensor([0]), train_transform(prep), mask[None])
     torch.manual_seed(0)
     for _ in range(20):
         augmented, _, moved = dataset[0]
         brightness = augmented.mean(0)
         assert moved.dtype == torch.uint8 and moved.shape == (1, 48, 48)
-        assert brightness[moved[0] == 1].mean() > brightness[moved[0] == 0].mean() + 2.0
+        assert brightness[moved[0] == 1].mean() > brightness[moved[0] == 0].mean() + contrast
         assert 0.5 < moved.float().sum() / mask.float().sum() < 1.5
