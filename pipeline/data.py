@@ -7,6 +7,7 @@ the data loader far ahead of CPU training.
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -54,6 +55,8 @@ class Preprocess:
                              f"not {self.cell_fraction!r}")
         if not 0 <= self.stain_jitter < 1:
             raise ValueError(f"stain_jitter must be in [0, 1), not {self.stain_jitter!r}")
+        if not 0 <= self.blur_sigma < math.inf:
+            raise ValueError(f"blur_sigma must be a number >= 0, not {self.blur_sigma!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

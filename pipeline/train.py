@@ -106,8 +106,13 @@ class TrainConfig:
         keys = {f.name for f in dataclasses.fields(self)} - {"random_init"}
         if unknown := sorted(set(self.random_init) - keys):
             raise ValueError(f"train.random_init may set recipe keys only, not {unknown}")
-        if self.mask_guidance < 0:
-            raise ValueError(f"train.mask_guidance must be >= 0, not {self.mask_guidance}")
+        guidance = self.mask_guidance
+        if not isinstance(guidance, int | float) or not 0 <= guidance < math.inf:
+            raise ValueError(f"train.mask_guidance must be a number >= 0, not {guidance!r}")
+        if not isinstance(self.transfer, bool):
+            raise ValueError(f"train.transfer must be true or false, not {self.transfer!r}")
+        # the preprocessing knobs are checked where they live, now rather than after set-up
+        Preprocess(1, (0.0,) * 3, (1.0,) * 3, **transfer_preprocessing(self))
         if self.balance not in ("none", "loss_weights", "sampler"):
             raise ValueError(f"train.balance must be none, loss_weights or sampler, "
                              f"not {self.balance!r}")

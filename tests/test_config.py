@@ -91,6 +91,21 @@ def test_bad_values_and_missing_keys_are_config_errors():
         from_params(MaskParams, [1, 2], "masks")
 
 
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("mask_guidance", -1, "mask_guidance must be a number >= 0"),
+    ("mask_guidance", float("nan"), "mask_guidance must be a number >= 0"),
+    ("mask_guidance", "yes", "mask_guidance must be a number >= 0"),
+    ("transfer", "maybe", "transfer must be true or false"),
+    ("cell_fraction", 2, "cell_fraction must be in"),
+    ("stain_jitter", -0.5, "stain_jitter must be in"),
+    ("blur_sigma", -1, "blur_sigma must be a number >= 0"),
+])
+def test_bad_training_knobs_fail_when_the_config_is_built(key, value, message):
+    """Not after minutes of set-up, and as one line: guidance and transfer settings."""
+    with pytest.raises(ConfigError, match=rf"^params.yaml train: .*{message}"):
+        from_params(TrainConfig, {**PARAMS["train"], key: value}, "train")
+
+
 def test_nested_config_and_yaml_list():
     data = from_params(DataConfig, {"synthetic": {"images_per_class": 3}}, "data")
     assert data.synthetic.images_per_class == 3 and data.synthetic.seed == 0
