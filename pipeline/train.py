@@ -1,9 +1,10 @@
 """Training of one attention classifier: plain loop, single process or DistributedDataParallel.
 
-Recipe: AdamW with a lower backbone learning rate, warmup then cosine decay (timm's scheduler),
-label smoothing, class-balanced loss or sampling, an optional frozen-backbone first phase,
-gradient clipping, early stopping on validation macro-F1 and the best weights kept. Outputs are
-written atomically by rank 0 only, so an interrupted run leaves the previous outputs intact.
+Recipe: AdamW (SGD for a backbone from scratch) with a lower backbone learning rate, warmup
+then cosine decay (timm's scheduler), label smoothing, class-balanced loss or sampling, an
+optional frozen-backbone first phase, gradient clipping, early stopping on validation macro-F1
+and the best weights kept. Outputs are written atomically by rank 0 only, so an interrupted run
+leaves the previous outputs intact.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -59,6 +61,10 @@ from pipeline.transfer import transfer_preprocessing
 
 logger = logging.getLogger(__name__)
 
+# AdamW fine-tunes pretrained features; SGD with Nesterov momentum trains a backbone from scratch
+# several times faster on a small set (BENCHMARKS.md, "Random-init fallback").
+OPTIMIZERS = ("adamw", "sgd")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -67,6 +73,7 @@ class TrainConfig:
     epochs: int
     batch_size: int
     lr: float
+    optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum 0.9): timm.optim names
     backbone_lr_scale: float = 0.3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
@@ -113,6 +120,9 @@ class TrainConfig:
             raise ValueError(f"train.transfer must be true or false, not {self.transfer!r}")
         # the preprocessing knobs are checked where they live, now rather than after set-up
         Preprocess(1, (0.0,) * 3, (1.0,) * 3, **transfer_preprocessing(self))
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                             f"not {self.optimizer!r}")
         if self.balance not in ("none", "loss_weights", "sampler"):
             raise ValueError(f"train.balance must be none, loss_weights or sampler, "
                              f"not {self.balance!r}")
@@ -191,7 +201,7 @@ class BalancedSampler(Sampler[int]):
 
 
 def _param_groups(model: AttentionClassifier, config: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: backbone at a scaled learning rate; no weight decay on norms and biases."""
+    """Optimiser groups: backbone at a scaled learning rate; no weight decay on norms and biases."""
     backbone, head = model.parameter_groups()
     groups = []
     for params, scale in ((backbone, config.backbone_lr_scale), (head, 1.0)):
@@ -305,7 +315,7 @@ def build_loaders(train_set: CellDataset, val_set: CellDataset, config: TrainCon
 
 @dataclass
 class Optimisation:
-    """What updates the weights: the loss, AdamW and its schedule, the weights' moving average
+    """What updates the weights: the loss, the optimiser and its schedule, the weights' moving average
     (``ema``, None when off) and the count of optimiser steps taken."""
 
     criterion: nn.Module
@@ -318,7 +328,8 @@ class Optimisation:
 def build_optimisation(model: AttentionClassifier, config: TrainConfig, train_labels: torch.Tensor,
                        num_classes: int, steps_per_epoch: int, device: torch.device
                        ) -> Optimisation:
-    """Loss (class-weighted with ``balance: loss_weights``), AdamW, warmup then cosine decay."""
+    """Loss (class-weighted with ``balance: loss_weights``), the optimiser (timm's, by name),
+    warmup then cosine decay."""
     # The average's decay warms up (1 - (1 + step)^(-2/3), capped at ema_decay): short runs work.
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
     class_weights = None
@@ -326,7 +337,8 @@ def build_optimisation(model: AttentionClassifier, config: TrainConfig, train_la
         counts = torch.bincount(train_labels, minlength=num_classes).clamp(min=1).float()
         class_weights = (counts.sum() / (num_classes * counts)).to(device)
     criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=config.label_smoothing)
-    optimizer = torch.optim.AdamW(_param_groups(model, config))
+    optimizer = create_optimizer_v2(_param_groups(model, config), opt=config.optimizer,
+                                    lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, steps_per_epoch)
     scheduler = CosineLRScheduler(optimizer, t_initial=config.epochs * steps_per_epoch,
                                   warmup_t=int(config.warmup_epochs * steps_per_epoch),

@@ -99,6 +99,7 @@ def test_bad_values_and_missing_keys_are_config_errors():
     ("cell_fraction", 2, "cell_fraction must be in"),
     ("stain_jitter", -0.5, "stain_jitter must be in"),
     ("blur_sigma", -1, "blur_sigma must be a number >= 0"),
+    ("optimizer", "lbfgs", "optimizer must be one of adamw, sgd"),
 ])
 def test_bad_training_knobs_fail_when_the_config_is_built(key, value, message):
     """Not after minutes of set-up, and as one line: guidance and transfer settings."""

@@ -29,7 +29,7 @@ from pipeline.device import amp_supported, use_bf16
 from pipeline.errors import PipelineError
 from pipeline.explain import localisation_scores
 from pipeline.masks import MaskParams, mask_path
-from pipeline.models import ModelConfig, load_checkpoint
+from pipeline.models import ModelConfig, build_model, load_checkpoint
 from pipeline.train import TrainConfig, train_model
 
 TINY_MODEL = ModelConfig("mobilenetv2_100", image_size=48, embed_dim=32, heads=2)
@@ -124,6 +124,22 @@ def test_random_init_recipe_applies_only_without_weights(prepared, tmp_path):
     assert json.loads((tmp_path / "train.json").read_text())["recipe"] == name == summary["recipe"]
     with pytest.raises(ValueError, match="random_init may set recipe keys only"):
         replace(TINY_RECIPE, random_init={"learning_rate": 1.0})
+
+
+@pytest.mark.parametrize(("name", "kind"), [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_optimiser_by_name_keeps_the_backbone_scale_and_decay_groups(name, kind):
+    model = build_model(TINY_MODEL, 3, load_weights=False)[0]
+    recipe = replace(TINY_RECIPE, optimizer=name, lr=0.1, backbone_lr_scale=0.5,
+                     weight_decay=1e-4)
+    fit = training.build_optimisation(model, recipe, torch.tensor([0, 1, 2]), 3, 4,
+                                      torch.device("cpu"))
+    assert type(fit.optimizer) is kind
+    groups = fit.optimizer.param_groups
+    assert {(g["initial_lr"], g["weight_decay"]) for g in groups} == {
+        (0.05, 1e-4), (0.05, 0.0), (0.1, 1e-4), (0.1, 0.0)}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    if name == "sgd":
+        assert all(g["momentum"] == 0.9 and g["nesterov"] for g in groups)
 
 
 def test_recomputed_batchnorm_statistics_match_the_data():
