@@ -315,8 +315,8 @@ def build_loaders(train_set: CellDataset, val_set: CellDataset, config: TrainCon
 
 @dataclass
 class Optimisation:
-    """What updates the weights: the loss, the optimiser and its schedule, the weights' moving average
-    (``ema``, None when off) and the count of optimiser steps taken."""
+    """What updates the weights: the loss, the optimiser and its schedule, the weights' moving
+    average (``ema``, None when off) and the count of optimiser steps taken."""
 
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
