@@ -1,6 +1,6 @@
 """Training of one attention classifier: plain loop, single process or DistributedDataParallel.
 
-Recipe: AdamW (SGD for a backbone from scratch) with a lower backbone learning rate, warmup
+Recipe: AdamW (or SGD: ``optimizer``) with a lower backbone learning rate, warmup
 then cosine decay (timm's scheduler), label smoothing, class-balanced loss or sampling, an
 optional frozen-backbone first phase, gradient clipping, early stopping on validation macro-F1
 and the best weights kept. Outputs are written atomically by rank 0 only, so an interrupted run
@@ -61,8 +61,8 @@ from pipeline.transfer import transfer_preprocessing
 
 logger = logging.getLogger(__name__)
 
-# AdamW fine-tunes pretrained features; SGD with Nesterov momentum trains a backbone from scratch
-# several times faster on a small set (BENCHMARKS.md, "Random-init fallback").
+# AdamW fine-tunes pretrained features; SGD with Nesterov momentum learned faster from scratch at
+# 64 px on the synthetic set (BENCHMARKS.md, "Random-init fallback"), but no default uses it yet.
 OPTIMIZERS = ("adamw", "sgd")
 
 
