@@ -87,7 +87,7 @@ class TrainConfig:
     mask_mode: str = "crop"
     mask_margin: float = 0.3
     # weight of the loss on the class token's attention outside the cell mask (0: off)
-    mask_guidance: float = 0.0
+    mask_guidance: float = 0.3
     device: str = "auto"
     amp: bool | str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | true: bf16 on CPU too | false
     channels_last: bool = True
@@ -231,7 +231,7 @@ def recompute_batchnorm(model: nn.Module, loader: DataLoader, runtime: Runtime, 
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average
     model.train()
-    for images, _ in loader:
+    for images, *_ in loader:  # (images, targets) or, under mask guidance, (..., masks)
         images = images.to(runtime.device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

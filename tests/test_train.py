@@ -114,7 +114,8 @@ def test_bf16_opt_in_on_a_cpu_that_supports_it(prepared, tmp_path):
 
 
 def test_random_init_recipe_applies_only_without_weights(prepared, tmp_path):
-    recipe = replace(TINY_RECIPE, random_init={"lr": 5e-3, "backbone_lr_scale": 1.0})
+    recipe = replace(TINY_RECIPE, mask_guidance=0.3,  # the default fallback: BN re-estimated
+                     random_init={"lr": 5e-3, "backbone_lr_scale": 1.0, "recompute_bn": True})
     fallback, name = training.recipe_for(recipe, "random-init (pretrained weights unavailable)")
     assert name == training.RANDOM_INIT_RECIPE
     assert (fallback.lr, fallback.backbone_lr_scale, fallback.epochs) == (5e-3, 1.0, 1)
