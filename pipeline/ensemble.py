@@ -10,7 +10,7 @@ validation probabilities from their evaluation folders, so no member is run twic
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError, one_line
-from pipeline.evaluate import EvalSet, Scored, ScoredValidation
+from pipeline.evaluate import EvalSet, Scored, ScoredValidation, restrict_to_classes
 from pipeline.io import read_json, write_json
 from pipeline.metrics import fit_temperature
 
@@ -87,15 +87,25 @@ def read_spec(path: Path) -> dict[str, Any]:
     return {"members": members, "temperature": temperature}
 
 
+def _load_members(eval_dirs: dict[str, Path]) -> dict[str, Any]:
+    """Each member's saved probabilities (``probabilities.npz`` of its evaluation folder)."""
+    for name, folder in eval_dirs.items():
+        if not (folder / "probabilities.npz").is_file():
+            raise PipelineError(f"member {name} has no evaluation in {folder}; "
+                                "rerun its evaluate stage")
+    return {name: np.load(folder / "probabilities.npz") for name, folder in eval_dirs.items()}
+
+
 def combine_evaluations(eval_dirs: dict[str, Path], weights: dict[str, float], data: EvalSet,
-                        validation: EvalSet | None = None) -> Scored:
+                        validation: EvalSet | None = None, temperature: float = 1.0) -> Scored:
     """Average members' saved probabilities on ``data`` into one scored result.
 
     Every member must have been evaluated on exactly these images with the same classes. With
     ``validation``, the ensemble's temperature is fitted on the members' saved validation
-    probabilities (which must cover exactly those images); without it, the temperature is 1.
+    probabilities (which must cover exactly those images); without it, ``temperature`` is used
+    (an external set gets the one fitted on the validation split).
     """
-    loaded = {name: np.load(folder / "probabilities.npz") for name, folder in eval_dirs.items()}
+    loaded = _load_members(eval_dirs)
     summaries = {name: read_json(folder / "summary.json") for name, folder in eval_dirs.items()}
     classes = list(next(iter(loaded.values()))["classes"])
     for name, arrays in loaded.items():
@@ -107,7 +117,6 @@ def combine_evaluations(eval_dirs: dict[str, Path], weights: dict[str, float], d
                              "rerun its evaluate stage")
     keys = ("calibrated", "uncalibrated") + (("val_calibrated",) if validation else ())
     average = {key: sum(weights[name] * loaded[name][key] for name in loaded) for key in keys}
-    temperature = 1.0
     if validation is not None:
         labels = torch.tensor([classes.index(label) for label in validation.labels])
         temperature = fit_temperature(_log(average["val_calibrated"]), labels)
@@ -127,3 +136,15 @@ def combine_evaluations(eval_dirs: dict[str, Path], weights: dict[str, float], d
             "train_seconds": sum(s["training"]["train_seconds"] for s in summaries.values()),
         },
     )
+
+
+def combine_external(eval_dirs: dict[str, Path], weights: dict[str, float], data: EvalSet,
+                     temperature: float, ignore_unknown: bool) -> Scored:
+    """The ensemble on an external set that its members' evaluate stages scored (each member's
+    ``external/<set>`` folder): the images they scored, with the ensemble's temperature."""
+    first = next(iter(_load_members(eval_dirs).values()))
+    known = restrict_to_classes(data, list(first["classes"]), ignore_unknown)
+    position = {name: i for i, name in enumerate(known.names)}
+    readable = known.subset([position[name] for name in first["names"] if name in position])
+    combined = combine_evaluations(eval_dirs, weights, readable, temperature=temperature)
+    return replace(combined, skipped_unreadable=len(known.names) - len(readable.names))

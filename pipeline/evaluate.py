@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,6 +348,15 @@ def evaluate_external(model_path: Path, locations: list[str] | tuple[str, ...],
 
     ``out_dir`` is replaced whole, with an ``index.json`` naming the sets (possibly none).
     """
+    return score_external_sets(lambda _, data: score_checkpoint(model_path, data, config),
+                               locations, config, out_dir)
+
+
+def score_external_sets(score: Callable[[str, EvalSet], Scored],
+                        locations: list[str] | tuple[str, ...], config: EvaluateConfig,
+                        out_dir: Path) -> dict[str, Any]:
+    """``score(set name, images)`` for every external set, written as ``evaluate_external``
+    describes; a model's and an ensemble's external evaluations share this."""
     results = {}
     with atomic_path(out_dir) as staging:
         staging.mkdir()
@@ -355,7 +365,7 @@ def evaluate_external(model_path: Path, locations: list[str] | tuple[str, ...],
             if name in results:
                 raise InputError(f"two external sets are named {name!r}: rename one folder")
             logger.info("external set %s: %s", name, location)
-            scored = score_checkpoint(model_path, external_set(location), config)
+            scored = score(name, external_set(location))
             write_evaluation(scored, staging / name, staging / name / "eval.json", config)
             results[name] = read_json(staging / name / "summary.json")
         write_json(staging / "index.json", {name: str(location) for name, location in

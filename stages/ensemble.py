@@ -1,14 +1,27 @@
 """Stage ensemble: evaluate the weighted average of the members' calibrated probabilities,
-with a temperature of its own fitted on the validation split."""
+with a temperature of its own fitted on the validation split, on the test split and on every
+external set its members scored (``evaluate.external``)."""
 
 import sys
 from pathlib import Path
 
 from pipeline.config import from_params
-from pipeline.ensemble import EnsembleConfig, combine_evaluations, member_weights, write_spec
+from pipeline.ensemble import (
+    EnsembleConfig,
+    combine_evaluations,
+    combine_external,
+    member_weights,
+    write_spec,
+)
 from pipeline.errors import run_entry_point
-from pipeline.evaluate import EvaluateConfig, evaluation_set, held_out_set, write_evaluation
-from pipeline.io import load_params, read_json
+from pipeline.evaluate import (
+    EvaluateConfig,
+    evaluation_set,
+    held_out_set,
+    score_external_sets,
+    write_evaluation,
+)
+from pipeline.io import load_params, read_json, write_json
 from pipeline.models import MODEL_FILE
 
 
@@ -28,9 +41,16 @@ def main() -> None:
     write_spec(Path("data/models/ensemble/ensemble.json"),
                {m: Path("data/models") / m / MODEL_FILE for m in members}, weights,
                scored.temperature)
+    external = score_external_sets(
+        lambda name, images: combine_external(
+            {m: Path("data/eval") / m / "external" / name for m in members}, weights, images,
+            scored.temperature, evaluate_config.ignore_unknown_classes),
+        evaluate_config.external, evaluate_config, Path("data/eval/ensemble/external"))
+    write_json(Path("metrics/ensemble/external.json"),
+               {set_name: summary["metrics"] for set_name, summary in external.items()})
     write_evaluation(scored, Path("data/eval/ensemble"), Path("metrics/ensemble/eval.json"),
                      evaluate_config, Path("resources/ensemble/eval.json"),
-                     raw_dir=Path("data/raw"))
+                     raw_dir=Path("data/raw"), external=external)
 
 
 if __name__ == "__main__":
