@@ -88,3 +88,16 @@ def test_card_lists_external_metrics_and_localisation():
     assert "attention_in_cell: 0.800" in card and "cell_area: 0.300" in card
     assert "Not computed" in card
     assert reproduce_command("m", {}, None) == "dvc exp run evaluate@m"
+
+
+def test_ensemble_card_names_its_members_and_its_own_stage():
+    metrics = {"images": 10, "accuracy": 0.9, "balanced_accuracy": 0.88, "macro_f1": 0.87,
+               "ece": 0.05, "ece_uncalibrated": 0.1, "temperature": 0.9}
+    summary = {"model": "ensemble", "metrics": metrics, "abstention": None,
+               "training": {"members": {"a": 0.6, "b": 0.4}, "parameters": 9.76e6},
+               "card": {"intervals": {}, "data": {"source": "/data/pbc-1560"}}}
+    card = render_card(summary)
+    assert "- ensemble of `a` (weight 0.60), `b` (weight 0.40)" in card
+    assert "9.76 M parameters in all" in card and "n/a" not in card
+    assert ("dvc exp run ensemble -S 'data.source=/data/pbc-1560' "
+            "-S 'ensemble.members=[\"a\", \"b\"]'") in card
