@@ -18,7 +18,14 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError, one_line
-from pipeline.evaluate import EvalSet, Scored, ScoredValidation, restrict_to_classes
+from pipeline.evaluate import (
+    EvalSet,
+    EvaluateConfig,
+    Scored,
+    ScoredValidation,
+    restrict_to_classes,
+    score_external_sets,
+)
 from pipeline.io import read_json, write_json
 from pipeline.metrics import fit_temperature
 
@@ -148,3 +155,14 @@ def combine_external(eval_dirs: dict[str, Path], weights: dict[str, float], data
     readable = known.subset([position[name] for name in first["names"] if name in position])
     combined = combine_evaluations(eval_dirs, weights, readable, temperature=temperature)
     return replace(combined, skipped_unreadable=len(known.names) - len(readable.names))
+
+
+def evaluate_ensemble_external(eval_root: Path, weights: dict[str, float], temperature: float,
+                               config: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
+    """The ensemble on every external set (``evaluate.external``) that its members' evaluate
+    stages scored into ``eval_root/<member>/external``, written as ``evaluate_external`` does."""
+    return score_external_sets(
+        lambda name, data: combine_external(
+            {m: eval_root / m / "external" / name for m in weights}, weights, data, temperature,
+            config.ignore_unknown_classes),
+        config.external, config, out_dir)

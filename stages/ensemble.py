@@ -9,7 +9,7 @@ from pipeline.config import from_params
 from pipeline.ensemble import (
     EnsembleConfig,
     combine_evaluations,
-    combine_external,
+    evaluate_ensemble_external,
     member_weights,
     write_spec,
 )
@@ -18,7 +18,6 @@ from pipeline.evaluate import (
     EvaluateConfig,
     evaluation_set,
     held_out_set,
-    score_external_sets,
     write_evaluation,
 )
 from pipeline.io import load_params, read_json, write_json
@@ -41,11 +40,8 @@ def main() -> None:
     write_spec(Path("data/models/ensemble/ensemble.json"),
                {m: Path("data/models") / m / MODEL_FILE for m in members}, weights,
                scored.temperature)
-    external = score_external_sets(
-        lambda name, images: combine_external(
-            {m: Path("data/eval") / m / "external" / name for m in members}, weights, images,
-            scored.temperature, evaluate_config.ignore_unknown_classes),
-        evaluate_config.external, evaluate_config, Path("data/eval/ensemble/external"))
+    external = evaluate_ensemble_external(Path("data/eval"), weights, scored.temperature,
+                                          evaluate_config, Path("data/eval/ensemble/external"))
     write_json(Path("metrics/ensemble/external.json"),
                {set_name: summary["metrics"] for set_name, summary in external.items()})
     write_evaluation(scored, Path("data/eval/ensemble"), Path("metrics/ensemble/eval.json"),

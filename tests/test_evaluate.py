@@ -16,7 +16,7 @@ from pipeline.compare import CompareConfig, compare
 from pipeline.ensemble import (
     EnsembleConfig,
     combine_evaluations,
-    combine_external,
+    evaluate_ensemble_external,
     member_weights,
     temper,
     write_spec,
@@ -29,7 +29,6 @@ from pipeline.evaluate import (
     external_set,
     held_out_set,
     score_checkpoint,
-    score_external_sets,
     write_evaluation,
 )
 from pipeline.io import read_json, write_json
@@ -315,20 +314,13 @@ def test_ensemble_scored_on_its_members_external_sets(trained, synthetic_folder,
     for label in ("lymphocyte", "monocyte"):
         shutil.copytree(synthetic_folder / label, other / label.upper())
     (other / "MONOCYTE" / "broken.jpg").write_bytes(b"not an image")
-    weights = {"first": 0.75, "second": 0.25}
+    weights, settings = {"first": 0.75, "second": 0.25}, replace(SETTINGS, external=(str(other),))
     for name in weights:
         evaluate_external(trained[name], [str(other)], SETTINGS, tmp_path / name / "external")
-
-    def score(eval_dirs: dict[str, Path]):
-        return lambda set_name, images: combine_external(
-            {m: folder / set_name for m, folder in eval_dirs.items()}, weights, images, 1.5,
-            False)
-
-    members = {m: tmp_path / m / "external" for m in weights}
-    results = score_external_sets(score(members), [str(other)], SETTINGS, tmp_path / "ensemble")
+    results = evaluate_ensemble_external(tmp_path, weights, 1.5, settings, tmp_path / "ensemble")
     metrics = results["lab-b"]["metrics"]
     assert metrics["images"] == 20 and metrics["skipped_unreadable"] == 1
-    saved = [np.load(members[m] / "lab-b" / "probabilities.npz") for m in weights]
+    saved = [np.load(tmp_path / m / "external" / "lab-b" / "probabilities.npz") for m in weights]
     expected = temper(0.75 * saved[0]["calibrated"] + 0.25 * saved[1]["calibrated"], 1.5)
     ensemble = np.load(tmp_path / "ensemble" / "lab-b" / "probabilities.npz")
     np.testing.assert_allclose(ensemble["calibrated"], expected, rtol=1e-5, atol=1e-7)
@@ -336,6 +328,7 @@ def test_ensemble_scored_on_its_members_external_sets(trained, synthetic_folder,
     classes = list(saved[0]["classes"])
     assert metrics["accuracy"] == pytest.approx(
         (predictions["label"] == [classes[i] for i in expected.argmax(1)]).mean())
+    shutil.rmtree(tmp_path / "second" / "external" / "lab-b")
     with pytest.raises(PipelineError, match="member second has no evaluation"):
-        score_external_sets(score({**members, "second": tmp_path / "missing"}), [str(other)],
-                            SETTINGS, tmp_path / "ensemble")
+        evaluate_ensemble_external(tmp_path, weights, 1.5, settings, tmp_path / "ensemble")
+    assert (tmp_path / "ensemble" / "lab-b" / "predictions.csv").is_file()  # left as it was
