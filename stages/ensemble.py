@@ -37,11 +37,12 @@ def main() -> None:
                   if config.temperature_scaling else None)
     scored = combine_evaluations({m: Path("data/eval") / m for m in members}, weights, data,
                                  validation)
+    # external sets first: a member missing one fails the stage before anything is written
+    external = evaluate_ensemble_external(Path("data/eval"), weights, scored.temperature,
+                                          evaluate_config, Path("data/eval/ensemble/external"))
     write_spec(Path("data/models/ensemble/ensemble.json"),
                {m: Path("data/models") / m / MODEL_FILE for m in members}, weights,
                scored.temperature)
-    external = evaluate_ensemble_external(Path("data/eval"), weights, scored.temperature,
-                                          evaluate_config, Path("data/eval/ensemble/external"))
     write_json(Path("metrics/ensemble/external.json"),
                {set_name: summary["metrics"] for set_name, summary in external.items()})
     write_evaluation(scored, Path("data/eval/ensemble"), Path("metrics/ensemble/eval.json"),
