@@ -9,10 +9,14 @@ For a sample of each set (default: ../shared/datasets pbc-1560, pbc-external, bc
 and TEST) it computes the pipeline's GrabCut mask (``pipeline.masks.compute_mask``, default
 params) and prints the medians of: image size, the mask's status, the cell's diameter in pixels
 and as a fraction of the image's short side, the black fill left by rotation, the background's
-colour, the optical density and the haematoxylin/eosin densities inside the mask, and the lamp
-and optical density of the slide around the cell (the stain normalisation's input). The figure
-shows crops of each set as the model sees them with the default preprocessing and with
-``train.transfer`` (scale and stain normalised).
+colour, the optical density and the haematoxylin/eosin densities inside the mask, the lamp
+and optical density of the slide around the cell (the stain normalisation's input), the red
+cells' diameter and the white cell's in red-cell diameters (the scale of ``red_cell_crop``),
+and the 90th percentile of the cell's optical density once the slide is normalised (the input
+of ``cell_stain_normalise``, whose reference is pbc-1560's). The figure
+shows crops of each set as the model sees them with the default preprocessing, with
+``train.transfer`` (scale and stain normalised), and with the red cells' scale and the white
+cell's stain (``train.red_cell_crop``, ``train.cell_stain_normalise``).
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ from pipeline.data import Preprocess, prepare_image  # noqa: E402
 from pipeline.io import decode_image  # noqa: E402
 from pipeline.masks import MaskParams, compute_mask  # noqa: E402
 from pipeline.transfer import (  # noqa: E402
+    CELL_PERCENTILE,
     TRANSFER_SETTINGS,
     cell_diameter,
+    normalise_stain,
     optical_density,
+    red_cell_diameter,
     rgb_to_hed,
     slide_statistics,
 )
@@ -78,7 +85,23 @@ def measure(path: Path) -> dict[str, float | str]:
     lamp, slide_density = slide_statistics(rgb, mask)
     row |= {f"lamp_{c}": float(v) for c, v in zip("RGB", lamp, strict=True)}
     row |= {f"slide_od_{c}": float(v) for c, v in zip("RGB", slide_density, strict=True)}
+    red_cell = red_cell_diameter(rgb, mask)
+    row["red_cell_px"] = red_cell if red_cell is not None else np.nan
+    row["cell_in_red_cells"] = diameter / red_cell if red_cell else np.nan
+    row |= {f"cell_od90_{c}": float(v) for c, v in zip("RGB", cell_density_90(rgb, mask),
+                                                       strict=True)}
     return row
+
+
+def cell_density_90(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """After the slide's stain is normalised: the 90th percentile of each channel's optical
+    density (relative to the lamp) inside the mask, the input of ``normalise_cell_stain``."""
+    if not mask.any():
+        return np.full(3, np.nan)
+    slide_normalised = normalise_stain(rgb, mask)
+    lamp = slide_statistics(slide_normalised, mask)[0]
+    density = np.maximum(optical_density(slide_normalised, lamp), 0)
+    return np.percentile(density[mask > 0], CELL_PERCENTILE, axis=0)
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
@@ -97,17 +120,27 @@ def crops(paths: list[Path], prep: Preprocess) -> np.ndarray:
     return np.hstack(tiles)
 
 
+def figure_settings() -> dict[str, Preprocess]:
+    """The preprocessing of each figure row: the default, ``train.transfer``, and the transfer
+    with the red cells' scale and the white cell's stain (augmentation off: as evaluated)."""
+    base = {"image_size": 128, "mean": (0.5,) * 3, "std": (0.5,) * 3, "mask_mode": "crop",
+            "mask_margin": 0.3}
+    transfer = {k: v for k, v in TRANSFER_SETTINGS.items() if k not in ("stain_jitter",
+                                                                        "blur_sigma")}
+    red_cells = {k: v for k, v in transfer.items() if k != "cell_fraction"} | {
+        "red_cell_crop": 3.5, "cell_stain_normalise": True}
+    return {"default": Preprocess(**base), "transfer": Preprocess(**base, **transfer),
+            "transfer, red cells 3.5, cell stain": Preprocess(**base, **red_cells)}
+
+
 def draw_figure(samples: dict[str, list[tuple[str, Path]]], out_path: Path, per_row: int) -> None:
-    """Rows: each set with the default preprocessing, then with the transfer settings."""
-    default = Preprocess(128, (0.5,) * 3, (0.5,) * 3, mask_mode="crop", mask_margin=0.3)
-    transfer = Preprocess(128, (0.5,) * 3, (0.5,) * 3, mask_mode="crop", mask_margin=0.3,
-                          **{k: v for k, v in TRANSFER_SETTINGS.items() if k != "stain_jitter"})
+    """Rows: each set with each of ``figure_settings``."""
     rows = []
     for name, picked in samples.items():
         shared = [p for label, p in picked if label in ("eosinophil", "lymphocyte", "monocyte",
                                                         "neutrophil")]
         chosen = shared[:: max(1, len(shared) // per_row)][:per_row]
-        for title, prep in (("default", default), ("transfer", transfer)):
+        for title, prep in figure_settings().items():
             row = crops(chosen, prep)
             label = np.full((20, row.shape[1], 3), 255, np.uint8)
             cv2.putText(label, f"{name}: {title}", (4, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.5,

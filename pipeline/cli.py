@@ -72,6 +72,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapt(args: argparse.Namespace) -> int:
+    from pipeline.adapt import adapt_checkpoint
+
+    adapted_on = adapt_checkpoint(args.model, args.images, args.output, args.device,
+                                  args.batch_size)
+    print(f"adapted batch-norm statistics on {adapted_on['images']} images of "
+          f"{adapted_on['folder']} -> {args.output}")
+    return 0
+
+
 def _explain(args: argparse.Namespace) -> int:
     from pipeline.explain import explain_files
 
@@ -125,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--strict", action="store_true",
                           help="fail on the first unreadable image instead of skipping it")
     evaluate.set_defaults(run=_evaluate)
+    adapt = commands.add_parser("adapt", help="adapt a model to another laboratory's images "
+                                              "(batch-norm statistics, no labels)")
+    adapt.add_argument("model", type=Path, help="a model.safetensors")
+    adapt.add_argument("images", type=Path, help="a folder of the new laboratory's images "
+                                                  "(labels, if any, are not read)")
+    adapt.add_argument("-o", "--output", type=Path, required=True,
+                       help="the adapted model.safetensors to write")
+    adapt.set_defaults(run=_adapt)
     explain = commands.add_parser("explain", help="attention and Grad-CAM panels for images")
     explain.add_argument("model", help=model_help)
     explain.add_argument("inputs", nargs="+", help="image files and/or folders")
@@ -132,11 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--batch-size", type=int, default=32)
     explain.add_argument("--device", default="auto")
     explain.set_defaults(run=_explain)
-    for command in (predict, evaluate):
+    for command in (predict, evaluate, adapt):
         command.add_argument("--batch-size", type=int, default=64)
         command.add_argument("--device", default="auto")
+    for command in (predict, evaluate):
         command.add_argument("--tta", action="store_true", help="average flips and rotations")
-    for command in (predict, export, evaluate, explain):
+    for command in (predict, export, evaluate, explain, adapt):
         command.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 

@@ -26,7 +26,13 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError, one_line
 from pipeline.io import decode_image, opencv_threads
 from pipeline.masks import MaskParams, compute_mask
-from pipeline.transfer import HedJitter, crop_to_cell_scale, normalise_stain
+from pipeline.transfer import (
+    HedJitter,
+    crop_to_cell_scale,
+    crop_to_red_cell_scale,
+    normalise_cell_stain,
+    normalise_stain,
+)
 
 MASK_MODES = ("none", "crop", "suppress")
 
@@ -45,6 +51,8 @@ class Preprocess:
     stain_normalise: bool = False  # slide's colour to pipeline.transfer's reference
     stain_jitter: float = 0.0  # training only: HED jitter of this strength (Tellez et al.)
     blur_sigma: float = 0.0  # training only: half the images blurred with sigma up to this
+    red_cell_crop: float | None = None  # crop only: the side in red-cell diameters (scale)
+    cell_stain_normalise: bool = False  # the white cell's stain to pipeline.transfer's reference
 
     def __post_init__(self) -> None:
         if self.mask_mode not in MASK_MODES:
@@ -53,6 +61,12 @@ class Preprocess:
         if self.cell_fraction is not None and not 0 < self.cell_fraction <= 1:
             raise ValueError(f"cell_fraction must be in (0, 1] (or null), "
                              f"not {self.cell_fraction!r}")
+        if self.red_cell_crop is not None and not 0 < self.red_cell_crop < math.inf:
+            raise ValueError(f"red_cell_crop must be a number > 0 (or null), "
+                             f"not {self.red_cell_crop!r}")
+        if self.cell_fraction is not None and self.red_cell_crop is not None:
+            raise ValueError("cell_fraction and red_cell_crop both set the crop's scale: "
+                             "set one of them")
         if not 0 <= self.stain_jitter < 1:
             raise ValueError(f"stain_jitter must be in [0, 1), not {self.stain_jitter!r}")
         if not 0 <= self.blur_sigma < math.inf:
@@ -93,8 +107,14 @@ def _suppress_background(image: np.ndarray, mask: np.ndarray, strength: float) -
     return np.clip(image * soft + faded * (1 - soft), 0, 255).astype(np.uint8)
 
 
-def _crop(image: np.ndarray, mask: np.ndarray, prep: Preprocess) -> np.ndarray:
-    """``crop`` mode: at the cell's scale (``cell_fraction``) or around the mask's box."""
+def _crop(image: np.ndarray, mask: np.ndarray, prep: Preprocess,
+          reference: np.ndarray | None) -> np.ndarray:
+    """``crop`` mode: at the red cells' scale (``red_cell_crop``, measured on ``reference``, the
+    RGB image as read), at the white cell's (``cell_fraction``) or around the mask's box."""
+    if prep.red_cell_crop is not None:
+        if reference is None:
+            raise ValueError("red_cell_crop measures the red cells: crop a mask with its image")
+        return crop_to_red_cell_scale(image, mask, prep.red_cell_crop, reference)
     if prep.cell_fraction is not None:
         return crop_to_cell_scale(image, mask, prep.cell_fraction)
     return _crop_to_mask(image, mask, prep.mask_margin)
@@ -102,16 +122,24 @@ def _crop(image: np.ndarray, mask: np.ndarray, prep: Preprocess) -> np.ndarray:
 
 def prepare_image(image: np.ndarray, mask: np.ndarray | None, prep: Preprocess) -> np.ndarray:
     """Normalise the stain (if asked), apply the mask mode and resize to a square
-    ``image_size`` uint8 RGB array."""
-    if prep.stain_normalise and image.ndim == 3:  # not for a mask resized through here
+    ``image_size`` uint8 RGB array. The red cells that set the crop's scale are measured on
+    the image as read, before any stain change."""
+    as_read = image
+    if prep.stain_normalise:
         image = normalise_stain(image, mask)
+    if prep.cell_stain_normalise and mask is not None:
+        image = normalise_cell_stain(image, mask)
     if prep.mask_mode != "none":
         if mask is None:
             raise ValueError(f"mask_mode {prep.mask_mode!r} needs a mask")
         if prep.mask_mode == "crop":
-            image = _crop(image, mask, prep)
+            image = _crop(image, mask, prep, as_read)
         else:
             image = _suppress_background(image, mask, prep.suppress_strength)
+    return _resize(image, prep)
+
+
+def _resize(image: np.ndarray, prep: Preprocess) -> np.ndarray:
     return cv2.resize(_square_pad(image), (prep.image_size, prep.image_size),
                       interpolation=cv2.INTER_AREA)
 
@@ -170,14 +198,13 @@ def load_prepared(paths: list[Path], prep: Preprocess, mask_files: list[Path] | 
     return stack_images(prepared)
 
 
-def prepare_mask(mask: np.ndarray, prep: Preprocess) -> np.ndarray:
+def prepare_mask(mask: np.ndarray, prep: Preprocess, image: np.ndarray | None = None
+                 ) -> np.ndarray:
     """The boolean cell mask on the model's input: the crop, padding and resize of
-    ``prepare_image`` (geometry only)."""
+    ``prepare_image`` (geometry only; ``red_cell_crop`` needs the RGB ``image`` for its scale)."""
     if prep.mask_mode == "crop":
-        mask = _crop(mask, mask, prep)
-    resized = cv2.resize(_square_pad(mask), (prep.image_size, prep.image_size),
-                         interpolation=cv2.INTER_AREA)
-    return resized >= 128
+        mask = _crop(mask, mask, prep, image)
+    return _resize(mask, prep) >= 128
 
 
 def load_masks(paths: list[Path], mask_files: list[Path] | None, prep: Preprocess,
@@ -185,13 +212,15 @@ def load_masks(paths: list[Path], mask_files: list[Path] | None, prep: Preproces
     """Input-sized boolean masks (N, S, S): stored mask files, or GrabCut computed here."""
     masks = []
     for index, path in enumerate(tqdm(paths, desc="masks", unit="img", leave=False)):
+        needs_image = mask_files is None or prep.red_cell_crop is not None
+        image = decode_image(path) if needs_image else None
         if mask_files is not None:
             mask = cv2.imread(str(mask_files[index]), cv2.IMREAD_GRAYSCALE)
             if mask is None:
                 raise PipelineError(f"{mask_files[index]}: unreadable mask (rerun the masks stage)")
         else:
-            mask, _ = compute_mask(decode_image(path), mask_params)
-        masks.append(prepare_mask(mask, prep))
+            mask, _ = compute_mask(image, mask_params)
+        masks.append(prepare_mask(mask, prep, image))
     return np.stack(masks)
 
 

@@ -159,10 +159,11 @@ def combine_external(eval_dirs: dict[str, Path], weights: dict[str, float], data
 
 def evaluate_ensemble_external(eval_root: Path, weights: dict[str, float], temperature: float,
                                config: EvaluateConfig, out_dir: Path) -> dict[str, Any]:
-    """The ensemble on every external set (``evaluate.external``) that its members' evaluate
-    stages scored into ``eval_root/<member>/external``, written as ``evaluate_external`` does."""
-    return score_external_sets(
-        lambda name, data: combine_external(
+    """The ensemble on every external set (``evaluate.external``, and ``<set>-adapted`` for
+    those ``evaluate.adapt`` names) that its members' evaluate stages scored into
+    ``eval_root/<member>/external``, written as ``evaluate_external`` does."""
+    return score_external_sets(  # an adapted set: the members' adapted evaluations
+        lambda name, data, _adapt_on: combine_external(
             {m: eval_root / m / "external" / name for m in weights}, weights, data, temperature,
             config.ignore_unknown_classes),
         config.external, config, out_dir)

@@ -22,6 +22,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_
 from tqdm import tqdm
 
 from pipeline import abstain, explain, plots
+from pipeline.adapt import adapt_model
 from pipeline.data import Preprocess, eval_transform, prepare_all, read_split, stack_images
 from pipeline.device import select_device, use_bf16
 from pipeline.errors import InputError, PipelineError
@@ -63,10 +64,17 @@ class EvaluateConfig:
     strict_images: bool = False  # an unreadable image fails the evaluation (else skipped)
     mistakes: int = 18  # most confident mistakes shown
     abstain_target_accuracy: float | None = 0.995  # None: no abstention threshold
+    # external set name -> a folder of that laboratory's unlabelled images: the set is scored
+    # again, as <name>-adapted, by the model with batch-norm statistics adapted on them
+    adapt: dict[str, str] = field(default_factory=dict)
     device: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "external", tuple(self.external or ()))
+        object.__setattr__(self, "adapt", dict(self.adapt or {}))
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.adapt.items()):
+            raise ValueError(f"evaluate.adapt maps external set names to folders, not "
+                             f"{self.adapt!r}")
         if self.batch_size < 1:
             raise ValueError(f"evaluate.batch_size must be at least 1, not {self.batch_size}")
         if self.mistakes < 0:
@@ -212,14 +220,17 @@ class Scored:
     prepared: torch.Tensor | None = None  # the model's input images (for the explain figure)
     attention: torch.Tensor | None = None  # class-token attention maps (None from ONNX)
     localisation: dict[str, Any] | None = None  # explain.localise's maps and scores
+    adapted_on: dict[str, Any] | None = None  # batch-norm adaptation: its folder and images
 
 
 def score_checkpoint(model_path: Path, data: EvalSet, config: EvaluateConfig,
-                     validation: EvalSet | None = None) -> Scored:
+                     validation: EvalSet | None = None, adapt_on: str | None = None) -> Scored:
     """Run a trained model over an evaluation set; return everything the report needs.
 
     With ``validation``, the model's calibrated probabilities on it are returned too (same
-    TTA setting), so that an ensemble can fit its own temperature on them.
+    TTA setting), so that an ensemble can fit its own temperature on them. With ``adapt_on``
+    (a folder of unlabelled images), the model's batch-norm statistics are first re-estimated
+    on them (:mod:`pipeline.adapt`).
     """
     device = select_device(config.device)
     model, checkpoint = load_model(model_path, device)
@@ -227,6 +238,12 @@ def score_checkpoint(model_path: Path, data: EvalSet, config: EvaluateConfig,
     data = restrict_to_classes(data, classes, config.ignore_unknown_classes)
     prep = Preprocess(**checkpoint["preprocess"])
     mask_params = MaskParams(**checkpoint["mask_params"])
+    adapted_on = checkpoint.get("adapted_on")
+    if adapt_on is not None:
+        if isinstance(model, OnnxClassifier):
+            raise InputError(f"{model_path}: an ONNX export cannot be adapted; adapt the "
+                             f"model.safetensors (wbc adapt), then export it")
+        adapted_on = adapt_model(model, adapt_on, prep, mask_params, device, config.batch_size)
     temperature = checkpoint["temperature"]
     readable, images = load_readable(data, prep, mask_params, "evaluate", config.strict_images)
     logits, maps, speed = infer(model, images, prep, device, config.batch_size, config.tta,
@@ -251,6 +268,7 @@ def score_checkpoint(model_path: Path, data: EvalSet, config: EvaluateConfig,
         uncalibrated=torch.softmax(logits, 1).numpy(), temperature=temperature,
         images_per_second=speed, device=str(device), prepared=images, attention=maps,
         training=checkpoint["summary"], localisation=localisation, validation=scored_validation,
+        adapted_on=adapted_on,
         recipe={key: checkpoint.get(f"{key}_config", {}) for key in ("model", "train")}
         | {"preprocess": checkpoint["preprocess"]})
 
@@ -287,7 +305,7 @@ def write_evaluation(scored: Scored, out_dir: Path, metrics_path: Path, config: 
             headline["abstain_threshold"] = abstention["threshold"]
     write_json(out_dir / "summary.json", {
         "model": scored.name, "metrics": headline, "training": scored.training,
-        "abstention": abstention,
+        "abstention": abstention, "adapted_on": scored.adapted_on,
         "card": card_facts(classes, labels, predicted, per_class, scored.recipe, raw_dir),
         "external": external or {}})
     write_model_card(out_dir / "summary.json", out_dir / "MODEL_CARD.md")
@@ -313,6 +331,8 @@ def _headline(scored: Scored, labels: np.ndarray, config: EvaluateConfig
                        "present", scored.name, headline["absent_classes"],
                        headline["classes_scored"])
     headline["ece_uncalibrated"] = expected_calibration_error(scored.uncalibrated, labels)
+    if scored.adapted_on is not None:
+        headline["adaptation_images"] = scored.adapted_on["images"]
     headline |= {"temperature": scored.temperature, "tta": bool(config.tta),
                  "inference_images_per_second": scored.images_per_second,
                  "device": scored.device}
@@ -348,28 +368,39 @@ def evaluate_external(model_path: Path, locations: list[str] | tuple[str, ...],
 
     ``out_dir`` is replaced whole, with an ``index.json`` naming the sets (possibly none).
     """
-    return score_external_sets(lambda _, data: score_checkpoint(model_path, data, config),
-                               locations, config, out_dir)
+    return score_external_sets(
+        lambda _, data, adapt_on: score_checkpoint(model_path, data, config, adapt_on=adapt_on),
+        locations, config, out_dir)
 
 
-def score_external_sets(score: Callable[[str, EvalSet], Scored],
+def score_external_sets(score: Callable[[str, EvalSet, str | None], Scored],
                         locations: list[str] | tuple[str, ...], config: EvaluateConfig,
                         out_dir: Path) -> dict[str, Any]:
-    """``score(set name, images)`` for every external set, written as ``evaluate_external``
+    """``score(set name, images, adaptation folder)`` for every external set, and again as
+    ``<name>-adapted`` for those ``evaluate.adapt`` names, written as ``evaluate_external``
     describes; a model's and an ensemble's external evaluations share this."""
+    names: dict[str, str] = {}
+    for location in map(str, locations):
+        path = Path(location)
+        name = path.parent.name if path.suffix == ".csv" else path.name
+        if name in names.values():
+            raise InputError(f"two external sets are named {name!r}: rename one folder")
+        names[location] = name
+    if unknown := sorted(set(config.adapt) - set(names.values())):
+        raise InputError(f"evaluate.adapt names {', '.join(unknown)}, not an external set "
+                         f"({', '.join(names.values()) or 'none listed'})")
+    runs = [(name, location, None) for location, name in names.items()]
+    runs += [(f"{name}-adapted", location, config.adapt[name])
+             for location, name in names.items() if name in config.adapt]
     results = {}
     with atomic_path(out_dir) as staging:
         staging.mkdir()
-        for location in map(Path, locations):
-            name = location.parent.name if location.suffix == ".csv" else location.name
-            if name in results:
-                raise InputError(f"two external sets are named {name!r}: rename one folder")
+        for name, location, adapt_on in runs:
             logger.info("external set %s: %s", name, location)
-            scored = score(name, external_set(location))
+            scored = score(name, external_set(Path(location)), adapt_on)
             write_evaluation(scored, staging / name, staging / name / "eval.json", config)
             results[name] = read_json(staging / name / "summary.json")
-        write_json(staging / "index.json", {name: str(location) for name, location in
-                                            zip(results, locations, strict=True)})
+        write_json(staging / "index.json", {name: str(location) for name, location, _ in runs})
     return results
 
 

@@ -229,7 +229,8 @@ def explain_files(model: str | Path, inputs: list[str | Path], out_dir: Path,
     of image files and folders; unreadable files get a row with the reason in ``error``."""
     from pipeline.device import select_device
     from pipeline.io import write_csv
-    from pipeline.predict import collect_inputs, resolve_model
+    from pipeline.predict import resolve_model
+    from pipeline.sources import collect_inputs
 
     members, _ = resolve_model(model)
     files = collect_inputs(inputs)

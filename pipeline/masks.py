@@ -58,7 +58,7 @@ class MaskInfo:
     components: int
 
 
-def _disk(radius: int) -> np.ndarray:
+def disk(radius: int) -> np.ndarray:
     size = 2 * max(radius, 0) + 1
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
 
@@ -67,11 +67,11 @@ def nucleus_prior(rgb: np.ndarray, params: MaskParams) -> np.ndarray:
     """Stained nuclei (and platelets): saturated purple pixels with a low green channel."""
     saturation = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
     prior = (saturation >= params.saturation_min) & (rgb[..., 1] <= params.green_max)
-    prior = cv2.morphologyEx(prior.astype(np.uint8), cv2.MORPH_OPEN, _disk(params.prior_open_px))
+    prior = cv2.morphologyEx(prior.astype(np.uint8), cv2.MORPH_OPEN, disk(params.prior_open_px))
     return prior.astype(bool)
 
 
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
+def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill enclosed background: flood the border-connected background, keep the rest."""
     padded = np.pad(mask.astype(np.uint8), 1)
     flood = padded.copy()
@@ -93,16 +93,16 @@ def _central_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _clean(mask: np.ndarray, params: MaskParams) -> tuple[np.ndarray, int]:
-    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, _disk(params.open_px))
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disk(params.close_px))
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, disk(params.open_px))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, disk(params.close_px))
     central, components = _central_component(mask)
-    return _fill_holes(central), components
+    return fill_holes(central), components
 
 
 def _grabcut(rgb: np.ndarray, prior: np.ndarray, params: MaskParams) -> np.ndarray:
     """Run GrabCut seeded by the prior; raises cv2.error when it cannot model both classes."""
     trimap = np.full(prior.shape, cv2.GC_PR_BGD, np.uint8)
-    near_nucleus = cv2.dilate(prior.astype(np.uint8), _disk(params.cytoplasm_px)).astype(bool)
+    near_nucleus = cv2.dilate(prior.astype(np.uint8), disk(params.cytoplasm_px)).astype(bool)
     trimap[near_nucleus] = cv2.GC_PR_FGD
     trimap[prior] = cv2.GC_FGD
     border = params.border_px

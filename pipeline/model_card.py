@@ -150,6 +150,13 @@ def _abstention_lines(abstention: dict[str, Any] | None) -> list[str]:
 LOCALISATION_KEYS = ("attention_in_cell", "gradcam_in_cell", "cell_area")
 
 
+def _adaptation_lines(adapted_on: dict[str, Any] | None) -> list[str]:
+    if not adapted_on:
+        return []
+    return [f"- batch-norm statistics adapted (`wbc adapt`, no labels) on {adapted_on['images']} "
+            f"images of `{adapted_on['folder']}`: scores are for that laboratory's images"]
+
+
 def render_card(summary: dict[str, Any]) -> str:
     """The model card's Markdown, from ``summary.json`` (its external sets' rows included)."""
     card, training, name = summary.get("card", {}), summary["training"], summary["model"]
@@ -166,7 +173,8 @@ def render_card(summary: dict[str, Any]) -> str:
              "- images per class: " + ", ".join(f"{k} {v}" for k, v in
                                                 data.get("per_class", {}).items()),
              f"- fingerprint (sha256 of the manifest): `{data.get('fingerprint', 'unknown')}`", "",
-             "## Weights and recipe", *_recipe_lines(training, recipe), "",
+             "## Weights and recipe", *_recipe_lines(training, recipe),
+             *_adaptation_lines(summary.get("adapted_on")), "",
              "## Performance",
              "| data | images | accuracy | balanced accuracy | macro-F1 | ECE before -> after "
              "calibration |", "|---|---|---|---|---|---|",

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from torch import nn
 
+from pipeline.device import autocast
 from pipeline.errors import PipelineError, one_line
 
 logger = logging.getLogger(__name__)
@@ -342,6 +344,29 @@ def data_config(model: AttentionClassifier) -> dict[str, Any]:
     its pretrained config, else ImageNet's)."""
     resolved = resolve_model_data_config(model.backbone)
     return {"mean": list(resolved["mean"]), "std": list(resolved["std"])}
+
+
+def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
+                         amp: bool = False, channels_last: bool = True) -> None:
+    """Replace every batch-norm layer's running statistics by their plain average over
+    ``batches`` (model inputs); every other layer stays in eval mode (no dropout)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+        norm.train()
+    with torch.no_grad():
+        for images in batches:
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                model(images)
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.eval()
 
 
 class CheckpointError(PipelineError, ValueError):

@@ -16,10 +16,9 @@ from pipeline.device import select_device
 from pipeline.ensemble import read_spec, temper
 from pipeline.errors import PipelineError
 from pipeline.evaluate import infer, load_model
-from pipeline.io import IMAGE_SUFFIXES
 from pipeline.masks import MaskParams
 from pipeline.models import LEGACY_MODEL_FILE, MODEL_FILE
-from pipeline.sources import is_image_file
+from pipeline.sources import collect_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -48,25 +47,6 @@ def resolve_model(model: str | Path, models_dir: Path = Path("data/models")
         spec = read_spec(path)
         return [(m["checkpoint"], m["weight"]) for m in spec["members"]], spec["temperature"]
     return [(path, 1.0)], 1.0
-
-
-def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files given directly, and every visible image file below folders given, in a stable
-    order; files in folders without an image extension are skipped and counted."""
-    files: list[Path] = []
-    skipped = 0
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file())
-            images = [p for p in found if is_image_file(p)]
-            skipped += len(found) - len(images)
-            files.extend(images)
-        else:
-            files.append(item)
-    if skipped:
-        logger.warning("skipped %d files without an image extension (%s)", skipped,
-                       " ".join(sorted(IMAGE_SUFFIXES)))
-    return files
 
 
 def output_columns(top_k: int) -> list[str]:

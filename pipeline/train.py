@@ -54,6 +54,7 @@ from pipeline.models import (
     attention_outside_cell_loss,
     build_model,
     data_config,
+    reestimate_batchnorm,
     save_checkpoint,
     token_cover,
 )
@@ -101,6 +102,8 @@ class TrainConfig:
     stain_normalise: bool = False
     stain_jitter: float = 0.0
     blur_sigma: float = 0.0
+    red_cell_crop: float | None = None
+    cell_stain_normalise: bool = False
     # Overrides of this recipe for a backbone that starts from random weights (no pretrained
     # weights found): a recipe tuned to fine-tune ImageNet features does not train one from scratch.
     random_init: dict[str, Any] = field(default_factory=dict)
@@ -219,28 +222,6 @@ def set_backbone_frozen(model: AttentionClassifier, frozen: bool) -> None:
 
 
 @torch.no_grad()
-def recompute_batchnorm(model: nn.Module, loader: DataLoader, runtime: Runtime, amp: bool,
-                        channels_last: bool) -> None:
-    """Re-estimate every batch-norm layer's running statistics as the plain average over one
-    pass of ``loader``. A network trained from scratch changes faster than the running
-    averages (momentum 0.1) follow: in eval mode, stale statistics collapse its outputs to one
-    class, although the same weights classify well with batch statistics."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average
-    model.train()
-    for images, *_ in loader:  # (images, targets) or, under mask guidance, (..., masks)
-        images = images.to(runtime.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(runtime.device, amp):
-            model(images)
-    for norm, momentum in zip(norms, momenta, strict=True):
-        norm.momentum = momentum
-
-
 def _gather(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """Concatenate every rank's shard (shards are strided: rank r holds items r, r+W, ...)."""
     if not runtime.distributed:
@@ -515,8 +496,9 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
                                                f"{name} epoch {epoch + 1}/{config.epochs}")
         clock.train_seconds += time.perf_counter() - epoch_start
         clock.images += images
-        if config.recompute_bn:
-            recompute_batchnorm(kept, run.train_loader, runtime, run.amp, config.channels_last)
+        if config.recompute_bn:  # from scratch, the running averages lag behind the weights
+            reestimate_batchnorm(kept, (images for images, *_ in run.train_loader),
+                                 runtime.device, run.amp, config.channels_last)
         val_scores, val = validate(kept, run.val_loader, run.val_labels, runtime, run.amp,
                                    config.channels_last, len(run.classes))
         record = {"epoch": epoch + 1, **train_scores, **val_scores,

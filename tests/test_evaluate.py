@@ -6,9 +6,11 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pipeline import predict as predict_module
 from pipeline.cli import main as wbc
@@ -34,7 +36,8 @@ from pipeline.evaluate import (
 from pipeline.io import read_json, write_json
 from pipeline.masks import MaskParams
 from pipeline.metrics import expected_calibration_error
-from pipeline.models import ModelConfig
+from pipeline.models import ModelConfig, load_checkpoint
+from pipeline.sources.synthetic import Lab, render_example
 from pipeline.train import TrainConfig, train_model
 
 SETTINGS = EvaluateConfig(batch_size=16, tta=False, dataset=None, ignore_unknown_classes=False,
@@ -332,3 +335,61 @@ def test_ensemble_scored_on_its_members_external_sets(trained, synthetic_folder,
     with pytest.raises(PipelineError, match="member second has no evaluation"):
         evaluate_ensemble_external(tmp_path, weights, 1.5, settings, tmp_path / "ensemble")
     assert (tmp_path / "ensemble" / "lab-b" / "predictions.csv").is_file()  # left as it was
+
+
+def _stained_lab(folder: Path, first: int, per_class: int, labelled: bool) -> Path:
+    """JPEGs of lymphocytes and monocytes from a lab with BCCD's weaker stain, in class
+    folders (``labelled``) or all in one folder."""
+    lab = Lab(tint=(1.3, 1.0, 0.65), stain_strength=0.6)
+    for label in ("lymphocyte", "monocyte"):
+        target = folder / label.upper() if labelled else folder
+        target.mkdir(parents=True, exist_ok=True)
+        for index in range(first, first + per_class):
+            rgb, _ = render_example(label, index, seed=3, lab=lab)
+            cv2.imwrite(str(target / f"{label}_{index}.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return folder
+
+
+def test_an_external_set_is_scored_again_after_adaptation(trained, tmp_path):
+    other = _stained_lab(tmp_path / "lab-b", 0, 6, labelled=True)
+    unlabelled = _stained_lab(tmp_path / "lab-b-slides", 100, 17, labelled=False)
+    settings = replace(SETTINGS, adapt={"lab-b": str(unlabelled)})
+    results = evaluate_external(trained["first"], [str(other)], settings, tmp_path / "external")
+    assert list(results) == ["lab-b", "lab-b-adapted"]
+    plain, adapted = (results[name]["metrics"] for name in results)
+    assert adapted["adaptation_images"] == 34 and "adaptation_images" not in plain
+    assert adapted["images"] == plain["images"] == 12
+    assert results["lab-b-adapted"]["adapted_on"] == {"folder": str(unlabelled), "images": 34}
+    card = (tmp_path / "external" / "lab-b-adapted" / "MODEL_CARD.md").read_text()
+    assert f"adapted (`wbc adapt`, no labels) on 34 images of `{unlabelled}`" in card
+    assert "adapted" not in (tmp_path / "external" / "lab-b" / "MODEL_CARD.md").read_text()
+    probabilities = [np.load(tmp_path / "external" / name / "probabilities.npz")["calibrated"]
+                     for name in results]
+    assert np.abs(probabilities[0] - probabilities[1]).max() > 1e-3  # other statistics
+    assert read_json(tmp_path / "external" / "index.json") == {"lab-b": str(other),
+                                                               "lab-b-adapted": str(other)}
+    with pytest.raises(PipelineError, match="evaluate.adapt names lab-c, not an external set"):
+        evaluate_external(trained["first"], [str(other)],
+                          replace(SETTINGS, adapt={"lab-c": str(unlabelled)}), tmp_path / "x")
+
+
+def test_wbc_adapt_writes_a_model_adapted_to_a_folder(trained, tmp_path, capsys):
+    slides = _stained_lab(tmp_path / "slides", 0, 17, labelled=False)
+    out = tmp_path / "adapted.safetensors"
+    assert wbc(["adapt", str(trained["first"]), str(slides), "-o", str(out)]) == 0
+    original, before = load_checkpoint(trained["first"])
+    adapted, after = load_checkpoint(out)
+    assert after["adapted_on"] == {"folder": str(slides), "images": 34}
+    assert after["classes"] == before["classes"] and after["preprocess"] == before["preprocess"]
+    changed = {key for key, value in adapted.state_dict().items()
+               if not torch.equal(value, original.state_dict()[key])}
+    assert changed and all(key.rsplit(".", 1)[-1] in ("running_mean", "running_var",
+                                                      "num_batches_tracked") for key in changed)
+    few = _stained_lab(tmp_path / "few", 0, 5, labelled=False)
+    for args, message in (([str(trained["first"]), str(few)], "at least 32 readable images"),
+                          ([str(trained["first"]), str(tmp_path / "none")], "not a folder"),
+                          ([str(few / "lymphocyte_0.jpg"), str(slides)], "adapt a model")):
+        capsys.readouterr()
+        assert wbc(["adapt", *args, "-o", str(tmp_path / "bad.safetensors")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -9,17 +9,24 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from small_cnn import fit, small_cnn
 
-from pipeline.data import Preprocess, eval_transform, prepare_image, train_transform
+from pipeline.data import Preprocess, eval_transform, prepare_image, prepare_mask
 from pipeline.sources.synthetic import Lab, render_example
 from pipeline.transfer import (
+    CELL_PERCENTILE,
+    CELL_STAIN_REFERENCE,
     STAIN_REFERENCE,
     TRANSFER_SETTINGS,
+    WHITE_CELL_IN_RED_CELLS,
     HedJitter,
     cell_diameter,
     crop_to_cell_scale,
+    crop_to_red_cell_scale,
+    normalise_cell_stain,
     normalise_stain,
+    optical_density,
+    red_cell_diameter,
     slide_statistics,
     transfer_preprocessing,
 )
@@ -32,9 +39,10 @@ AWAY = Lab(magnification=0.6, tint=(1.3, 1.0, 0.65), stain_strength=0.6)
 HOME_SIZE, AWAY_SIZE = (120, 120), (200, 200)  # the same cell spans as many pixels in both
 
 
-def _disc_image(radius: int, centre: tuple[int, int], shape=(200, 300)) -> tuple[np.ndarray,
-                                                                                 np.ndarray]:
-    image = np.full((*shape, 3), 230, np.uint8)
+def _disc_image(radius: int, centre: tuple[int, int], shape=(200, 300),
+                background: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A purple disc (the white cell) and its mask, on grey or on ``background``."""
+    image = np.full((*shape, 3), 230, np.uint8) if background is None else background
     mask = np.zeros(shape, np.uint8)
     cv2.circle(mask, centre, radius, 255, -1)
     image[mask > 0] = (90, 40, 140)
@@ -66,6 +74,73 @@ def test_an_empty_mask_leaves_the_image_whole():
     assert crop_to_cell_scale(image, np.zeros(image.shape[:2], np.uint8), 0.5) is image
 
 
+def _smear(red_radius: int, white_radius: int, white_centre: tuple[int, int],
+           shape=(240, 320)) -> tuple[np.ndarray, np.ndarray]:
+    """Plasma with a grid of red cells (pale centres) of ``red_radius`` and one white cell."""
+    image = np.full((*shape, 3), (240, 225, 205), np.uint8)
+    step = int(2.6 * red_radius)
+    for y in range(red_radius, shape[0], step):
+        for x in range(red_radius + (y // step % 2) * step // 2, shape[1], step):
+            cv2.circle(image, (x, y), red_radius, (200, 140, 140), -1)
+            cv2.circle(image, (x, y), red_radius // 2, (222, 180, 175), -1)
+    return _disc_image(white_radius, white_centre, shape, background=image)
+
+
+@pytest.mark.parametrize("red_radius", [10, 18, 30])
+def test_the_red_cells_give_their_diameter(red_radius):
+    image, mask = _smear(red_radius, 2 * red_radius, (160, 120), shape=(400, 480))
+    assert red_cell_diameter(image, mask) == pytest.approx(2 * red_radius, rel=0.12)
+
+
+@pytest.mark.parametrize("magnification", [1.0, 0.6])
+def test_the_red_cells_of_the_synthetic_smears_scale_with_the_magnification(magnification):
+    diameters = [red_cell_diameter(rgb, mask.astype(np.uint8) * 255)
+                 for rgb, mask in (render_example(label, 0, seed=1, lab=Lab(magnification=m))
+                                   for label in CLASSES for m in (1.0, magnification))]
+    ratios = np.array(diameters[1::2]) / np.array(diameters[::2])
+    assert np.median(ratios) == pytest.approx(magnification, rel=0.1)
+
+
+def test_without_red_cells_the_white_cell_sets_the_scale():
+    image, mask = _disc_image(radius=30, centre=(150, 100))  # plain background, no red cell
+    assert red_cell_diameter(image, mask) is None
+    out = crop_to_red_cell_scale(image, mask, red_cells=4.0)
+    assert out.shape[0] == pytest.approx(4.0 * 60 / WHITE_CELL_IN_RED_CELLS, abs=2)
+
+
+def test_the_red_cell_crop_keeps_the_white_cells_true_size():
+    prep = Preprocess(96, (0.5,) * 3, (0.5,) * 3, mask_mode="crop", red_cell_crop=4.0)
+    sizes = {}
+    for red_radius, white_radius in ((12, 20), (12, 30), (24, 40)):  # (24, 40): (12, 20) x2
+        image, mask = _smear(red_radius, white_radius, (180, 180), shape=(360, 360))
+        cell = prepare_image(image, mask, prep)[..., 1] < 60  # the white cell's green is 40
+        sizes[red_radius, white_radius] = cell_diameter(cell)
+    # one magnification: a larger white cell stays larger (the mask's scale would equalise them)
+    assert sizes[12, 30] / sizes[12, 20] == pytest.approx(1.5, rel=0.1)
+    # twice the magnification: the same cell fills the same share of the crop
+    assert sizes[24, 40] == pytest.approx(sizes[12, 20], rel=0.1)
+    assert sizes[12, 20] == pytest.approx(96 * 40 / (4.0 * 24), rel=0.12)
+
+
+def test_the_mask_is_cropped_where_its_image_is():
+    image, mask = _smear(12, 20, (60, 200))
+    prep = Preprocess(64, (0.5,) * 3, (0.5,) * 3, mask_mode="crop", red_cell_crop=5.0)
+    cell = prepare_image(image, mask, prep)[..., 1] < 60
+    assert (prepare_mask(mask, prep, image) == cell).mean() > 0.98
+    with pytest.raises(ValueError, match="red_cell_crop measures the red cells"):
+        prepare_mask(mask, prep)
+
+
+def test_the_red_cell_crop_pads_with_the_slide_not_a_mirror_image():
+    image, mask = _smear(12, 20, (22, 22))  # the white cell in a corner
+    out = crop_to_red_cell_scale(image, mask, red_cells=6.0)
+    assert np.count_nonzero(out[..., 1] < 60) == pytest.approx(np.count_nonzero(mask), rel=0.05)
+    ys, xs = np.nonzero(out[..., 1] < 60)
+    assert abs(ys.mean() - out.shape[0] / 2) < 2 and abs(xs.mean() - out.shape[1] / 2) < 2
+    corner = out[:out.shape[0] // 4, :out.shape[1] // 4].reshape(-1, 3)
+    assert np.isin(corner, np.median(image[mask == 0], axis=0)).all()  # the slide's median
+
+
 def _cell_colour(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return rgb[mask > 0].astype(float).mean(0)
 
@@ -88,6 +163,17 @@ def test_two_stains_map_to_near_identical_colours():
     assert density == pytest.approx(STAIN_REFERENCE[1], abs=0.01)
 
 
+def test_a_pale_white_cell_takes_the_reference_stain_and_the_slide_stays():
+    image, mask = _smear(12, 30, (100, 120))
+    image[mask > 0] = (110, 60, 150)  # weaker than PBC's nuclei relative to the same slide
+    out = normalise_cell_stain(image, mask)
+    lamp = slide_statistics(out, mask)[0]
+    cell = np.percentile(optical_density(out, lamp)[mask > 0], CELL_PERCENTILE, axis=0)
+    assert cell == pytest.approx(CELL_STAIN_REFERENCE, rel=0.05)
+    assert (out[:, 200:] == image[:, 200:]).all()  # red cells and plasma away from the cell
+    assert normalise_cell_stain(image, np.zeros_like(mask)) is image
+
+
 def test_black_fill_from_a_rotation_becomes_the_reference_plasma():
     image, mask = _disc_image(30, (150, 100))
     image[:40, :60] = 0
@@ -107,19 +193,26 @@ def test_hed_jitter_varies_the_stain_and_keeps_the_image():
 
 
 def test_the_transfer_switch_fills_in_what_is_left_off():
-    off = dict.fromkeys(TRANSFER_SETTINGS, 0.0) | {"cell_fraction": None,
-                                                    "stain_normalise": False}
+    off = dict.fromkeys(TRANSFER_SETTINGS, 0.0) | {"cell_fraction": None, "red_cell_crop": None,
+                                                    "stain_normalise": False,
+                                                    "cell_stain_normalise": False}
     assert transfer_preprocessing(SimpleNamespace(transfer=False, **off)) == off
-    assert transfer_preprocessing(SimpleNamespace(transfer=True, **off)) == TRANSFER_SETTINGS
+    assert transfer_preprocessing(SimpleNamespace(transfer=True, **off)) == off | TRANSFER_SETTINGS
     mine = off | {"cell_fraction": 0.4}
     assert transfer_preprocessing(SimpleNamespace(transfer=True, **mine))["cell_fraction"] == 0.4
+    for scale in ({"cell_fraction": 0.4}, {"red_cell_crop": 3.0}):  # a scale of one's own stays
+        chosen = transfer_preprocessing(SimpleNamespace(transfer=True, **off | scale))
+        assert {key: chosen[key] for key in scale} == scale
+        Preprocess(64, (0.5,) * 3, (0.5,) * 3, mask_mode="crop", **chosen)  # one scale only
 
 
 @pytest.mark.parametrize("settings", [{"cell_fraction": 0.0, "mask_mode": "crop"},
                                       {"cell_fraction": 1.5, "mask_mode": "crop"},
+                                      {"red_cell_crop": 0.0}, {"red_cell_crop": float("nan")},
+                                      {"cell_fraction": 0.6, "red_cell_crop": 3.0},
                                       {"stain_jitter": 1.0}])
 def test_bad_transfer_settings_are_refused(settings):
-    with pytest.raises(ValueError, match="cell_fraction|stain_jitter"):
+    with pytest.raises(ValueError, match="cell_fraction|red_cell_crop|stain_jitter"):
         Preprocess(64, (0.5,) * 3, (0.5,) * 3, **settings)
 
 
@@ -146,20 +239,9 @@ def _train_and_score(train, tests, settings) -> list[float]:
 
     images, labels = tensors(train)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(32, len(CLASSES)))
-    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
-    augment, normalise = train_transform(prep), eval_transform(prep)
-    for _ in range(30):
-        for batch in torch.randperm(len(images)).split(16):
-            inputs = torch.stack([augment(images[i]) for i in batch])
-            loss = nn.functional.cross_entropy(model(inputs), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
+    model = small_cnn(len(CLASSES))
+    fit(model, images, labels, prep)
+    normalise = eval_transform(prep)
     scores = []
     with torch.no_grad():
         for items in tests:

@@ -23,7 +23,7 @@ from typing import Any
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "download": ("sha256_file",),
     "labels": ("PBC_CLASSES", "normalize_label"),
-    "layout": ("is_image_file", "scan_layout"),
+    "layout": ("collect_inputs", "is_image_file", "scan_layout"),
     "synthetic": ("generate_dataset", "render_example"),
     "ingest": ("REMOTE_SOURCES", "DataConfig", "SourceError", "build_raw_dataset"),
 }

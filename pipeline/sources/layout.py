@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,25 @@ def is_image_file(path: Path) -> bool:
     image), but not macOS's ``._name`` resource forks or the system files above."""
     return (path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("._")
             and path.name not in IGNORED_NAMES and path.is_file())
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files given directly, and every visible image file below folders given, in a stable
+    order; files in folders without an image extension are skipped and counted."""
+    files: list[Path] = []
+    skipped = 0
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file())
+            images = [p for p in found if is_image_file(p)]
+            skipped += len(found) - len(images)
+            files.extend(images)
+        else:
+            files.append(item)
+    if skipped:
+        logger.warning("skipped %d files without an image extension (%s)", skipped,
+                       " ".join(sorted(IMAGE_SUFFIXES)))
+    return files
 
 
 class LayoutError(PipelineError, ValueError):
