@@ -39,6 +39,7 @@ from pipeline.transfer import (  # noqa: E402
     CELL_PERCENTILE,
     TRANSFER_SETTINGS,
     cell_diameter,
+    lamp_density,
     normalise_stain,
     optical_density,
     red_cell_diameter,
@@ -98,9 +99,7 @@ def cell_density_90(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     density (relative to the lamp) inside the mask, the input of ``normalise_cell_stain``."""
     if not mask.any():
         return np.full(3, np.nan)
-    slide_normalised = normalise_stain(rgb, mask)
-    lamp = slide_statistics(slide_normalised, mask)[0]
-    density = np.maximum(optical_density(slide_normalised, lamp), 0)
+    _, density = lamp_density(normalise_stain(rgb, mask), mask)
     return np.percentile(density[mask > 0], CELL_PERCENTILE, axis=0)
 
 

@@ -211,8 +211,8 @@ def load_masks(paths: list[Path], mask_files: list[Path] | None, prep: Preproces
                mask_params: MaskParams) -> np.ndarray:
     """Input-sized boolean masks (N, S, S): stored mask files, or GrabCut computed here."""
     masks = []
+    needs_image = mask_files is None or prep.red_cell_crop is not None  # GrabCut, red cells
     for index, path in enumerate(tqdm(paths, desc="masks", unit="img", leave=False)):
-        needs_image = mask_files is None or prep.red_cell_crop is not None
         image = decode_image(path) if needs_image else None
         if mask_files is not None:
             mask = cv2.imread(str(mask_files[index]), cv2.IMREAD_GRAYSCALE)

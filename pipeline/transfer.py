@@ -46,6 +46,8 @@ _CELL_GAIN_LIMIT = 6.0  # BCCD's cells absorb a sixth of PBC's blue
 TRANSFER_SETTINGS: dict[str, Any] = {"cell_fraction": 0.6, "stain_normalise": True,
                                      "stain_jitter": 0.3, "blur_sigma": 2.0}
 SCALE_SETTINGS = ("cell_fraction", "red_cell_crop")  # two ways to set the crop's scale: one at most
+# Every TrainConfig key that becomes a ``Preprocess`` setting of this module.
+PREPROCESS_SETTINGS = (*TRANSFER_SETTINGS, "red_cell_crop", "cell_stain_normalise")
 LIGHT = 255.0  # the lamp: the brightness of an empty field
 _BLACK_FILL = 20  # pixels darker than this in every channel are fill left by rotation, not stain
 # Red cells, the scale of ``red_cell_crop``: measured on the image shrunk to this short side,
@@ -63,8 +65,7 @@ def transfer_preprocessing(config: Any) -> dict[str, Any]:
     ``transfer: true`` filling those left at their off value from ``TRANSFER_SETTINGS``. A scale
     the recipe sets itself (``cell_fraction`` or ``red_cell_crop``) is kept, not joined by the
     other one."""
-    chosen = {key: getattr(config, key)
-              for key in (*TRANSFER_SETTINGS, *SCALE_SETTINGS, "cell_stain_normalise")}
+    chosen = {key: getattr(config, key) for key in PREPROCESS_SETTINGS}
     if config.transfer:
         own_scale = any(chosen[key] for key in SCALE_SETTINGS)
         chosen |= {key: value for key, value in TRANSFER_SETTINGS.items()
@@ -97,9 +98,17 @@ def crop_to_cell_scale(image: np.ndarray, mask: np.ndarray, fraction: float) -> 
     diameter = cell_diameter(mask)
     if diameter == 0:
         return image
+    return _square_around_cell(image, mask, diameter / fraction, cv2.BORDER_REFLECT_101)
+
+
+def _square_around_cell(image: np.ndarray, mask: np.ndarray, side: float, border: int,
+                        fill: float | list[float] = 0) -> np.ndarray:
+    """The square of ``side`` pixels (rounded to an even number, at least 2) centred on the
+    mask's centroid; beyond the image it is padded by OpenCV's ``border`` mode (with ``fill``
+    for a constant border)."""
+    half = max(int(round(side / 2)), 1)
+    padded = cv2.copyMakeBorder(image, half, half, half, half, border, value=fill)
     ys, xs = np.nonzero(mask)
-    half = max(int(round(diameter / fraction / 2)), 1)
-    padded = cv2.copyMakeBorder(image, half, half, half, half, cv2.BORDER_REFLECT_101)
     top, left = int(round(ys.mean())), int(round(xs.mean()))
     return padded[top:top + 2 * half, left:left + 2 * half]
 
@@ -167,12 +176,8 @@ def crop_to_red_cell_scale(image: np.ndarray, mask: np.ndarray, red_cells: float
     reference = image if reference is None else reference
     diameter = (red_cell_diameter(reference, mask)
                 or cell_diameter(mask) / WHITE_CELL_IN_RED_CELLS)
-    half = max(int(round(red_cells * diameter / 2)), 1)
     fill = np.median(_slide(image, mask), axis=0).tolist() if image.ndim == 3 else 0
-    padded = cv2.copyMakeBorder(image, half, half, half, half, cv2.BORDER_CONSTANT, value=fill)
-    ys, xs = np.nonzero(mask)
-    top, left = int(round(ys.mean())), int(round(xs.mean()))
-    return padded[top:top + 2 * half, left:left + 2 * half]
+    return _square_around_cell(image, mask, red_cells * diameter, cv2.BORDER_CONSTANT, fill)
 
 
 def _slide(rgb: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -191,6 +196,14 @@ def slide_statistics(rgb: np.ndarray, mask: np.ndarray | None = None
     pixels = _slide(rgb, mask)
     lamp = np.maximum(np.percentile(pixels, 99, axis=0), 1.0).astype(np.float32)
     return lamp, np.maximum(optical_density(pixels, lamp), 0).mean(0)
+
+
+def lamp_density(rgb: np.ndarray, mask: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The image's own lamp (:func:`slide_statistics`) and every pixel's optical density
+    relative to it (float32, negative values clipped to 0)."""
+    lamp = slide_statistics(rgb, mask)[0]
+    return lamp, np.maximum(optical_density(rgb, lamp), 0)
 
 
 def normalise_stain(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -216,8 +229,7 @@ def normalise_cell_stain(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     (:func:`normalise_stain`) cannot see. An empty mask leaves the image as it is."""
     if not mask.any():
         return rgb
-    lamp = slide_statistics(rgb, mask)[0]
-    density = np.maximum(optical_density(rgb, lamp), 0)
+    lamp, density = lamp_density(rgb, mask)
     cell = np.percentile(density[mask > 0], CELL_PERCENTILE, axis=0)
     gain = np.clip(np.asarray(CELL_STAIN_REFERENCE, np.float32) / np.maximum(cell, 1e-3),
                    1 / _CELL_GAIN_LIMIT, _CELL_GAIN_LIMIT)
