@@ -55,6 +55,8 @@ def adapt_model(model: nn.Module, folder: str | Path, prep: Preprocess, mask_par
                 device: torch.device, batch_size: int) -> dict[str, Any]:
     """Re-estimate ``model``'s batch-norm statistics on the images below ``folder`` (labels,
     if any, are not read); return what the adaptation saw."""
+    if not Path(folder).is_dir():
+        raise InputError(f"{folder}: not a folder of images")
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise InputError("the model has no batch normalisation to adapt")
     images = adaptation_images(collect_inputs([folder]), prep, mask_params)
@@ -70,8 +72,6 @@ def adapt_checkpoint(model_path: Path, folder: Path, out_path: Path, device: str
                      batch_size: int = 64) -> dict[str, Any]:
     """``wbc adapt``: the checkpoint at ``model_path`` with its batch-norm statistics
     re-estimated on ``folder``, written to ``out_path`` (its metadata gains ``adapted_on``)."""
-    if not Path(folder).is_dir():
-        raise InputError(f"{folder}: not a folder of images")
     if Path(model_path).suffix != ".safetensors":
         raise InputError(f"{model_path}: adapt a model.safetensors (not an ensemble or an "
                          f"ONNX export; adapt each member, then export)")

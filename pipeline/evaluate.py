@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,9 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "external", tuple(self.external or ()))
+        if not isinstance(self.adapt or {}, Mapping):
+            raise ValueError(f"evaluate.adapt maps external set names to folders, not "
+                             f"{self.adapt!r}")
         object.__setattr__(self, "adapt", dict(self.adapt or {}))
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.adapt.items()):
             raise ValueError(f"evaluate.adapt maps external set names to folders, not "

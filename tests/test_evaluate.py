@@ -278,6 +278,9 @@ def test_stage_settings_are_validated():
     with pytest.raises(TypeError, match="unexpected keyword argument 'tta_views'"):
         EvaluateConfig(tta_views=8)
     assert EvaluateConfig(external=["a", "b"]).external == ("a", "b")
+    for adapt in (["TEST"], "TEST", {"TEST": 3}):
+        with pytest.raises(ValueError, match="evaluate.adapt maps external set names to folders"):
+            EvaluateConfig(adapt=adapt)
     with pytest.raises(ValueError, match="compare.references: 'x' must be an accuracy"):
         CompareConfig({"x": 98})
 
@@ -368,6 +371,11 @@ def test_an_external_set_is_scored_again_after_adaptation(trained, tmp_path):
     assert np.abs(probabilities[0] - probabilities[1]).max() > 1e-3  # other statistics
     assert read_json(tmp_path / "external" / "index.json") == {"lab-b": str(other),
                                                                "lab-b-adapted": str(other)}
+    with pytest.raises(PipelineError, match="no-such-folder: not a folder of images"):
+        evaluate_external(trained["first"], [str(other)],
+                          replace(SETTINGS, adapt={"lab-b": str(tmp_path / "no-such-folder")}),
+                          tmp_path / "external")
+    assert (tmp_path / "external" / "lab-b-adapted").is_dir()  # the failed run left the old one
     with pytest.raises(PipelineError, match="evaluate.adapt names lab-c, not an external set"):
         evaluate_external(trained["first"], [str(other)],
                           replace(SETTINGS, adapt={"lab-c": str(unlabelled)}), tmp_path / "x")
