@@ -68,12 +68,17 @@ def adapt_model(model: nn.Module, folder: str | Path, prep: Preprocess, mask_par
     return {"folder": str(folder), "images": len(images)}
 
 
-def adapt_checkpoint(model_path: Path, folder: Path, out_path: Path, device: str = "auto",
+def adapt_checkpoint(model: str | Path, folder: Path, out_path: Path, device: str = "auto",
                      batch_size: int = 64) -> dict[str, Any]:
-    """``wbc adapt``: the checkpoint at ``model_path`` with its batch-norm statistics
-    re-estimated on ``folder``, written to ``out_path`` (its metadata gains ``adapted_on``)."""
-    if Path(model_path).suffix != ".safetensors":
-        raise InputError(f"{model_path}: adapt a model.safetensors (not an ensemble or an "
+    """``wbc adapt``: the checkpoint ``model`` (a model.safetensors, its folder or a model name
+    in data/models) with its batch-norm statistics re-estimated on ``folder``, written to
+    ``out_path`` (its metadata gains ``adapted_on``)."""
+    from pipeline.predict import resolve_model  # predict -> evaluate -> adapt: import here
+
+    members, temperature = resolve_model(model)
+    model_path = members[0][0]
+    if len(members) > 1 or temperature != 1.0 or model_path.suffix != ".safetensors":
+        raise InputError(f"{model}: adapt a model.safetensors (not an ensemble or an "
                          f"ONNX export; adapt each member, then export)")
     torch_device = select_device(device)
     model, checkpoint = load_checkpoint(model_path, torch_device)

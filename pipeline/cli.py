@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_evaluate)
     adapt = commands.add_parser("adapt", help="adapt a model to another laboratory's images "
                                               "(batch-norm statistics, no labels)")
-    adapt.add_argument("model", type=Path, help="a model.safetensors")
+    adapt.add_argument("model", help="a model.safetensors, its folder, or a name in data/models/")
     adapt.add_argument("images", type=Path, help="a folder of the new laboratory's images "
                                                   "(labels, if any, are not read)")
     adapt.add_argument("-o", "--output", type=Path, required=True,

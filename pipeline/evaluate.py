@@ -287,7 +287,8 @@ def write_evaluation(scored: Scored, out_dir: Path, metrics_path: Path, config: 
     Throughput and device go to ``resources_path`` (default: ``eval_resources.json`` beside the
     metrics), not to the metrics, so that metric diffs show quality only; with ``raw_dir`` (the
     ingested training data) the model card names its provenance; ``external`` (summaries of
-    other data sets, by name) goes beside the test results in ``summary.json`` and the card."""
+    other data sets, by name) goes beside the test results in ``summary.json`` and the card, and
+    their metrics to ``external.json`` beside ``metrics_path``."""
     classes, data = scored.classes, scored.data
     index = {label: i for i, label in enumerate(classes)}
     labels = np.array([index[label] for label in data.labels])
@@ -313,6 +314,9 @@ def write_evaluation(scored: Scored, out_dir: Path, metrics_path: Path, config: 
         "external": external or {}})
     write_model_card(out_dir / "summary.json", out_dir / "MODEL_CARD.md")
     write_json(metrics_path, {k: v for k, v in headline.items() if k not in RESOURCE_KEYS})
+    if external is not None:
+        write_json(metrics_path.with_name("external.json"),
+                   {set_name: summary["metrics"] for set_name, summary in external.items()})
     write_json(resources_path or metrics_path.with_name("eval_resources.json"),
                {k: headline[k] for k in RESOURCE_KEYS})
     logger.info("%s: accuracy %.4f, macro-F1 %.4f, ECE %.4f (uncalibrated %.4f) on %d images",

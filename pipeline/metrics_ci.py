@@ -6,6 +6,8 @@ scipy's paired percentile bootstrap, with the statistics vectorised over the res
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.stats import bootstrap
 
@@ -57,3 +59,22 @@ def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, level: float 
         low, high = result.confidence_interval
         intervals[name] = [float(low), float(high)]
     return intervals
+
+
+def paired_difference(first_correct: np.ndarray, second_correct: np.ndarray, level: float = 0.95,
+                      resamples: int = 5000, seed: int = 0) -> dict[str, Any]:
+    """First minus second accuracy on the same images (per-image correctness), with a
+    percentile bootstrap interval over images and the count of images only each gets right."""
+    first, second = np.asarray(first_correct, bool), np.asarray(second_correct, bool)
+    if first.shape != second.shape or first.ndim != 1 or len(first) == 0:
+        raise ValueError("paired scores need the same non-empty list of images for both")
+    difference = first.astype(float) - second.astype(float)
+    if not difference.any():  # one value: the percentile interval is that value
+        low = high = 0.0
+    else:
+        low, high = bootstrap((difference,), np.mean, n_resamples=resamples,
+                              confidence_level=level, method="percentile",
+                              rng=np.random.default_rng(seed)).confidence_interval
+    return {"difference": float(difference.mean()), "ci95": [float(low), float(high)],
+            "only_first_right": int((difference > 0).sum()),
+            "only_second_right": int((difference < 0).sum())}

@@ -20,7 +20,7 @@ from pipeline.evaluate import (
     held_out_set,
     write_evaluation,
 )
-from pipeline.io import load_params, read_json, write_json
+from pipeline.io import load_params, read_json
 from pipeline.models import MODEL_FILE
 
 
@@ -43,8 +43,6 @@ def main() -> None:
     write_spec(Path("data/models/ensemble/ensemble.json"),
                {m: Path("data/models") / m / MODEL_FILE for m in members}, weights,
                scored.temperature)
-    write_json(Path("metrics/ensemble/external.json"),
-               {set_name: summary["metrics"] for set_name, summary in external.items()})
     write_evaluation(scored, Path("data/eval/ensemble"), Path("metrics/ensemble/eval.json"),
                      evaluate_config, Path("resources/ensemble/eval.json"),
                      raw_dir=Path("data/raw"), external=external)

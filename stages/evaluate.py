@@ -18,7 +18,7 @@ from pipeline.evaluate import (
     score_checkpoint,
     write_evaluation,
 )
-from pipeline.io import load_params, write_json
+from pipeline.io import load_params
 from pipeline.models import MODEL_FILE
 
 
@@ -38,8 +38,6 @@ def main(name: str, fold: int | None = None) -> None:
     if out is None:
         external = evaluate_external(model_dir / MODEL_FILE, config.external, config,
                                      Path("data/eval") / name / "external")
-        write_json(Path("metrics") / name / "external.json",
-                   {set_name: summary["metrics"] for set_name, summary in external.items()})
         write_evaluation(scored, Path("data/eval") / name, Path("metrics") / name / "eval.json",
                          config, Path("resources") / name / "eval.json",
                          raw_dir=Path("data/raw"), external=external)

@@ -58,3 +58,25 @@ def test_vectorised_statistics_agree_with_scikit_learn():
         balanced_accuracy_score(labels, predicted))
     assert _macro_f1(labels, predicted) == pytest.approx(
         f1_score(labels, predicted, average="macro", zero_division=0))
+
+
+def test_paired_difference_of_two_models_on_the_same_images():
+    from pipeline.metrics_ci import paired_difference
+
+    rng = np.random.default_rng(0)
+    second = rng.random(400) < 0.9
+    first = second.copy()
+    first[np.flatnonzero(~second)[:30]] = True  # 30 images only the first gets right
+    first[np.flatnonzero(second)[:2]] = False  # 2 only the second gets right
+    result = paired_difference(first, second)
+    assert result["difference"] == pytest.approx(28 / 400)
+    assert (result["only_first_right"], result["only_second_right"]) == (30, 2)
+    low, high = result["ci95"]
+    assert 0 < low < 28 / 400 < high  # a real gain: the interval excludes 0
+    swapped = paired_difference(second, first)
+    assert swapped["difference"] == pytest.approx(-28 / 400) and swapped["ci95"][1] < 0
+    assert paired_difference(second, second)["ci95"] == [0.0, 0.0]
+    coin = paired_difference(rng.random(400) < 0.9, second)  # unrelated, same accuracy
+    assert coin["ci95"][0] < 0 < coin["ci95"][1]
+    with pytest.raises(ValueError, match="same non-empty list of images"):
+        paired_difference(first, second[:-1])

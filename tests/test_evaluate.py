@@ -388,15 +388,21 @@ def test_wbc_adapt_writes_a_model_adapted_to_a_folder(trained, tmp_path, capsys)
     original, before = load_checkpoint(trained["first"])
     adapted, after = load_checkpoint(out)
     assert after["adapted_on"] == {"folder": str(slides), "images": 34}
+    by_folder = tmp_path / "by-folder.safetensors"  # the model's folder serves as well
+    assert wbc(["adapt", str(trained["first"].parent), str(slides), "-o", str(by_folder)]) == 0
+    assert load_checkpoint(by_folder)[1]["adapted_on"] == after["adapted_on"]
     assert after["classes"] == before["classes"] and after["preprocess"] == before["preprocess"]
     changed = {key for key, value in adapted.state_dict().items()
                if not torch.equal(value, original.state_dict()[key])}
     assert changed and all(key.rsplit(".", 1)[-1] in ("running_mean", "running_var",
                                                       "num_batches_tracked") for key in changed)
     few = _stained_lab(tmp_path / "few", 0, 5, labelled=False)
+    write_spec(tmp_path / "ensemble.json", trained, {"first": 0.5, "second": 0.5})
     for args, message in (([str(trained["first"]), str(few)], "at least 32 readable images"),
                           ([str(trained["first"]), str(tmp_path / "none")], "not a folder"),
-                          ([str(few / "lymphocyte_0.jpg"), str(slides)], "adapt a model")):
+                          ([str(few / "lymphocyte_0.jpg"), str(slides)], "adapt a model"),
+                          ([str(tmp_path / "ensemble.json"), str(slides)], "adapt a model"),
+                          (["no-such-model", str(slides)], "no model at no-such-model")):
         capsys.readouterr()
         assert wbc(["adapt", *args, "-o", str(tmp_path / "bad.safetensors")]) == 2
         assert message in capsys.readouterr().err

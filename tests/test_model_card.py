@@ -74,6 +74,12 @@ def test_evaluate_writes_a_card_from_its_summary(tmp_path, synthetic_folder):
     for section in ("Intended use", "Classes", "Training data", "Performance", "Abstention",
                     "Known limitations", "How to reproduce"):
         assert f"## {section}" in card
+    assert not (tmp_path / "external.json").exists()  # no external sets given
+    other = {**summary, "metrics": {**summary["metrics"], "accuracy": 0.5}}
+    write_evaluation(scored, tmp_path / "with", tmp_path / "with" / "eval.json", SETTINGS,
+                     external={"lab-b": other})
+    assert read_json(tmp_path / "with" / "external.json") == {"lab-b": other["metrics"]}
+    assert "| external: lab-b |" in (tmp_path / "with" / "MODEL_CARD.md").read_text()
 
 
 def test_card_lists_external_metrics_and_localisation():

@@ -1,0 +1,89 @@
+"""An ensemble under cross-validation: is it better than its members on every image once?
+
+Run after ``dvc repro crossval@A crossval@B ...`` (``split.folds`` set, the members in
+``crossval.models``): every fold then holds each member's evaluation (``data/cv/<model>/<k>/eval``,
+with its test and validation probabilities). Each fold's ensemble is built as the ``ensemble``
+stage builds it (``ensemble.weighting`` by the members' validation macro-F1 of that fold, a
+temperature fitted on that fold's validation part), evaluated, and the folds are aggregated like
+``crossval@<model>``. The ensemble is then paired with each member on the same out-of-fold images
+(bootstrap over images of the accuracy difference), which is what choosing between them needs.
+
+    python -m bench.cv_ensemble efficientnet_lite0_attention efficientnet_lite1_attention \\
+        [--out .cache/cv_ensemble] [--json bench/cv_ensemble.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import from_params
+from pipeline.crossval import aggregate_folds
+from pipeline.ensemble import EnsembleConfig, combine_evaluations, member_weights
+from pipeline.evaluate import EvaluateConfig, held_out_set, write_evaluation
+from pipeline.io import load_params, read_json
+from pipeline.metrics_ci import paired_difference
+from pipeline.split import fold_count
+
+CV, SPLIT = Path("data/cv"), Path("data/split/folds")
+IMAGES, MASKS = Path("data/raw/images"), Path("data/masks")
+
+
+def fold_ensemble(members: list[str], fold: int, weighting: str, config: EvaluateConfig,
+                  out_dir: Path) -> dict[str, float]:
+    """The ensemble of ``members``' evaluations of ``fold``, written to ``out_dir``; its weights."""
+    val_f1 = {m: read_json(CV / m / str(fold) / "train" / "train.json")["val_macro_f1"]
+              for m in members}
+    weights = member_weights(EnsembleConfig(tuple(members), weighting), val_f1)
+    split = SPLIT / str(fold)
+    scored = combine_evaluations({m: CV / m / str(fold) / "eval" for m in members}, weights,
+                                 held_out_set(split, IMAGES, MASKS),
+                                 held_out_set(split, IMAGES, MASKS, part="val"))
+    write_evaluation(scored, out_dir, out_dir / "eval.json", config, out_dir / "resources.json")
+    return weights | {"temperature": scored.temperature}
+
+
+def correct(predictions: pd.DataFrame) -> pd.Series:
+    """Per image (indexed by path): whether the top class is the label."""
+    probabilities = predictions.filter(like="p_")
+    top = probabilities.columns[probabilities.to_numpy().argmax(1)].str[2:]
+    return pd.Series(top == predictions["label"].to_numpy(), index=predictions["path"])
+
+
+def member_correct(ensemble: pd.Series, member: str) -> pd.Series:
+    """A member's out-of-fold correctness on the ensemble's images, in the ensemble's order."""
+    scores = correct(pd.read_csv(Path("data/crossval") / member / "out_of_fold_predictions.csv"))
+    if set(scores.index) != set(ensemble.index):
+        raise ValueError(f"{member}'s out-of-fold images differ from the ensemble's")
+    return scores.reindex(ensemble.index).to_numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("members", nargs="+", help="models cross-validated by crossval@<model>")
+    parser.add_argument("--out", type=Path, default=Path(".cache/cv_ensemble"))
+    parser.add_argument("--json", type=Path, default=Path("bench/cv_ensemble.json"))
+    args = parser.parse_args()
+    params = load_params()
+    config = from_params(EvaluateConfig, params["evaluate"], "evaluate")
+    folds = fold_count(params["split"]["folds"])
+    weights = [fold_ensemble(args.members, fold, params["ensemble"]["weighting"], config,
+                             args.out / str(fold)) for fold in range(folds)]
+    summary = aggregate_folds("ensemble of " + " + ".join(args.members),
+                              [args.out / str(fold) for fold in range(folds)],
+                              args.out / "aggregate", args.out / "cv.json")
+    pooled = correct(pd.read_csv(args.out / "aggregate" / "out_of_fold_predictions.csv"))
+    summary |= {"fold_weights": weights, "paired": {  # first: the ensemble, second: member
+        member: paired_difference(pooled.to_numpy(), member_correct(pooled, member))
+        for member in args.members}}
+    args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: summary[k] for k in ("mean", "std", "out_of_fold_ci95", "paired")},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
