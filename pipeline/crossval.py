@@ -4,6 +4,10 @@ Each fold's evaluation writes ``predictions.csv`` (true label, predicted class, 
 every class); every image is test data in exactly one fold, so pooling the folds' predictions
 scores all images once (the out-of-fold estimate) and the fold-to-fold spread shows how much a
 single split's figure can move.
+
+External sets (``evaluate.external``) are scored by every fold's model: their figures are the
+folds' mean and spread, and the fold models' averaged probabilities (the five models as one
+ensemble, which ``wbc predict`` serves from an ``ensemble.json`` of their checkpoints).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import plots
-from pipeline.io import write_csv, write_json
+from pipeline.io import read_json, write_csv, write_json
 from pipeline.metrics import classification_metrics
 from pipeline.metrics_ci import bootstrap_intervals
 
@@ -74,7 +78,48 @@ def aggregate_folds(model: str, fold_dirs: list[Path], out_dir: Path, metrics_pa
         labels, predicted, classes,
         f"{model}: {len(frames)}-fold out-of-fold accuracy {out_of_fold['accuracy']:.3f} "
         f"({len(labels)} images)", out_dir / "confusion.png")
+    summary["external"] = aggregate_external(model, fold_dirs, classes, out_dir / "external")
     write_json(metrics_path, summary)
     logger.info("%s: %d-fold accuracy %.4f ± %.4f, out-of-fold %.4f", model, len(frames),
                 summary["mean"]["accuracy"], summary["std"]["accuracy"], out_of_fold["accuracy"])
     return summary
+
+
+def external_set_names(fold_dirs: list[Path]) -> list[str]:
+    """The external sets every fold's evaluation scored (its ``external/index.json``)."""
+    indexes = [folder / "external" / "index.json" for folder in fold_dirs]
+    found = [list(read_json(index)) if index.is_file() else [] for index in indexes]
+    if any(names != found[0] for names in found):
+        raise ValueError("the folds were scored on different external sets; rerun cv_evaluate")
+    return found[0]
+
+
+def aggregate_external(model: str, fold_dirs: list[Path], classes: list[str], out_dir: Path
+                       ) -> dict[str, Any]:
+    """Per external set: the folds' mean and spread, and the fold models' averaged probabilities
+    scored with a confusion matrix (``out_dir/<set>``); ``{}`` when none was scored."""
+    results = {}
+    for name in external_set_names(fold_dirs):
+        frames, _ = read_fold_predictions([folder / "external" / name for folder in fold_dirs])
+        if any(list(frame["path"]) != list(frames[0]["path"]) for frame in frames):
+            raise ValueError(f"the folds' models scored different images of {name}")
+        table = pd.DataFrame([_scores(frame, classes)[2] for frame in frames])
+        average = frames[0][["path", "label"]].assign(**{
+            f"p_{c}": np.mean([frame[f"p_{c}"] for frame in frames], axis=0) for c in classes})
+        labels, probabilities, headline, per_class = _scores(average, classes)
+        predicted = probabilities.argmax(1)
+        results[name] = {
+            "mean": {m: float(table[m].mean()) for m in SPREAD_METRICS},
+            "std": {m: float(table[m].std(ddof=1)) for m in SPREAD_METRICS},
+            "fold_average": headline,
+            "fold_average_ci95": bootstrap_intervals(labels, predicted)}
+        write_csv(out_dir / name / "fold_average_predictions.csv", average)
+        write_csv(out_dir / name / "fold_average_report.csv", pd.DataFrame(per_class))
+        plots.confusion_matrix_png(
+            labels, predicted, classes,
+            f"{model}: the {len(frames)} fold models averaged on {name}, accuracy "
+            f"{headline['accuracy']:.3f} ({len(labels)} images)", out_dir / name / "confusion.png")
+        logger.info("%s on %s: fold models %.4f ± %.4f, averaged %.4f", model, name,
+                    results[name]["mean"]["accuracy"], results[name]["std"]["accuracy"],
+                    headline["accuracy"])
+    return results

@@ -1,7 +1,8 @@
 """Stage evaluate@<model>: score a trained model on the test split (or evaluate.dataset).
 
 ``--fold K`` (stage cv_evaluate@<model>-<K>) scores cross-validation fold K's model on that
-fold's test part, into data/cv/MODEL/K/eval.
+fold's test part, into data/cv/MODEL/K/eval. Either way every set of evaluate.external is scored
+too (``external/`` beside the test results, ``external.json`` beside ``eval.json``).
 """
 
 import argparse
@@ -26,24 +27,22 @@ def main(name: str, fold: int | None = None) -> None:
     config = from_params(EvaluateConfig, load_params()["evaluate"], "evaluate")
     images, masks = Path("data/raw/images"), Path("data/masks")
     if fold is None:
-        split, model_dir, out = Path("data/split"), Path("data/models") / name, None
+        split, model_dir = Path("data/split"), Path("data/models") / name
+        out, metrics = Path("data/eval") / name, Path("metrics") / name / "eval.json"
+        resources = Path("resources") / name / "eval.json"
         data = evaluation_set(config, split, images, masks)
     else:
         split = Path("data/split/folds") / str(fold)
-        model_dir, out = Path("data/cv") / name / str(fold) / "train" / "model", \
-            Path("data/cv") / name / str(fold) / "eval"
+        model_dir = Path("data/cv") / name / str(fold) / "train" / "model"
+        out = Path("data/cv") / name / str(fold) / "eval"
         data = held_out_set(split, images, masks)
+        metrics, resources = out / "eval.json", out / "resources.json"
     validation = held_out_set(split, images, masks, part="val")  # for the ensemble's temperature
     scored = score_checkpoint(model_dir / MODEL_FILE, data, config, validation)
-    if out is None:
-        external = evaluate_external(model_dir / MODEL_FILE, config.external, config,
-                                     Path("data/eval") / name / "external")
-        write_evaluation(scored, Path("data/eval") / name, Path("metrics") / name / "eval.json",
-                         config, Path("resources") / name / "eval.json",
-                         raw_dir=Path("data/raw"), external=external)
-    else:
-        write_evaluation(scored, out, out / "eval.json", config, out / "resources.json",
-                         raw_dir=Path("data/raw"))
+    external = evaluate_external(model_dir / MODEL_FILE, config.external, config,
+                                 out / "external")
+    write_evaluation(scored, out, metrics, config, resources, raw_dir=Path("data/raw"),
+                     external=external)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -37,6 +39,43 @@ def test_aggregate_pools_folds_and_reports_the_spread(tmp_path):
     assert read_json(tmp_path / "cv.json") == summary
     assert (tmp_path / "out" / "confusion.png").stat().st_size > 10_000
     assert len(pd.read_csv(tmp_path / "out" / "out_of_fold_predictions.csv")) == 8
+
+
+def _external(fold_dir, name: str, predicted: list[str], labels=("a", "b", "c", "c")):
+    """A fold model's predictions on an external set of four images (``a`` is 0.8 sure)."""
+    folder = fold_dir / "external" / name
+    folder.mkdir(parents=True)
+    probabilities = {f"p_{c}": [0.8 if p == c else 0.1 for p in predicted] for c in CLASSES}
+    pd.DataFrame({"path": [f"e{i}" for i in range(4)], "label": list(labels),
+                  **probabilities}).to_csv(folder / "predictions.csv", index=False)
+    index = fold_dir / "external" / "index.json"
+    index.write_text(json.dumps({**(json.loads(index.read_text()) if index.is_file() else {}),
+                                 name: f"/data/{name}"}))
+
+
+def test_external_sets_scored_by_every_fold_model_are_averaged(tmp_path):
+    folds = [_fold(tmp_path, k, [f"x{k}"], ["a"], ["a"]) for k in range(3)]
+    # every fold model misses at most one image, a different one: the average misses none
+    for folder, predicted in zip(folds, (["a", "b", "c", "c"], ["a", "b", "c", "a"],
+                                         ["a", "b", "b", "c"]), strict=True):
+        _external(folder, "lab-b", predicted)
+    summary = aggregate_folds("m", folds, tmp_path / "out", tmp_path / "cv.json")
+    lab = summary["external"]["lab-b"]
+    assert lab["mean"]["accuracy"] == pytest.approx((1.0 + 0.75 + 0.75) / 3)
+    assert lab["std"]["accuracy"] == pytest.approx(np.std([1.0, 0.75, 0.75], ddof=1))
+    assert lab["fold_average"]["accuracy"] == 1.0 and lab["fold_average"]["images"] == 4
+    averaged = pd.read_csv(tmp_path / "out" / "external" / "lab-b" / "fold_average_predictions.csv")
+    assert averaged.loc[2, "p_c"] == pytest.approx((0.8 + 0.8 + 0.1) / 3)
+    assert (tmp_path / "out" / "external" / "lab-b" / "confusion.png").stat().st_size > 10_000
+    assert read_json(tmp_path / "cv.json")["external"]["lab-b"] == lab
+    _external(folds[0], "lab-c", ["a", "b", "c", "c"])  # one fold scored a set the others did not
+    with pytest.raises(ValueError, match="different external sets"):
+        aggregate_folds("m", folds, tmp_path / "out", tmp_path / "cv.json")
+
+
+def test_no_external_set_leaves_an_empty_entry(tmp_path):
+    folds = [_fold(tmp_path, k, [f"x{k}"], ["a"], ["a"]) for k in range(2)]
+    assert aggregate_folds("m", folds, tmp_path / "out", tmp_path / "cv.json")["external"] == {}
 
 
 def test_an_image_tested_twice_is_an_error(tmp_path):
