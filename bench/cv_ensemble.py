@@ -7,6 +7,8 @@ stage builds it (``ensemble.weighting`` by the members' validation macro-F1 of t
 temperature fitted on that fold's validation part), evaluated, and the folds are aggregated like
 ``crossval@<model>``. The ensemble is then paired with each member on the same out-of-fold images
 (bootstrap over images of the accuracy difference), which is what choosing between them needs.
+The sets of ``evaluate.external`` that the members' fold models scored are averaged the same way
+(reported in ``external``, never used to choose).
 
     python -m bench.cv_ensemble efficientnet_lite0_attention efficientnet_lite1_attention \\
         [--out .cache/cv_ensemble] [--json bench/cv_ensemble.json]
@@ -22,8 +24,18 @@ import pandas as pd
 
 from pipeline.config import from_params
 from pipeline.crossval import aggregate_folds
-from pipeline.ensemble import EnsembleConfig, combine_evaluations, member_weights
-from pipeline.evaluate import EvaluateConfig, held_out_set, write_evaluation
+from pipeline.ensemble import (
+    EnsembleConfig,
+    combine_evaluations,
+    combine_external,
+    member_weights,
+)
+from pipeline.evaluate import (
+    EvaluateConfig,
+    held_out_set,
+    score_external_sets,
+    write_evaluation,
+)
 from pipeline.io import load_params, read_json
 from pipeline.metrics_ci import paired_difference
 from pipeline.split import fold_count
@@ -42,7 +54,13 @@ def fold_ensemble(members: list[str], fold: int, weighting: str, config: Evaluat
     scored = combine_evaluations({m: CV / m / str(fold) / "eval" for m in members}, weights,
                                  held_out_set(split, IMAGES, MASKS),
                                  held_out_set(split, IMAGES, MASKS, part="val"))
-    write_evaluation(scored, out_dir, out_dir / "eval.json", config, out_dir / "resources.json")
+    external = score_external_sets(  # what the members' fold evaluations scored
+        lambda name, data, _adapt_on: combine_external(
+            {m: CV / m / str(fold) / "eval" / "external" / name for m in members}, weights,
+            data, scored.temperature, config.ignore_unknown_classes),
+        config.external, config, out_dir / "external")
+    write_evaluation(scored, out_dir, out_dir / "eval.json", config, out_dir / "resources.json",
+                     external=external)
     return weights | {"temperature": scored.temperature}
 
 
