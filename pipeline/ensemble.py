@@ -9,7 +9,6 @@ validation probabilities from their evaluation folders, so no member is run twic
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import PipelineError, one_line
+from pipeline.errors import PipelineError
 from pipeline.evaluate import (
     EvalSet,
     EvaluateConfig,
@@ -26,7 +25,7 @@ from pipeline.evaluate import (
     restrict_to_classes,
     score_external_sets,
 )
-from pipeline.io import read_json, write_json
+from pipeline.io import read_json
 from pipeline.metrics import fit_temperature
 
 WEIGHTINGS = ("mean", "val_f1")
@@ -65,33 +64,6 @@ def temper(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     if temperature == 1.0:
         return probabilities
     return torch.softmax(_log(probabilities) / temperature, 1).numpy()
-
-
-def write_spec(path: Path, members: dict[str, Path], weights: dict[str, float],
-               temperature: float = 1.0) -> None:
-    """Record the ensemble for ``wbc predict``: member checkpoints, weights and temperature."""
-    write_json(path, {
-        "kind": "ensemble",
-        "members": [{"name": name, "checkpoint": os.path.relpath(checkpoint, path.parent),
-                     "weight": weights[name]}
-                    for name, checkpoint in members.items()],
-        "temperature": temperature,
-    })
-
-
-def read_spec(path: Path) -> dict[str, Any]:
-    """An ensemble file: ``members`` (checkpoints relative to the file itself, resolved here) and
-    ``temperature``."""
-    try:
-        spec = read_json(path)
-        members = [{**m, "checkpoint": Path(path).parent / m["checkpoint"],
-                    "weight": float(m["weight"])} for m in spec["members"]]
-        temperature = float(spec.get("temperature", 1.0))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise PipelineError(f"{path}: not an ensemble description ({one_line(error)})") from error
-    if spec.get("kind") != "ensemble" or not members:
-        raise PipelineError(f"{path}: not an ensemble description")
-    return {"members": members, "temperature": temperature}
 
 
 def _load_members(eval_dirs: dict[str, Path]) -> dict[str, Any]:

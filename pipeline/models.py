@@ -32,13 +32,12 @@ from torch import nn
 
 from pipeline.device import autocast
 from pipeline.errors import PipelineError, one_line
+from pipeline.model_files import MODEL_FILE
 
 logger = logging.getLogger(__name__)
 
 HUB_HOST = ("huggingface.co", 443)
 CHECKPOINT_FORMAT = 2  # 1 was a pickled model.pt, never loaded any more
-MODEL_FILE = "model.safetensors"
-LEGACY_MODEL_FILE = "model.pt"  # pickled: refused with a message
 METADATA_KEY = "wbc_checkpoint"
 REQUIRED_KEYS = ("format", "name", "classes", "model_config", "preprocess", "mask_params",
                  "temperature", "summary")

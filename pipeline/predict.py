@@ -13,11 +13,11 @@ import torch
 
 from pipeline.data import Preprocess, prepare_all, stack_images
 from pipeline.device import select_device
-from pipeline.ensemble import read_spec, temper
+from pipeline.ensemble import temper
 from pipeline.errors import PipelineError
 from pipeline.evaluate import infer, load_model
 from pipeline.masks import MaskParams
-from pipeline.models import LEGACY_MODEL_FILE, MODEL_FILE
+from pipeline.model_files import LEGACY_MODEL_FILE, MODEL_FILE, read_spec
 from pipeline.sources import collect_inputs
 
 logger = logging.getLogger(__name__)

@@ -46,9 +46,9 @@ from pipeline.inference import predict_logits
 from pipeline.io import atomic_path, write_json
 from pipeline.masks import MaskParams, mask_path
 from pipeline.metrics import fit_temperature, macro_f1
+from pipeline.model_files import MODEL_FILE
 from pipeline.models import (
     CHECKPOINT_FORMAT,
-    MODEL_FILE,
     AttentionClassifier,
     ModelConfig,
     attention_outside_cell_loss,

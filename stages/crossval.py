@@ -1,4 +1,6 @@
-"""Stage crossval@<model>: mean, spread and pooled out-of-fold metrics over the folds."""
+"""Stage crossval@<model>: mean, spread and pooled out-of-fold metrics over the folds, and the
+fold models as one ensemble (``data/crossval/<model>/ensemble.json``, equal weights) for
+``wbc predict``: what the external sets' ``fold_average`` figures score."""
 
 import sys
 from pathlib import Path
@@ -6,13 +8,19 @@ from pathlib import Path
 from pipeline.crossval import aggregate_folds
 from pipeline.errors import run_entry_point
 from pipeline.io import load_params
+from pipeline.model_files import MODEL_FILE, write_spec
 from pipeline.split import fold_count
 
 
 def main(name: str) -> None:
-    folds = fold_count(load_params()["split"]["folds"])
-    aggregate_folds(name, [Path("data/cv") / name / str(fold) / "eval" for fold in range(folds)],
-                    Path("data/crossval") / name, Path("metrics") / name / "cv.json")
+    folds = range(fold_count(load_params()["split"]["folds"]))
+    fold_dirs = [Path("data/cv") / name / str(fold) for fold in folds]
+    out = Path("data/crossval") / name
+    aggregate_folds(name, [folder / "eval" for folder in fold_dirs], out,
+                    Path("metrics") / name / "cv.json")
+    write_spec(out / "ensemble.json",
+               {f"fold{fold}": fold_dirs[fold] / "train" / "model" / MODEL_FILE for fold in folds},
+               {f"fold{fold}": 1 / len(folds) for fold in folds})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from pipeline.ensemble import (
     combine_evaluations,
     evaluate_ensemble_external,
     member_weights,
-    write_spec,
 )
 from pipeline.errors import run_entry_point
 from pipeline.evaluate import (
@@ -21,7 +20,7 @@ from pipeline.evaluate import (
     write_evaluation,
 )
 from pipeline.io import load_params, read_json
-from pipeline.models import MODEL_FILE
+from pipeline.model_files import MODEL_FILE, write_spec
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pipeline.evaluate import (
     write_evaluation,
 )
 from pipeline.io import load_params
-from pipeline.models import MODEL_FILE
+from pipeline.model_files import MODEL_FILE
 
 
 def main(name: str, fold: int | None = None) -> None:

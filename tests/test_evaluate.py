@@ -21,7 +21,6 @@ from pipeline.ensemble import (
     evaluate_ensemble_external,
     member_weights,
     temper,
-    write_spec,
 )
 from pipeline.errors import PipelineError
 from pipeline.evaluate import (
@@ -36,6 +35,7 @@ from pipeline.evaluate import (
 from pipeline.io import read_json, write_json
 from pipeline.masks import MaskParams
 from pipeline.metrics import expected_calibration_error
+from pipeline.model_files import write_spec
 from pipeline.models import ModelConfig, load_checkpoint
 from pipeline.sources.synthetic import Lab, render_example
 from pipeline.train import TrainConfig, train_model

@@ -12,7 +12,6 @@ import torch
 
 from pipeline.cli import main as wbc
 from pipeline.data import Preprocess, prepare_image, prepare_mask
-from pipeline.ensemble import write_spec
 from pipeline.explain import (
     explain_png,
     gradcam_layer,
@@ -22,6 +21,7 @@ from pipeline.explain import (
     sample_for_figure,
 )
 from pipeline.masks import MaskParams
+from pipeline.model_files import write_spec
 from pipeline.models import ModelConfig, build_model
 from pipeline.train import TrainConfig, train_model
 

@@ -29,11 +29,11 @@ from PIL import Image
 
 from pipeline.cli import main as wbc
 from pipeline.data import Preprocess
-from pipeline.ensemble import write_spec
 from pipeline.errors import SIGTERM_EXIT, USER_ERROR_EXIT, run_entry_point
 from pipeline.io import ImageDecodeError, decode_image
 from pipeline.masks import MaskParams
 from pipeline.metrics import classification_metrics
+from pipeline.model_files import write_spec
 from pipeline.models import (
     CHECKPOINT_FORMAT,
     CheckpointError,
