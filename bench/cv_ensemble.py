@@ -65,10 +65,9 @@ def fold_ensemble(members: list[str], fold: int, weighting: str, config: Evaluat
 
 
 def correct(predictions: pd.DataFrame) -> pd.Series:
-    """Per image (indexed by path): whether the top class is the label."""
-    probabilities = predictions.filter(like="p_")
-    top = probabilities.columns[probabilities.to_numpy().argmax(1)].str[2:]
-    return pd.Series(top == predictions["label"].to_numpy(), index=predictions["path"])
+    """Per image (indexed by path): whether the predicted class is the label."""
+    return pd.Series((predictions["predicted"] == predictions["label"]).to_numpy(),
+                     index=predictions["path"])
 
 
 def member_correct(ensemble: pd.Series, member: str) -> pd.Series:

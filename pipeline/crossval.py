@@ -38,6 +38,12 @@ def _scores(predictions: pd.DataFrame, classes: list[str]
     return labels, probabilities, headline, per_class
 
 
+def _spread(table: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """The folds' mean and standard deviation of each of ``SPREAD_METRICS`` (a row per fold)."""
+    return {"mean": {m: float(table[m].mean()) for m in SPREAD_METRICS},
+            "std": {m: float(table[m].std(ddof=1)) for m in SPREAD_METRICS}}
+
+
 def read_fold_predictions(fold_dirs: list[Path]) -> tuple[list[pd.DataFrame], list[str]]:
     """Every fold's ``predictions.csv`` and the class list (from the probability columns)."""
     frames = [pd.read_csv(folder / "predictions.csv", keep_default_na=False)
@@ -66,8 +72,7 @@ def aggregate_folds(model: str, fold_dirs: list[Path], out_dir: Path, metrics_pa
     summary = {
         "model": model,
         "folds": len(frames),
-        "mean": {m: float(table[m].mean()) for m in SPREAD_METRICS},
-        "std": {m: float(table[m].std(ddof=1)) for m in SPREAD_METRICS},
+        **_spread(table),
         "out_of_fold": out_of_fold,
         "out_of_fold_ci95": bootstrap_intervals(labels, predicted),
     }
@@ -109,8 +114,7 @@ def aggregate_external(model: str, fold_dirs: list[Path], classes: list[str], ou
         labels, probabilities, headline, per_class = _scores(average, classes)
         predicted = probabilities.argmax(1)
         results[name] = {
-            "mean": {m: float(table[m].mean()) for m in SPREAD_METRICS},
-            "std": {m: float(table[m].std(ddof=1)) for m in SPREAD_METRICS},
+            **_spread(table),
             "fold_average": headline,
             "fold_average_ci95": bootstrap_intervals(labels, predicted)}
         write_csv(out_dir / name / "fold_average_predictions.csv", average)

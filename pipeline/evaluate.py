@@ -71,13 +71,11 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "external", tuple(self.external or ()))
-        if not isinstance(self.adapt or {}, Mapping):
-            raise ValueError(f"evaluate.adapt maps external set names to folders, not "
-                             f"{self.adapt!r}")
-        object.__setattr__(self, "adapt", dict(self.adapt or {}))
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.adapt.items()):
-            raise ValueError(f"evaluate.adapt maps external set names to folders, not "
-                             f"{self.adapt!r}")
+        adapt = self.adapt or {}
+        if not isinstance(adapt, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in adapt.items()):
+            raise ValueError(f"evaluate.adapt maps external set names to folders, not {adapt!r}")
+        object.__setattr__(self, "adapt", dict(adapt))
         if self.batch_size < 1:
             raise ValueError(f"evaluate.batch_size must be at least 1, not {self.batch_size}")
         if self.mistakes < 0:
