@@ -38,6 +38,11 @@ def _scores(predictions: pd.DataFrame, classes: list[str]
     return labels, probabilities, headline, per_class
 
 
+def _right_of(labels: np.ndarray, predicted: np.ndarray) -> str:
+    """``"1575 of 1599"``: the count behind an accuracy that its rounding could overstate."""
+    return f"{int((labels == predicted).sum())} of {len(labels)}"
+
+
 def _spread(table: pd.DataFrame) -> dict[str, dict[str, float]]:
     """The folds' mean and standard deviation of each of ``SPREAD_METRICS`` (a row per fold)."""
     return {"mean": {m: float(table[m].mean()) for m in SPREAD_METRICS},
@@ -82,7 +87,7 @@ def aggregate_folds(model: str, fold_dirs: list[Path], out_dir: Path, metrics_pa
     plots.confusion_matrix_png(
         labels, predicted, classes,
         f"{model}: {len(frames)}-fold out-of-fold accuracy {out_of_fold['accuracy']:.3f} "
-        f"({len(labels)} images)", out_dir / "confusion.png")
+        f"({_right_of(labels, predicted)} images)", out_dir / "confusion.png")
     summary["external"] = aggregate_external(model, fold_dirs, classes, out_dir / "external")
     write_json(metrics_path, summary)
     logger.info("%s: %d-fold accuracy %.4f ± %.4f, out-of-fold %.4f", model, len(frames),
@@ -121,8 +126,9 @@ def aggregate_external(model: str, fold_dirs: list[Path], classes: list[str], ou
         write_csv(out_dir / name / "fold_average_report.csv", pd.DataFrame(per_class))
         plots.confusion_matrix_png(
             labels, predicted, classes,
-            f"{model}: the {len(frames)} fold models averaged on {name}, accuracy "
-            f"{headline['accuracy']:.3f} ({len(labels)} images)", out_dir / name / "confusion.png")
+            f"{model}: the {len(frames)} folds' models averaged on {name}, accuracy "
+            f"{headline['accuracy']:.3f} ({_right_of(labels, predicted)} images)",
+            out_dir / name / "confusion.png")
         logger.info("%s on %s: fold models %.4f ± %.4f, averaged %.4f", model, name,
                     results[name]["mean"]["accuracy"], results[name]["std"]["accuracy"],
                     headline["accuracy"])
