@@ -8,7 +8,9 @@ temperature fitted on that fold's validation part), evaluated, and the folds are
 ``crossval@<model>``. The ensemble is then paired with each member on the same out-of-fold images
 (bootstrap over images of the accuracy difference), which is what choosing between them needs.
 The sets of ``evaluate.external`` that the members' fold models scored are averaged the same way
-(reported in ``external``, never used to choose).
+(reported in ``external``, never used to choose). ``<out>/ensemble.json`` serves what their
+``fold_average`` scores: an ensemble of the fold ensembles (``<out>/<k>/ensemble.json``, each with
+its own weights and temperature), equally weighted, for ``wbc predict`` and ``wbc evaluate``.
 
     python -m bench.cv_ensemble efficientnet_lite0_attention efficientnet_lite1_attention \\
         [--out .cache/cv_ensemble] [--json bench/cv_ensemble.json]
@@ -38,6 +40,7 @@ from pipeline.evaluate import (
 )
 from pipeline.io import load_params, read_json
 from pipeline.metrics_ci import paired_difference
+from pipeline.model_files import MODEL_FILE, write_spec
 from pipeline.split import fold_count
 
 CV, SPLIT = Path("data/cv"), Path("data/split/folds")
@@ -61,6 +64,9 @@ def fold_ensemble(members: list[str], fold: int, weighting: str, config: Evaluat
         config.external, config, out_dir / "external")
     write_evaluation(scored, out_dir, out_dir / "eval.json", config, out_dir / "resources.json",
                      external=external)
+    write_spec(out_dir / "ensemble.json",
+               {m: CV / m / str(fold) / "train" / "model" / MODEL_FILE for m in members}, weights,
+               scored.temperature)
     return weights | {"temperature": scored.temperature}
 
 
@@ -90,6 +96,9 @@ def main() -> None:
     folds = fold_count(params["split"]["folds"])
     weights = [fold_ensemble(args.members, fold, params["ensemble"]["weighting"], config,
                              args.out / str(fold)) for fold in range(folds)]
+    write_spec(args.out / "ensemble.json",  # what the external sets' fold_average scores
+               {f"fold{fold}": args.out / str(fold) / "ensemble.json" for fold in range(folds)},
+               {f"fold{fold}": 1 / folds for fold in range(folds)})
     summary = aggregate_folds("ensemble of " + " + ".join(args.members),
                               [args.out / str(fold) for fold in range(folds)],
                               args.out / "aggregate", args.out / "cv.json")

@@ -75,9 +75,9 @@ def adapt_checkpoint(model: str | Path, folder: Path, out_path: Path, device: st
     ``out_path`` (its metadata gains ``adapted_on``)."""
     from pipeline.predict import resolve_model  # predict -> evaluate -> adapt: import here
 
-    members, temperature = resolve_model(model)
-    model_path = members[0][0]
-    if len(members) > 1 or temperature != 1.0 or model_path.suffix != ".safetensors":
+    tree = resolve_model(model)
+    model_path = tree.path
+    if tree.members or model_path.suffix != ".safetensors":
         raise InputError(f"{model}: adapt a model.safetensors (not an ensemble or an "
                          f"ONNX export; adapt each member, then export)")
     torch_device = select_device(device)

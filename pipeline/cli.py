@@ -40,23 +40,20 @@ def _score(model: str, data: Any, config: Any) -> Any:
     """Score a single model or an ensemble (weighted member probabilities, its temperature)."""
     from dataclasses import replace
 
-    from pipeline.ensemble import temper
     from pipeline.evaluate import score_checkpoint
     from pipeline.predict import resolve_model
 
-    members, temperature = resolve_model(model)
-    scored_members = [(score_checkpoint(path, data, config), weight) for path, weight in members]
-    scored = scored_members[0][0]
-    if len(members) > 1:
-        if any(s.classes != scored.classes for s, _ in scored_members):
-            raise PipelineError(f"{model}: its members predict different classes")
-        total = sum(w for _, w in members)
-        uncalibrated = sum(s.uncalibrated * w for s, w in scored_members) / total
-        mixed = sum(s.probabilities * w for s, w in scored_members) / total
-        scored = replace(scored, probabilities=temper(mixed, temperature),
-                         uncalibrated=uncalibrated, name=Path(model).stem,
-                         temperature=temperature, attention=None)
-    return scored
+    tree = resolve_model(model)
+    scored = {path: score_checkpoint(path, data, config) for path in tree.checkpoints()}
+    first = next(iter(scored.values()))
+    if not tree.members:
+        return first
+    if any(s.classes != first.classes for s in scored.values()):
+        raise PipelineError(f"{model}: its members predict different classes")
+    uncalibrated = sum(scored[path].uncalibrated * share for path, share in tree.leaves())
+    return replace(first, probabilities=tree.combine(lambda path: scored[path].probabilities),
+                   uncalibrated=uncalibrated, name=Path(model).stem,
+                   temperature=tree.temperature, attention=None)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -232,14 +232,14 @@ def explain_files(model: str | Path, inputs: list[str | Path], out_dir: Path,
     from pipeline.predict import resolve_model
     from pipeline.sources import collect_inputs
 
-    members, _ = resolve_model(model)
+    tree = resolve_model(model)
     files = collect_inputs(inputs)
     if not files:
         raise FileNotFoundError("no input files")
     torch_device = select_device(device)
     tables = []
-    for index, (checkpoint_path, _) in enumerate(members):
-        folder = out_dir / f"member{index + 1}" if len(members) > 1 else out_dir
+    for index, checkpoint_path in enumerate(tree.checkpoints()):  # each checkpoint once
+        folder = out_dir / f"member{index + 1}" if tree.members else out_dir
         tables.append(explain_checkpoint(checkpoint_path, files, folder, torch_device,
                                          batch_size))
     table = pd.concat(tables, ignore_index=True)

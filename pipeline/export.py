@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -25,6 +25,9 @@ from torch import nn
 from pipeline.errors import InputError, PipelineError
 from pipeline.io import atomic_path
 from pipeline.onnx_runtime import METADATA_KEY, session
+
+if TYPE_CHECKING:
+    from pipeline.predict import ModelTree
 
 logger = logging.getLogger(__name__)
 
@@ -36,28 +39,38 @@ class ParityError(PipelineError, RuntimeError):
     """The exported graph does not reproduce PyTorch on the parity sample."""
 
 
+class CalibratedAverage(nn.Module):
+    """The log of members' weighted calibrated probabilities, ``(module, weight, temperature)``
+    each (a member may be a CalibratedAverage itself: an ensemble of ensembles); one member
+    gives its own logits."""
+
+    def __init__(self, members: list[tuple[nn.Module, float, float]]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(model for model, _, _ in members)
+        self.weights = [weight for _, weight, _ in members]
+        self.member_temperatures = [t for _, _, t in members]
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if len(self.members) == 1:
+            return self.members[0](inputs)
+        average = sum(weight * torch.softmax(model(inputs) / t, 1) for model, weight, t
+                      in zip(self.members, self.weights, self.member_temperatures, strict=True))
+        return torch.log(average.clamp_min(1e-12))
+
+
 class ExportedClassifier(nn.Module):
     """Normalisation, the weighted members' calibrated probabilities and the final temperature."""
 
     def __init__(self, members: list[tuple[nn.Module, float, float]], mean: list[float],
                  std: list[float], temperature: float) -> None:
         super().__init__()
-        self.members = nn.ModuleList(model for model, _, _ in members)
-        self.weights = [weight for _, weight, _ in members]
-        self.member_temperatures = [t for _, _, t in members]
+        self.average = CalibratedAverage(members)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
         self.temperature = temperature
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = (images.float() - self.mean) / self.std
-        if len(self.members) == 1:
-            logits = self.members[0](inputs)
-        else:
-            average = sum(weight * torch.softmax(model(inputs) / t, 1) for model, weight, t
-                          in zip(self.members, self.weights, self.member_temperatures,
-                                 strict=True))
-            logits = torch.log(average.clamp_min(1e-12))
+        logits = self.average((images.float() - self.mean) / self.std)
         return logits, torch.softmax(logits / self.temperature, 1)
 
 
@@ -229,16 +242,15 @@ def export_model(model: str | Path, dest: Path, quantize: bool = False,
 
     if dest.suffix != ".onnx":
         raise InputError(f"the export goes to a .onnx file, not {dest}")
-    members, temperature = resolve_model(model, data_dir / "models")
-    loaded = [(*load_checkpoint(path), weight) for path, weight in members]
-    checkpoints = [checkpoint for _, checkpoint, _ in loaded]
+    tree = resolve_model(model, data_dir / "models")
+    loaded = {path: load_checkpoint(path) for path in tree.checkpoints()}
+    checkpoints = [checkpoint for _, checkpoint in loaded.values()]
     _same_setting(checkpoints)
     first = checkpoints[0]
-    single = len(loaded) == 1
     metadata = {key: first.get(key) for key in ("classes", "preprocess", "mask_params",
                                                 "model_config", "train_config", "summary")}
-    metadata |= {"name": first["name"] if single else "ensemble",
-                 "temperature": first["temperature"] if single else temperature,
+    metadata |= {"name": "ensemble" if tree.members else first["name"],
+                 "temperature": tree.temperature if tree.members else first["temperature"],
                  "abstain_threshold": stored_threshold(model, data_dir / "eval", missing_ok=True)}
     prep, mask_params = Preprocess(**first["preprocess"]), MaskParams(**first["mask_params"])
 
@@ -255,6 +267,23 @@ def export_model(model: str | Path, dest: Path, quantize: bool = False,
 
     sample, labels = prepared("test")
     calibration = prepared("val")[0][:calibration_size] if quantize else None
-    weighted = [(network, weight, checkpoint["temperature"])
-                for network, checkpoint, weight in loaded]
-    return export_onnx(weighted, metadata, sample, dest, quantize, labels, calibration)
+    return export_onnx(_graph_members(tree, loaded), metadata, sample, dest, quantize, labels,
+                       calibration)
+
+
+def _graph_members(tree: ModelTree, loaded: dict[Path, tuple[nn.Module, dict[str, Any]]]
+                   ) -> list[tuple[nn.Module, float, float]]:
+    """``(module, weight, temperature)`` for the graph: a checkpoint's network and temperature,
+    or a nested ensemble's CalibratedAverage and its own temperature."""
+    if not tree.members:
+        network, checkpoint = loaded[tree.path]
+        return [(network, 1.0, checkpoint["temperature"])]
+    members = []
+    for member, share in tree.members:
+        if member.members:
+            members.append((CalibratedAverage(_graph_members(member, loaded)), share,
+                            member.temperature))
+        else:
+            network, checkpoint = loaded[member.path]
+            members.append((network, share, checkpoint["temperature"]))
+    return members

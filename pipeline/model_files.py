@@ -6,6 +6,7 @@ Kept free of torch, so that a stage which only names model files imports nothing
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ LEGACY_MODEL_FILE = "model.pt"  # pickled: refused with a message
 
 def write_spec(path: Path, members: dict[str, Path], weights: dict[str, float],
                temperature: float = 1.0) -> None:
-    """Record the ensemble for ``wbc predict``: member checkpoints, weights and temperature."""
+    """Record the ensemble for ``wbc predict``: member checkpoints (or ensemble files: an
+    ensemble of ensembles), weights and temperature."""
     write_json(path, {
         "kind": "ensemble",
         "members": [{"name": name, "checkpoint": os.path.relpath(checkpoint, path.parent),
@@ -30,15 +32,19 @@ def write_spec(path: Path, members: dict[str, Path], weights: dict[str, float],
 
 
 def read_spec(path: Path) -> dict[str, Any]:
-    """An ensemble file: ``members`` (checkpoints relative to the file itself, resolved here) and
-    ``temperature``."""
+    """An ensemble file: ``members`` (checkpoints -- or ensemble files -- relative to the file
+    itself, resolved here; positive weights) and ``temperature``."""
     try:
         spec = read_json(path)
-        members = [{**m, "checkpoint": Path(path).parent / m["checkpoint"],
+        members = [{**m, "checkpoint": (Path(path).parent / m["checkpoint"]).resolve(),
                     "weight": float(m["weight"])} for m in spec["members"]]
         temperature = float(spec.get("temperature", 1.0))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise PipelineError(f"{path}: not an ensemble description ({one_line(error)})") from error
     if spec.get("kind") != "ensemble" or not members:
         raise PipelineError(f"{path}: not an ensemble description")
+    for name, value in [(f"weight of {m.get('name')}", m["weight"]) for m in members] + [
+            ("temperature", temperature)]:
+        if not (math.isfinite(value) and value > 0):
+            raise PipelineError(f"{path}: the {name} must be a positive number, not {value}")
     return {"members": members, "temperature": temperature}

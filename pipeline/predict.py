@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,56 @@ def _model_file(folder: Path) -> Path:
     return folder / MODEL_FILE
 
 
-def resolve_model(model: str | Path, models_dir: Path = Path("data/models")
-                  ) -> tuple[list[tuple[Path, float]], float]:
-    """``(checkpoint, weight)`` members and the ensemble temperature for a checkpoint, an
-    ``ensemble.json``, an exported ``.onnx``, a folder holding one, or a model name."""
+@dataclass(frozen=True)
+class ModelTree:
+    """What a model path names: one checkpoint (no members), or an ensemble whose members --
+    checkpoints or ensembles themselves -- are averaged with their weights (normalised here),
+    then rescaled by its temperature."""
+
+    path: Path
+    members: tuple[tuple[ModelTree, float], ...] = ()
+    temperature: float = 1.0
+
+    def leaves(self, weight: float = 1.0) -> list[tuple[Path, float]]:
+        """Every checkpoint under the tree with its share of the average (the product of the
+        weights above it); a checkpoint named twice appears twice."""
+        if not self.members:
+            return [(self.path, weight)]
+        return [leaf for member, share in self.members for leaf in member.leaves(weight * share)]
+
+    def checkpoints(self) -> list[Path]:
+        """The distinct checkpoints under the tree, in order of first appearance."""
+        return list(dict.fromkeys(path for path, _ in self.leaves()))
+
+    def combine(self, probabilities: Callable[[Path], np.ndarray]) -> np.ndarray:
+        """The tree's probabilities, from each checkpoint's calibrated ``probabilities(path)``."""
+        if not self.members:
+            return probabilities(self.path)
+        return temper(sum(share * member.combine(probabilities)
+                          for member, share in self.members), self.temperature)
+
+
+def _read_tree(path: Path, within: tuple[Path, ...]) -> ModelTree:
+    """The checkpoint or ensemble description at ``path``; ``within``: the ensembles above it."""
+    if path.suffix != ".json":
+        return ModelTree(path)
+    if path.resolve() in within:
+        raise PipelineError(f"{path}: an ensemble that contains itself")
+    spec = read_spec(path)
+    total = sum(member["weight"] for member in spec["members"])
+    members = []
+    for member in spec["members"]:
+        if not Path(member["checkpoint"]).is_file():
+            raise PipelineError(f"{path}: member {member['name']} has no file at "
+                                f"{member['checkpoint']}")
+        members.append((_read_tree(Path(member["checkpoint"]), (*within, path.resolve())),
+                        member["weight"] / total))
+    return ModelTree(path, tuple(members), spec["temperature"])
+
+
+def resolve_model(model: str | Path, models_dir: Path = Path("data/models")) -> ModelTree:
+    """What ``model`` names: a checkpoint, an ``ensemble.json`` (whose members may be ensembles
+    themselves), an exported ``.onnx``, a folder holding one, or a model name."""
     path = Path(model)
     if not path.exists() and (models_dir / str(model)).is_dir():
         path = models_dir / str(model)
@@ -43,10 +90,7 @@ def resolve_model(model: str | Path, models_dir: Path = Path("data/models")
     if not path.is_file():
         raise PipelineError(f"no model at {model}: give a {MODEL_FILE}, an ensemble.json or the "
                             f"name of a folder in {models_dir}")
-    if path.suffix == ".json":
-        spec = read_spec(path)
-        return [(m["checkpoint"], m["weight"]) for m in spec["members"]], spec["temperature"]
-    return [(path, 1.0)], 1.0
+    return _read_tree(path, ())
 
 
 def output_columns(top_k: int) -> list[str]:
@@ -68,17 +112,18 @@ def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
     """One row per input file: the top-k classes with probabilities, or an ``error``.
 
     Ensemble members' calibrated probabilities are averaged with their weights and rescaled by
-    the ensemble's temperature; members with the same preprocessing share one pass of decoding
-    and masking.
+    the ensemble's temperature (level by level for an ensemble of ensembles); checkpoints with
+    the same preprocessing share one pass of decoding and masking, and each runs once.
     """
-    members, temperature = resolve_model(model)
+    tree = resolve_model(model)
     files = collect_inputs(inputs)
     if not files:
         raise PipelineError("no image files among the inputs")
     torch_device = select_device(device)
-    total, classes, errors = None, None, {}
+    classes, errors = None, {}
     prepared_by_setting: dict[str, list[np.ndarray | str]] = {}
-    for checkpoint_path, weight in members:
+    probabilities_of: dict[Path, np.ndarray] = {}
+    for checkpoint_path in tree.checkpoints():
         network, checkpoint = load_model(checkpoint_path, torch_device)
         if classes is not None and checkpoint["classes"] != classes:
             raise PipelineError(f"{checkpoint_path} predicts other classes than the first member")
@@ -96,8 +141,8 @@ def predict(model: str | Path, inputs: Sequence[str | Path], top_k: int = 3,
             images = stack_images([prepared[i] for i in good])
             logits, _, _ = infer(network, images, prep, torch_device, batch_size, tta)
             probabilities[good] = torch.softmax(logits / checkpoint["temperature"], 1).numpy()
-        total = probabilities * weight if total is None else total + probabilities * weight
-    total = temper(total, temperature)
+        probabilities_of[checkpoint_path] = probabilities
+    total = tree.combine(probabilities_of.__getitem__)
     rows = []
     for i, path in enumerate(files):
         row: dict[str, Any] = {"path": str(path), "error": errors.get(i, "")}

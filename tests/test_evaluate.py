@@ -247,6 +247,36 @@ def test_ensemble_members_share_preprocessing(trained, synthetic_folder, tmp_pat
     assert passes[3:] == ["crop", "none"]
 
 
+def _probability_table(rows: list[dict], classes: list[str]) -> np.ndarray:
+    """Every class's probability per row of ``predict(..., top_k=len(classes))``."""
+    ranked = [{row[f"top{rank}"]: row[f"p{rank}"] for rank in range(1, len(classes) + 1)}
+              for row in rows]
+    return np.array([[probabilities[c] for c in classes] for probabilities in ranked])
+
+
+def test_ensemble_of_ensembles_tempers_each_level(trained, synthetic_folder, tmp_path):
+    images = [sorted((synthetic_folder / c).iterdir())[0] for c in ("monocyte", "neutrophil")]
+    classes = load_checkpoint(trained["first"])[1]["classes"]
+    first, second = (_probability_table(predict_module.predict(trained[m], images, top_k=8),
+                                        classes) for m in ("first", "second"))
+    inner, outer = tmp_path / "folds" / "0" / "ensemble.json", tmp_path / "ensemble.json"
+    write_spec(inner, trained, {"first": 3.0, "second": 1.0}, temperature=0.5)
+    write_spec(outer, {"fold0": inner, "again": trained["second"]}, {"fold0": 1.0, "again": 1.0},
+               temperature=2.0)
+
+    def temper(p: np.ndarray, t: float) -> np.ndarray:
+        return torch.softmax(torch.from_numpy(np.log(p)) / t, 1).numpy()
+
+    expected = temper((temper(0.75 * first + 0.25 * second, 0.5) + second) / 2, 2.0)
+    nested = _probability_table(predict_module.predict(outer, images, top_k=8), classes)
+    np.testing.assert_allclose(nested, expected, atol=1e-4)
+    flat = temper((0.75 * first + 0.25 * second) / 2 + second / 2, 2.0)  # inner T ignored
+    assert np.abs(nested - flat).max() > 1e-2
+    tree = predict_module.resolve_model(outer)
+    assert tree.checkpoints() == [trained["first"].resolve(), trained["second"].resolve()]
+    assert [share for _, share in tree.leaves()] == [0.375, 0.125, 0.5]
+
+
 def test_predict_folder_with_corrupt_file(trained, synthetic_folder, tmp_path):
     folder = tmp_path / "inputs"
     folder.mkdir()

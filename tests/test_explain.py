@@ -144,7 +144,8 @@ def test_wbc_explain_single_model_and_ensemble(checkpoint, synthetic_folder, tmp
     spec = tmp_path / "ensemble.json"
     write_spec(spec, {"a": checkpoint, "b": checkpoint}, {"a": 0.5, "b": 0.5})
     assert wbc(["explain", str(spec), str(inputs), "-o", str(tmp_path / "ens")]) == 0
-    assert len(pd.read_csv(tmp_path / "ens" / "scores.csv")) == 10
-    assert (tmp_path / "ens" / "member2" / "explain.png").is_file()
+    assert len(pd.read_csv(tmp_path / "ens" / "scores.csv")) == 5  # one checkpoint, explained once
+    assert (tmp_path / "ens" / "member1" / "explain.png").is_file()
+    assert not (tmp_path / "ens" / "member2").exists()
     assert wbc(["explain", str(checkpoint), str(tmp_path / "nothing"), "-o",
                 str(tmp_path / "x")]) == 1  # nothing readable

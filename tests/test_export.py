@@ -15,6 +15,7 @@ from pipeline.cli import main as wbc
 from pipeline.evaluate import EvaluateConfig, held_out_set, score_checkpoint
 from pipeline.io import write_json
 from pipeline.masks import MaskParams
+from pipeline.model_files import write_spec
 from pipeline.models import ModelConfig
 from pipeline.onnx_runtime import OnnxClassifier
 from pipeline.predict import predict
@@ -74,6 +75,23 @@ def test_onnx_scores_and_predicts_like_the_checkpoint(exported, data_dir, synthe
     rows_torch, rows_onnx = predict(checkpoint, [folder]), predict(dest, [folder])
     assert [r["top1"] for r in rows_onnx] == [r["top1"] for r in rows_torch]
     assert np.allclose([r["p1"] for r in rows_onnx], [r["p1"] for r in rows_torch], atol=1e-3)
+
+
+def test_ensemble_of_ensembles_exports_what_predict_serves(data_dir, synthetic_folder, tmp_path):
+    checkpoint = data_dir / "models" / "tiny" / "model.safetensors"
+    inner, outer = tmp_path / "fold" / "ensemble.json", tmp_path / "ensemble.json"
+    write_spec(inner, {"a": checkpoint, "b": checkpoint}, {"a": 0.5, "b": 0.5}, temperature=0.1)
+    write_spec(outer, {"fold": inner, "single": checkpoint}, {"fold": 0.5, "single": 0.5},
+               temperature=0.5)
+    report = export.export_model(outer, tmp_path / "nested.onnx", data_dir=data_dir)
+    assert report.top1_mismatches == 0
+    assert OnnxClassifier(tmp_path / "nested.onnx").metadata["temperature"] == 0.5
+    folder = synthetic_folder / "monocyte"
+    served, exported = predict(outer, [folder]), predict(tmp_path / "nested.onnx", [folder])
+    single = predict(checkpoint, [folder])
+    assert [r["top1"] for r in exported] == [r["top1"] for r in served]
+    assert np.allclose([r["p1"] for r in exported], [r["p1"] for r in served], atol=1e-3)
+    assert not np.allclose([r["p1"] for r in served], [r["p1"] for r in single], atol=1e-2)
 
 
 def test_predict_abstain_uses_the_exported_threshold(exported, synthetic_folder, tmp_path):

@@ -523,7 +523,29 @@ def test_ensemble_members_are_relative_to_its_file(tmp_path, checkpoint, capsys,
     cell_image(tmp_path / "cell.png")
     monkeypatch.chdir(tmp_path / "models")
     code, out, _ = run_wbc(["predict", str(spec), str(tmp_path / "cell.png")], capsys)
-    assert code == 0 and "eosinophil" in out or "lymphocyte" in out
+    assert code == 0 and ("eosinophil" in out or "lymphocyte" in out)
+
+
+@pytest.mark.parametrize("case", ["contains itself", "negative weight", "NaN temperature",
+                                  "missing member"])
+def test_broken_ensemble_descriptions_are_refused_in_one_line(case, tmp_path, checkpoint, capsys):
+    spec, inner = tmp_path / "ensemble.json", tmp_path / "inner.json"
+    write_spec(inner, {"a": checkpoint, "outer": spec}, {"a": 0.5, "outer": 0.5})
+    members, weights, temperature, message = {
+        "contains itself": ({"inner": inner}, {"inner": 1.0}, 1.0,
+                            f"error: {spec}: an ensemble that contains itself"),
+        "negative weight": ({"a": checkpoint, "b": checkpoint}, {"a": 1.5, "b": -0.5}, 1.0,
+                            f"error: {spec}: the weight of b must be a positive number, not -0.5"),
+        "NaN temperature": ({"a": checkpoint}, {"a": 1.0}, float("nan"),
+                            f"error: {spec}: the temperature must be a positive number, not nan"),
+        "missing member": ({"a": tmp_path / "gone.safetensors"}, {"a": 1.0}, 1.0,
+                           f"error: {spec}: member a has no file at "
+                           f"{tmp_path / 'gone.safetensors'}"),
+    }[case]
+    write_spec(spec, members, weights, temperature)
+    code, _, err = run_wbc(["predict", str(spec), str(cell_image(tmp_path / "cell.png"))],
+                           capsys)
+    assert code == USER_ERROR_EXIT and err.strip().splitlines() == [message], err
 
 
 def test_evaluate_skips_and_counts_unreadable_images(tmp_path, checkpoint, capsys):
