@@ -144,7 +144,11 @@ class AttentionClassifier(nn.Module):
             weights.append(block_weights)
         spatial = attention_rollout(weights)[:, 0, 1 + self.config.registers:]
         spatial = spatial / spatial.sum(1, keepdim=True).clamp_min(1e-12)
-        self.last_attention = spatial.reshape(-1, height, width)
+        spatial = spatial.reshape(-1, height, width)
+        # Its autograd graph is kept only in training (mask guidance backpropagates through it).
+        # Elsewhere it would hold the graph of a backward pass (Grad-CAM's, which retains it)
+        # and, through the graph's hooks, the model itself: a leak of the whole forward pass.
+        self.last_attention = spatial if self.training else spatial.detach()
         return self.head(self.norm(tokens[:, 0]))
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

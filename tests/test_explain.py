@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +88,23 @@ def test_gradcam_for_timm_backbones(backbone):
     assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1 + 1e-6
     targeted = gradcam_maps(model, images, PREP, targets=np.array([0, 1, 2]))
     assert targeted.shape == (3, 64, 64)
+
+
+def test_gradcam_leaves_no_model_behind():
+    """Grad-CAM keeps its backward graph, whose hooks reach the model: the model must not hold
+    that graph (through its attention maps), or every scored model stays in memory for good."""
+    model, _ = build_model(ModelConfig("efficientnet_lite0", image_size=64, embed_dim=16,
+                                       heads=2), 3)
+    gradcam_maps(model, torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8), PREP)
+    assert model.last_attention.grad_fn is None
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+    trained = build_model(ModelConfig("efficientnet_lite0", image_size=64, embed_dim=16,
+                                      heads=2), 3)[0].train()
+    trained(torch.randn(2, 3, 64, 64))
+    assert trained.last_attention.grad_fn is not None  # mask guidance trains through it
 
 
 def test_gradcam_per_ensemble_member():
