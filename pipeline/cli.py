@@ -44,7 +44,8 @@ def _score(model: str, data: Any, config: Any) -> Any:
     from pipeline.predict import resolve_model
 
     tree = resolve_model(model)
-    scored = {path: score_checkpoint(path, data, config) for path in tree.checkpoints()}
+    scored = {path: score_checkpoint(path, data, config, localise=not tree.members)
+              for path in tree.checkpoints()}
     first = next(iter(scored.values()))
     if not tree.members:
         return first

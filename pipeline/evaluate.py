@@ -225,13 +225,15 @@ class Scored:
 
 
 def score_checkpoint(model_path: Path, data: EvalSet, config: EvaluateConfig,
-                     validation: EvalSet | None = None, adapt_on: str | None = None) -> Scored:
+                     validation: EvalSet | None = None, adapt_on: str | None = None,
+                     localise: bool = True) -> Scored:
     """Run a trained model over an evaluation set; return everything the report needs.
 
     With ``validation``, the model's calibrated probabilities on it are returned too (same
     TTA setting), so that an ensemble can fit its own temperature on them. With ``adapt_on``
     (a folder of unlabelled images), the model's batch-norm statistics are first re-estimated
-    on them (:mod:`pipeline.adapt`).
+    on them (:mod:`pipeline.adapt`). Without ``localise``, no Grad-CAM and no localisation
+    scores (an ensemble member's, which the ensemble's report does not show).
     """
     device = select_device(config.device)
     model, checkpoint = load_model(model_path, device)
@@ -250,7 +252,7 @@ def score_checkpoint(model_path: Path, data: EvalSet, config: EvaluateConfig,
     logits, maps, speed = infer(model, images, prep, device, config.batch_size, config.tta,
                                 attention=True)
     localisation = None
-    if maps is not None:  # an ONNX export has no attention maps and no gradients
+    if localise and maps is not None:  # an ONNX export has no attention maps nor gradients
         localisation = explain.localise(
             model, images, maps, readable.paths, readable.mask_files, prep, mask_params, device,
             config.batch_size, logits.argmax(1).numpy())

@@ -275,6 +275,16 @@ def test_ensemble_of_ensembles_tempers_each_level(trained, synthetic_folder, tmp
     tree = predict_module.resolve_model(outer)
     assert tree.checkpoints() == [trained["first"].resolve(), trained["second"].resolve()]
     assert [share for _, share in tree.leaves()] == [0.375, 0.125, 0.5]
+    labelled = tmp_path / "labelled"
+    for label in ("monocyte", "neutrophil"):
+        shutil.copytree(synthetic_folder / label, labelled / label)
+    assert wbc(["evaluate", str(outer), str(labelled), "-o", str(tmp_path / "report")]) == 0
+    assert "gradcam_in_cell" not in read_json(tmp_path / "report" / "eval.json")  # no member's
+    evaluated = pd.read_csv(tmp_path / "report" / "predictions.csv")
+    served = _probability_table(predict_module.predict(
+        outer, [labelled / p for p in evaluated["path"]], top_k=8), classes)
+    np.testing.assert_allclose(evaluated[[f"p_{c}" for c in classes]].to_numpy(), served,
+                               atol=1e-5)
 
 
 def test_predict_folder_with_corrupt_file(trained, synthetic_folder, tmp_path):
