@@ -42,7 +42,7 @@ class ParityError(PipelineError, RuntimeError):
 class CalibratedAverage(nn.Module):
     """The log of members' weighted calibrated probabilities, ``(module, weight, temperature)``
     each (a member may be a CalibratedAverage itself: an ensemble of ensembles); one member
-    gives its own logits."""
+    gives its logits over its temperature (the same up to a constant that softmax ignores)."""
 
     def __init__(self, members: list[tuple[nn.Module, float, float]]) -> None:
         super().__init__()
@@ -52,7 +52,7 @@ class CalibratedAverage(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if len(self.members) == 1:
-            return self.members[0](inputs)
+            return self.members[0](inputs) / self.member_temperatures[0]
         average = sum(weight * torch.softmax(model(inputs) / t, 1) for model, weight, t
                       in zip(self.members, self.weights, self.member_temperatures, strict=True))
         return torch.log(average.clamp_min(1e-12))
@@ -275,9 +275,8 @@ def _graph_members(tree: ModelTree, loaded: dict[Path, tuple[nn.Module, dict[str
                    ) -> list[tuple[nn.Module, float, float]]:
     """``(module, weight, temperature)`` for the graph: a checkpoint's network and temperature,
     or a nested ensemble's CalibratedAverage and its own temperature."""
-    if not tree.members:
-        network, checkpoint = loaded[tree.path]
-        return [(network, 1.0, checkpoint["temperature"])]
+    if not tree.members:  # its logits as they are: the metadata's temperature calibrates them
+        return [(loaded[tree.path][0], 1.0, 1.0)]
     members = []
     for member, share in tree.members:
         if member.members:

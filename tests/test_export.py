@@ -92,6 +92,11 @@ def test_ensemble_of_ensembles_exports_what_predict_serves(data_dir, synthetic_f
     assert [r["top1"] for r in exported] == [r["top1"] for r in served]
     assert np.allclose([r["p1"] for r in exported], [r["p1"] for r in served], atol=1e-3)
     assert not np.allclose([r["p1"] for r in served], [r["p1"] for r in single], atol=1e-2)
+    solo = tmp_path / "solo.json"  # one member: its own temperature, then the ensemble's
+    write_spec(solo, {"a": checkpoint}, {"a": 1.0}, temperature=0.5)
+    export.export_model(solo, tmp_path / "solo.onnx", data_dir=data_dir)
+    served, exported = predict(solo, [folder]), predict(tmp_path / "solo.onnx", [folder])
+    assert np.allclose([r["p1"] for r in exported], [r["p1"] for r in served], atol=1e-3)
 
 
 def test_predict_abstain_uses_the_exported_threshold(exported, synthetic_folder, tmp_path):
