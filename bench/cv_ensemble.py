@@ -13,7 +13,8 @@ The sets of ``evaluate.external`` that the members' fold models scored are avera
 its own weights and temperature), equally weighted, for ``wbc predict`` and ``wbc evaluate``.
 
     python -m bench.cv_ensemble efficientnet_lite0_attention efficientnet_lite1_attention \\
-        [--out .cache/cv_ensemble] [--json bench/cv_ensemble.json]
+        [--out .cache/cv_ensemble] [--json bench/cv_ensemble.json] \\
+        [--pair-with <another recipe's out_of_fold_predictions.csv> ...]
 """
 
 from __future__ import annotations
@@ -76,11 +77,11 @@ def correct(predictions: pd.DataFrame) -> pd.Series:
                      index=predictions["path"])
 
 
-def member_correct(ensemble: pd.Series, member: str) -> pd.Series:
-    """A member's out-of-fold correctness on the ensemble's images, in the ensemble's order."""
-    scores = correct(pd.read_csv(Path("data/crossval") / member / "out_of_fold_predictions.csv"))
+def correct_on(ensemble: pd.Series, predictions: Path) -> pd.Series:
+    """Out-of-fold correctness from ``predictions`` on the ensemble's images, in its order."""
+    scores = correct(pd.read_csv(predictions))
     if set(scores.index) != set(ensemble.index):
-        raise ValueError(f"{member}'s out-of-fold images differ from the ensemble's")
+        raise ValueError(f"{predictions}: its out-of-fold images differ from the ensemble's")
     return scores.reindex(ensemble.index).to_numpy()
 
 
@@ -90,6 +91,8 @@ def main() -> None:
     parser.add_argument("members", nargs="+", help="models cross-validated by crossval@<model>")
     parser.add_argument("--out", type=Path, default=Path(".cache/cv_ensemble"))
     parser.add_argument("--json", type=Path, default=Path("bench/cv_ensemble.json"))
+    parser.add_argument("--pair-with", type=Path, nargs="*", default=[],
+                        help="other recipes' out_of_fold_predictions.csv to pair with")
     args = parser.parse_args()
     params = load_params()
     config = from_params(EvaluateConfig, params["evaluate"], "evaluate")
@@ -103,9 +106,11 @@ def main() -> None:
                               [args.out / str(fold) for fold in range(folds)],
                               args.out / "aggregate", args.out / "cv.json")
     pooled = correct(pd.read_csv(args.out / "aggregate" / "out_of_fold_predictions.csv"))
-    summary |= {"fold_weights": weights, "paired": {  # first: the ensemble, second: member
-        member: paired_difference(pooled.to_numpy(), member_correct(pooled, member))
-        for member in args.members}}
+    others = {member: Path("data/crossval") / member / "out_of_fold_predictions.csv"
+              for member in args.members} | {str(path): path for path in args.pair_with}
+    summary |= {"fold_weights": weights, "paired": {  # first: the ensemble, second: the other
+        name: paired_difference(pooled.to_numpy(), correct_on(pooled, path))
+        for name, path in others.items()}}
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: summary[k] for k in ("mean", "std", "out_of_fold_ci95", "paired")},
                      indent=2))
