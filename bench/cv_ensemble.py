@@ -41,7 +41,7 @@ from pipeline.evaluate import (
 )
 from pipeline.io import load_params, read_json
 from pipeline.metrics_ci import paired_difference
-from pipeline.model_files import MODEL_FILE, write_spec
+from pipeline.model_files import MODEL_FILE, write_fold_average, write_spec
 from pipeline.split import fold_count
 
 CV, SPLIT = Path("data/cv"), Path("data/split/folds")
@@ -99,9 +99,8 @@ def main() -> None:
     folds = fold_count(params["split"]["folds"])
     weights = [fold_ensemble(args.members, fold, params["ensemble"]["weighting"], config,
                              args.out / str(fold)) for fold in range(folds)]
-    write_spec(args.out / "ensemble.json",  # what the external sets' fold_average scores
-               {f"fold{fold}": args.out / str(fold) / "ensemble.json" for fold in range(folds)},
-               {f"fold{fold}": 1 / folds for fold in range(folds)})
+    write_fold_average(args.out / "ensemble.json",  # what the external sets' fold_average scores
+                       [args.out / str(fold) / "ensemble.json" for fold in range(folds)])
     summary = aggregate_folds("ensemble of " + " + ".join(args.members),
                               [args.out / str(fold) for fold in range(folds)],
                               args.out / "aggregate", args.out / "cv.json")

@@ -31,6 +31,13 @@ def write_spec(path: Path, members: dict[str, Path], weights: dict[str, float],
     })
 
 
+def write_fold_average(path: Path, fold_models: list[Path]) -> None:
+    """The fold models (checkpoints or ensemble files, fold 0 first) as one equally weighted
+    ensemble: the model that cross-validation's ``fold_average`` figures score."""
+    members = {f"fold{fold}": model for fold, model in enumerate(fold_models)}
+    write_spec(path, members, {name: 1 / len(members) for name in members})
+
+
 def read_spec(path: Path) -> dict[str, Any]:
     """An ensemble file: ``members`` (checkpoints -- or ensemble files -- relative to the file
     itself, resolved here; positive weights) and ``temperature``."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline.crossval import aggregate_folds
 from pipeline.errors import run_entry_point
 from pipeline.io import load_params
-from pipeline.model_files import MODEL_FILE, write_spec
+from pipeline.model_files import MODEL_FILE, write_fold_average
 from pipeline.split import fold_count
 
 
@@ -18,9 +18,8 @@ def main(name: str) -> None:
     out = Path("data/crossval") / name
     aggregate_folds(name, [folder / "eval" for folder in fold_dirs], out,
                     Path("metrics") / name / "cv.json")
-    write_spec(out / "ensemble.json",
-               {f"fold{fold}": fold_dirs[fold] / "train" / "model" / MODEL_FILE for fold in folds},
-               {f"fold{fold}": 1 / len(folds) for fold in folds})
+    write_fold_average(out / "ensemble.json",
+                       [folder / "train" / "model" / MODEL_FILE for folder in fold_dirs])
 
 
 if __name__ == "__main__":

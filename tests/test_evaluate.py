@@ -35,7 +35,7 @@ from pipeline.evaluate import (
 from pipeline.io import read_json, write_json
 from pipeline.masks import MaskParams
 from pipeline.metrics import expected_calibration_error
-from pipeline.model_files import write_spec
+from pipeline.model_files import read_spec, write_fold_average, write_spec
 from pipeline.models import ModelConfig, load_checkpoint
 from pipeline.sources.synthetic import Lab, render_example
 from pipeline.train import TrainConfig, train_model
@@ -286,6 +286,18 @@ def test_ensemble_of_ensembles_tempers_each_level(trained, synthetic_folder, tmp
     np.testing.assert_allclose(evaluated[[f"p_{c}" for c in classes]].to_numpy(), served,
                                atol=1e-5)
 
+
+
+def test_fold_average_weighs_each_fold_equally(trained, tmp_path):
+    inner = tmp_path / "0" / "ensemble.json"
+    write_spec(inner, trained, {"first": 3.0, "second": 1.0}, temperature=0.5)
+    write_fold_average(tmp_path / "ensemble.json", [inner, trained["second"]])
+    spec = read_spec(tmp_path / "ensemble.json")
+    assert [m["name"] for m in spec["members"]] == ["fold0", "fold1"]
+    assert spec["temperature"] == 1.0
+    tree = predict_module.resolve_model(tmp_path / "ensemble.json")
+    assert [share for _, share in tree.members] == [0.5, 0.5]
+    assert [share for _, share in tree.leaves()] == [0.375, 0.125, 0.5]
 
 def test_predict_folder_with_corrupt_file(trained, synthetic_folder, tmp_path):
     folder = tmp_path / "inputs"
