@@ -34,6 +34,8 @@ def write_spec(path: Path, members: dict[str, Path], weights: dict[str, float],
 def write_fold_average(path: Path, fold_models: list[Path]) -> None:
     """The fold models (checkpoints or ensemble files, fold 0 first) as one equally weighted
     ensemble: the model that cross-validation's ``fold_average`` figures score."""
+    if not fold_models:
+        raise PipelineError(f"{path}: no fold models to average")
     members = {f"fold{fold}": model for fold, model in enumerate(fold_models)}
     write_spec(path, members, {name: 1 / len(members) for name in members})
 

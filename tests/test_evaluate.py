@@ -287,7 +287,6 @@ def test_ensemble_of_ensembles_tempers_each_level(trained, synthetic_folder, tmp
                                atol=1e-5)
 
 
-
 def test_fold_average_weighs_each_fold_equally(trained, tmp_path):
     inner = tmp_path / "0" / "ensemble.json"
     write_spec(inner, trained, {"first": 3.0, "second": 1.0}, temperature=0.5)
@@ -298,6 +297,10 @@ def test_fold_average_weighs_each_fold_equally(trained, tmp_path):
     tree = predict_module.resolve_model(tmp_path / "ensemble.json")
     assert [share for _, share in tree.members] == [0.5, 0.5]
     assert [share for _, share in tree.leaves()] == [0.375, 0.125, 0.5]
+    with pytest.raises(PipelineError, match="no fold models"):
+        write_fold_average(tmp_path / "empty.json", [])
+    assert not (tmp_path / "empty.json").exists()
+
 
 def test_predict_folder_with_corrupt_file(trained, synthetic_folder, tmp_path):
     folder = tmp_path / "inputs"
