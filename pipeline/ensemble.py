@@ -9,6 +9,7 @@ validation probabilities from their evaluation folders, so no member is run twic
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from pipeline.evaluate import (
 )
 from pipeline.io import read_json
 from pipeline.metrics import fit_temperature
+
+logger = logging.getLogger(__name__)
 
 WEIGHTINGS = ("mean", "val_f1")
 
@@ -82,10 +85,17 @@ def combine_evaluations(eval_dirs: dict[str, Path], weights: dict[str, float], d
     Every member must have been evaluated on exactly these images with the same classes. With
     ``validation``, the ensemble's temperature is fitted on the members' saved validation
     probabilities (which must cover exactly those images); without it, ``temperature`` is used
-    (an external set gets the one fitted on the validation split).
+    (an external set gets the one fitted on the validation split). A member that trained on the
+    validation images (``train.refit``) leaves nothing to fit on: ``temperature`` is kept.
     """
     loaded = _load_members(eval_dirs)
     summaries = {name: read_json(folder / "summary.json") for name, folder in eval_dirs.items()}
+    if validation is not None and (refit := [name for name, s in summaries.items()
+                                             if s["training"].get("refit_on_val")]):
+        logger.warning("%s trained on the validation images (train.refit): the ensemble keeps "
+                       "temperature %g and picks no abstention threshold", ", ".join(refit),
+                       temperature)
+        validation = None
     classes = list(next(iter(loaded.values()))["classes"])
     for name, arrays in loaded.items():
         if list(arrays["classes"]) != classes or list(arrays["names"]) != data.names:

@@ -257,6 +257,10 @@ def score_checkpoint(model_path: Path, data: EvalSet, config: EvaluateConfig,
             model, images, maps, readable.paths, readable.mask_files, prep, mask_params, device,
             config.batch_size, logits.argmax(1).numpy())
     scored_validation = None
+    if validation is not None and checkpoint["summary"].get("refit_on_val"):
+        logger.info("%s trained on the validation images too (train.refit): no abstention "
+                    "threshold nor ensemble temperature is fitted on them", checkpoint["name"])
+        validation = None
     if validation is not None:
         validation, val_images = load_readable(validation, prep, mask_params, "validation",
                                                config.strict_images)

@@ -3,8 +3,9 @@
 Recipe: AdamW (or SGD: ``optimizer``) with a lower backbone learning rate, warmup
 then cosine decay (timm's scheduler), label smoothing, class-balanced loss or sampling, an
 optional frozen-backbone first phase, gradient clipping, early stopping on validation macro-F1
-and the best weights kept. Outputs are written atomically by rank 0 only, so an interrupted run
-leaves the previous outputs intact.
+and the best weights kept. With ``refit``, a second run from the same start then trains on the
+training and validation images together for the epoch count validation chose. Outputs are
+written atomically by rank 0 only, so an interrupted run leaves the previous outputs intact.
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ class TrainConfig:
     blur_sigma: float = 0.0
     red_cell_crop: float | None = None
     cell_stain_normalise: bool = False
+    # after early stopping chose the epoch count on validation, train again from the same start
+    # on train + validation for that many epochs and keep those weights (and the temperature
+    # fitted on validation in the first run)
+    refit: bool = False
     # Overrides of this recipe for a backbone that starts from random weights (no pretrained
     # weights found): a recipe tuned to fine-tune ImageNet features does not train one from scratch.
     random_init: dict[str, Any] = field(default_factory=dict)
@@ -119,8 +124,10 @@ class TrainConfig:
         guidance = self.mask_guidance
         if not isinstance(guidance, int | float) or not 0 <= guidance < math.inf:
             raise ValueError(f"train.mask_guidance must be a number >= 0, not {guidance!r}")
-        if not isinstance(self.transfer, bool):
-            raise ValueError(f"train.transfer must be true or false, not {self.transfer!r}")
+        for switch in ("transfer", "refit"):
+            if not isinstance(getattr(self, switch), bool):
+                raise ValueError(f"train.{switch} must be true or false, "
+                                 f"not {getattr(self, switch)!r}")
         # the preprocessing knobs are checked where they live, now rather than after set-up
         Preprocess(1, (0.0,) * 3, (1.0,) * 3, **transfer_preprocessing(self))
         if self.optimizer not in OPTIMIZERS:
@@ -444,11 +451,17 @@ class Run:
     amp: bool
     fit: Optimisation
 
+    @property
+    def kept(self) -> nn.Module:
+        """The weights validated and saved: their moving average when on, else the model."""
+        return self.fit.ema.module if self.fit.ema is not None else self.model
+
 
 def set_up(name: str, model_config: ModelConfig, config: TrainConfig, mask_params: MaskParams,
-           split_dir: Path, images_dir: Path, masks_dir: Path, runtime: Runtime) -> Run:
-    """Model, recipe, data and optimisation of a run, on ``runtime``'s device."""
-    rows = {part: read_split(split_dir, part) for part in ("train", "val")}
+           rows: dict[str, pd.DataFrame], images_dir: Path, masks_dir: Path, runtime: Runtime
+           ) -> Run:
+    """Model, recipe, data and optimisation of a run (``rows``: its train and val images), on
+    ``runtime``'s device."""
     classes = sorted(set(rows["train"]["label"]) | set(rows["val"]["label"]))
     model, weight_source = build_model(model_config, len(classes))
     config, recipe = recipe_for(config, weight_source)
@@ -481,24 +494,60 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
     runtime = start_runtime(config)
     _seed_everything(config.seed)
     clock = Throughput()
-    run = set_up(name, model_config, config, mask_params, split_dir, images_dir, masks_dir,
-                 runtime)
+    rows = {part: read_split(split_dir, part) for part in ("train", "val")}
+    run = set_up(name, model_config, config, mask_params, rows, images_dir, masks_dir, runtime)
+    live = _open_live(live_dir, runtime)
+    stopper, history = fit_with_early_stopping(name, run, runtime, clock, live)
+    run.model.load_state_dict(stopper.state)
+    temperature = fit_temperature(*stopper.val) if run.config.temperature_scaling else 1.0
+    epochs_run = len(history)
+    if config.refit:
+        _seed_everything(config.seed)  # the same start: initial head, shuffles, augmentations
+        both = {"train": pd.concat([rows["train"], rows["val"]]), "val": rows["val"]}
+        run = set_up(name, model_config, config, mask_params, both, images_dir, masks_dir,
+                     runtime)
+        history += refit(name, run, stopper.epoch, runtime, clock)
+    summary = _summary(name, model_config, run, stopper, epochs_run, temperature, clock,
+                       runtime)
+    if runtime.is_main:
+        checkpoint = _checkpoint(name, model_config, mask_params, run, temperature, summary,
+                                 history)
+        write_outputs(checkpoint, out_dir, metrics_path, resources_path)
+        _end_live(live, stopper.record)
+    if runtime.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _epochs(name: str, run: Run, epochs: int, runtime: Runtime, clock: Throughput,
+            phase: str = "epoch"):
+    """Train ``run`` epoch after epoch (at most ``epochs``); yield each epoch's number (from 0)
+    and training scores, its kept weights (the moving average when on) up to date."""
     config, model, fit = run.config, run.model, run.fit
-    kept = fit.ema.module if fit.ema is not None else model  # the weights validated and saved
-    live, stopper, history = _open_live(live_dir, runtime), EarlyStopping(config.patience), []
-    for epoch in range(config.epochs):
+    for epoch in range(epochs):
         if epoch in (0, config.freeze_epochs):
             set_backbone_frozen(model, epoch < config.freeze_epochs)
             network = _wrap(model, config, runtime)
         epoch_start = time.perf_counter()
         train_scores, images = train_one_epoch(network, model, run.train_loader, fit, config,
                                                runtime, run.amp, epoch,
-                                               f"{name} epoch {epoch + 1}/{config.epochs}")
+                                               f"{name} {phase} {epoch + 1}/{epochs}")
         clock.train_seconds += time.perf_counter() - epoch_start
         clock.images += images
         if config.recompute_bn:  # from scratch, the running averages lag behind the weights
-            reestimate_batchnorm(kept, (images for images, *_ in run.train_loader),
+            reestimate_batchnorm(run.kept, (images for images, *_ in run.train_loader),
                                  runtime.device, run.amp, config.channels_last)
+        yield epoch, train_scores
+
+
+def fit_with_early_stopping(name: str, run: Run, runtime: Runtime, clock: Throughput, live
+                            ) -> tuple[EarlyStopping, list[dict[str, Any]]]:
+    """Train, validating each epoch; return the best epoch (its weights and validation logits)
+    and every epoch's record."""
+    config, fit, kept = run.config, run.fit, run.kept
+    stopper, history = EarlyStopping(config.patience), []
+    for epoch, train_scores in _epochs(name, run, config.epochs, runtime, clock):
         val_scores, val = validate(kept, run.val_loader, run.val_labels, runtime, run.amp,
                                    config.channels_last, len(run.classes))
         record = {"epoch": epoch + 1, **train_scores, **val_scores,
@@ -510,19 +559,24 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
                 logger.info("%s: early stop, no val macro-F1 gain for %d epochs", name,
                             config.patience)
             break
-    model.load_state_dict(stopper.state)
-    temperature = fit_temperature(*stopper.val) if config.temperature_scaling else 1.0
-    summary = _summary(name, model_config, run, stopper, len(history), temperature, clock,
-                       runtime)
-    if runtime.is_main:
-        checkpoint = _checkpoint(name, model_config, mask_params, run, temperature, summary,
-                                 history)
-        write_outputs(checkpoint, out_dir, metrics_path, resources_path)
-        _end_live(live, stopper.record)
-    if runtime.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    return summary
+    return stopper, history
+
+
+def refit(name: str, run: Run, epochs: int, runtime: Runtime, clock: Throughput
+          ) -> list[dict[str, Any]]:
+    """Train ``run`` (train and validation images together) for the ``epochs`` validation chose,
+    on the same schedule, with nothing left to validate on; keep its last (averaged) weights in
+    ``run.model``. Returns the epochs' records (``phase: refit``)."""
+    history = []
+    for epoch, train_scores in _epochs(name, run, epochs, runtime, clock, "refit epoch"):
+        record = {"epoch": epoch + 1, "phase": "refit", **train_scores,
+                  "lr": run.fit.optimizer.param_groups[-1]["lr"]}
+        history.append(record)
+        if runtime.is_main:
+            logger.info("%s refit epoch %d/%d train_loss=%.4g train_accuracy=%.4g", name,
+                        epoch + 1, epochs, record["train_loss"], record["train_accuracy"])
+    run.model.load_state_dict(run.kept.state_dict())
+    return history
 
 
 def _summary(name: str, model_config: ModelConfig, run: Run, best: EarlyStopping,
@@ -540,7 +594,10 @@ def _summary(name: str, model_config: ModelConfig, run: Run, best: EarlyStopping
         "val_accuracy": best.record["val_accuracy"],
         "val_macro_f1": best.record["val_macro_f1"],
         "temperature": temperature,
+        # with refit: the images of the second run (train + validation); the validation figures
+        # above and the temperature are the first run's, on images it did not train on
         "train_images": len(run.train_set),
+        **({"refit_on_val": True} if run.config.refit else {}),
         "parameters": sum(p.numel() for p in run.model.parameters()),
         "seconds": time.perf_counter() - clock.started,
         "train_seconds": clock.train_seconds,

@@ -36,7 +36,7 @@ from pipeline.io import read_json, write_json
 from pipeline.masks import MaskParams
 from pipeline.metrics import expected_calibration_error
 from pipeline.model_files import read_spec, write_fold_average, write_spec
-from pipeline.models import ModelConfig, load_checkpoint
+from pipeline.models import ModelConfig, load_checkpoint, save_checkpoint
 from pipeline.sources.synthetic import Lab, render_example
 from pipeline.train import TrainConfig, train_model
 
@@ -178,15 +178,18 @@ def test_ensemble_and_compare(evaluated, prepared, tmp_path):
 
 
 def _fake_member(folder: Path, test: np.ndarray, val: np.ndarray, data: EvalSet,
-                 validation: EvalSet, classes: list[str]) -> Path:
-    """An evaluation folder as the evaluate stage writes it, with given probabilities."""
+                 validation: EvalSet, classes: list[str], refit: bool = False) -> Path:
+    """An evaluation folder as the evaluate stage writes it, with given probabilities (none on
+    validation for a model that trained on it: ``refit``)."""
     folder.mkdir(parents=True)
     np.savez(folder / "probabilities.npz", calibrated=test, uncalibrated=test,
-             classes=np.array(classes), names=np.array(data.names), val_calibrated=val,
-             val_names=np.array(validation.names))
+             classes=np.array(classes), names=np.array(data.names),
+             val_calibrated=val[:0] if refit else val,
+             val_names=np.array([] if refit else validation.names))
     write_json(folder / "summary.json", {
         "metrics": {"inference_images_per_second": 100.0, "device": "cpu"},
-        "training": {"parameters": 1, "train_seconds": 1.0}})
+        "training": {"parameters": 1, "train_seconds": 1.0} | (
+            {"refit_on_val": True} if refit else {})})
     return folder
 
 
@@ -218,6 +221,32 @@ def test_ensemble_temperature_sharpens_disagreeing_members(tmp_path):
     assert scored.temperature < 0.8
     assert (expected_calibration_error(scored.probabilities, labels)
             < expected_calibration_error(plain.probabilities, labels) / 2)
+    # a member that trained on the validation images leaves nothing honest to fit on
+    eval_dirs["b"] = _fake_member(tmp_path / "b-refit", test_b, val_b, data, validation, classes,
+                                  refit=True)
+    kept = combine_evaluations(eval_dirs, weights, data, validation)
+    assert kept.temperature == 1.0 and kept.validation is None
+    assert np.allclose(kept.probabilities, plain.probabilities)
+
+
+def test_refit_model_fits_nothing_on_validation(trained, prepared, tmp_path):
+    """A model refit on train + val (train.refit) is scored as usual, but its validation
+    images, trained on, choose no abstention threshold."""
+    model, checkpoint = load_checkpoint(trained["first"])
+    checkpoint["summary"] |= {"refit_on_val": True}
+    refit_path = tmp_path / "model.safetensors"
+    save_checkpoint(checkpoint | {"state_dict": model.state_dict()}, refit_path)
+    folders = (prepared / "split", prepared / "raw" / "images", prepared / "masks")
+    data, validation = held_out_set(*folders), held_out_set(*folders, part="val")
+    settings = replace(SETTINGS, abstain_target_accuracy=0.9)
+    scored = {name: score_checkpoint(path, data, settings, validation)
+              for name, path in (("plain", trained["first"]), ("refit", refit_path))}
+    assert scored["plain"].validation is not None and scored["refit"].validation is None
+    assert np.array_equal(scored["refit"].probabilities, scored["plain"].probabilities)
+    write_evaluation(scored["refit"], tmp_path / "eval", tmp_path / "eval.json", settings)
+    assert read_json(tmp_path / "eval" / "summary.json")["abstention"] is None
+    assert "abstain_threshold" not in read_json(tmp_path / "eval.json")
+    assert len(np.load(tmp_path / "eval" / "probabilities.npz")["val_names"]) == 0
 
 
 def test_ensemble_members_share_preprocessing(trained, synthetic_folder, tmp_path, monkeypatch):

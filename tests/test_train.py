@@ -143,6 +143,46 @@ def test_optimiser_by_name_keeps_the_backbone_scale_and_decay_groups(name, kind)
         assert all(g["momentum"] == 0.9 and g["nesterov"] for g in groups)
 
 
+def test_refit_is_a_fresh_run_on_train_and_val_stopped_at_the_chosen_epoch(
+        prepared, tmp_path, monkeypatch):
+    """train.refit: validation picks epoch 1 of 3; the saved weights are then exactly those of
+    a run from the same start on train + val stopped at epoch 1 (later epochs differ: a
+    validation pass draws from the random stream), with the first run's temperature."""
+    recipe = replace(TINY_RECIPE, epochs=3, patience=2, warmup_epochs=0)
+
+    def val_scores(*_args):
+        return next(scores)
+
+    monkeypatch.setattr(training, "macro_f1", val_scores)
+    scores = iter([0.6, 0.5, 0.4])
+    plain = run(prepared, tmp_path / "plain", recipe=recipe)
+    scores = iter([0.6, 0.5, 0.4])
+    refit = run(prepared, tmp_path / "refit", recipe=replace(recipe, refit=True))
+    rows = {part: read_split(prepared / "split", part) for part in ("train", "val")}
+    assert (refit["best_epoch"], refit["epochs_run"], refit["refit_on_val"]) == (1, 3, True)
+    assert refit["train_images"] == len(rows["train"]) + len(rows["val"])
+    assert refit["temperature"] == plain["temperature"] and "refit_on_val" not in plain
+    assert refit["val_macro_f1"] == plain["val_macro_f1"] == 0.6  # the first run's, held out
+
+    both = tmp_path / "both" / "split"  # train + val in the refit's order; val kept for set-up
+    both.mkdir(parents=True)
+    pd.concat([rows["train"], rows["val"]]).to_csv(both / "train.csv", index=False)
+    rows["val"].to_csv(both / "val.csv", index=False)
+    scores = iter([0.6, 0.5, 0.4])
+    train_model("tiny", TINY_MODEL, recipe, MaskParams(), both, prepared / "raw" / "images",
+                prepared / "masks", tmp_path / "both" / "model", tmp_path / "both" / "train.json",
+                tmp_path / "both" / "live")
+    weights = {kind: load_file(tmp_path / kind / "model" / "model.safetensors")
+               for kind in ("plain", "refit", "both")}
+    assert all(torch.equal(weights["refit"][k], weights["both"][k]) for k in weights["both"])
+    assert not all(torch.equal(weights["refit"][k], weights["plain"][k]) for k in weights["plain"])
+    _, checkpoint = load_checkpoint(tmp_path / "refit" / "model" / "model.safetensors")
+    phases = [record.get("phase", "select") for record in checkpoint["history"]]
+    assert phases == ["select"] * 3 + ["refit"]
+    with pytest.raises(ValueError, match="train.refit must be true or false"):
+        replace(TINY_RECIPE, refit="yes")
+
+
 def test_interrupted_run_leaves_previous_outputs(prepared, tmp_path, monkeypatch):
     run(prepared, tmp_path)
     before = (tmp_path / "model" / "model.safetensors").read_bytes()
