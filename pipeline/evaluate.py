@@ -40,7 +40,7 @@ from pipeline.metrics import (
     calibration_bins,
     classification_metrics,
     expected_calibration_error,
-    restricted_to_present,
+    restricted_predictions,
 )
 from pipeline.metrics_ci import bootstrap_intervals
 from pipeline.model_card import card_facts, write_model_card
@@ -423,8 +423,7 @@ def _interval_columns(intervals: dict[str, list[float]]) -> dict[str, float]:
 
 def _restricted_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     """Scores when the model may only answer with the classes the data holds."""
-    restricted, _ = restricted_to_present(labels, probabilities)
-    predicted = restricted.argmax(1)
+    predicted = restricted_predictions(labels, probabilities)
     scores = {"restricted_accuracy": float((predicted == labels).mean()),
               "restricted_balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
               "restricted_macro_f1": float(f1_score(labels, predicted, average="macro",
@@ -467,6 +466,20 @@ def _plot_data(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]
             "reliability": calibration_bins(probabilities, labels)}
 
 
+def _restricted_confusion_png(scored: Scored, labels: np.ndarray, headline: dict[str, Any],
+                              path: Path) -> None:
+    """The confusion matrix over the classes the data holds, the model answering among them
+    only (the ``restricted_*`` scores)."""
+    present = np.unique(labels)
+    predicted = restricted_predictions(labels, scored.probabilities)
+    title = (f"{scored.name}, answering among the {len(present)} classes present\n"
+             f"accuracy {headline['restricted_accuracy']:.3f}, macro-F1 "
+             f"{headline['restricted_macro_f1']:.3f} ({len(labels)} images)")
+    plots.confusion_matrix_png(np.searchsorted(present, labels),
+                               np.searchsorted(present, predicted),
+                               [scored.classes[i] for i in present], title, path)
+
+
 def _thumbnail(path: Path, size: int = 200) -> np.ndarray:
     import cv2
 
@@ -483,6 +496,8 @@ def _write_figures(scored: Scored, labels: np.ndarray, predicted: np.ndarray,
     title = (f"{name}: accuracy {headline['accuracy']:.3f}, macro-F1 {headline['macro_f1']:.3f}"
              f" ({len(labels)} images)")
     plots.confusion_matrix_png(labels, predicted, classes, title, figures / "confusion.png")
+    if headline["absent_classes"]:
+        _restricted_confusion_png(scored, labels, headline, figures / "confusion_restricted.png")
     plots.curves_png(plot_data["roc"], plot_data["precision_recall"], classes, title,
                      figures / "roc_pr.png")
     plots.reliability_png(plot_data["reliability"], CALIBRATION_BINS, headline["ece"], name,

@@ -117,6 +117,13 @@ def restricted_to_present(labels: np.ndarray, probabilities: np.ndarray
     return restricted / restricted.sum(1, keepdims=True).clip(1e-12), present
 
 
+def restricted_predictions(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Each image's most probable class among those present in ``labels``: the answer of
+    :func:`restricted_to_present`, defined even where the present classes got no mass at all."""
+    present = np.unique(labels)
+    return present[probabilities[:, present].argmax(1)]
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
     """Temperature scaling (Guo et al. 2017): the T minimising validation NLL of logits / T."""
     log_t = torch.zeros(1, requires_grad=True)

@@ -118,6 +118,9 @@ def test_cross_dataset_with_class_mismatch(trained, synthetic_folder, tmp_path):
     assert wbc(["evaluate", str(trained["first"]), str(other), "-o", str(tmp_path / "r"),
                 "--ignore-unknown"]) == 0
     assert read_json(tmp_path / "r" / "eval.json")["images"] == 20
+    restricted = cv2.imread(str(tmp_path / "r" / "figures" / "confusion_restricted.png"))
+    full = cv2.imread(str(tmp_path / "r" / "figures" / "confusion.png"))
+    assert restricted.shape[0] < full.shape[0]  # 2 rows, not the model's 8
 
 
 def test_ensemble_and_compare(evaluated, prepared, tmp_path):
@@ -370,7 +373,7 @@ def test_stage_settings_are_validated():
 
 
 def test_restricted_scores_renormalise_over_the_classes_present():
-    from pipeline.metrics import restricted_to_present
+    from pipeline.metrics import restricted_predictions, restricted_to_present
 
     probabilities = np.array([[0.6, 0.3, 0.1], [0.5, 0.1, 0.4], [0.2, 0.2, 0.6]])
     labels = np.array([1, 2, 2])  # class 0 never occurs: its mass is taken away
@@ -378,6 +381,9 @@ def test_restricted_scores_renormalise_over_the_classes_present():
     assert present.tolist() == [False, True, True]
     np.testing.assert_allclose(restricted, [[0, 0.75, 0.25], [0, 0.2, 0.8], [0, 0.25, 0.75]])
     assert (restricted.argmax(1) == labels).all() and (probabilities.argmax(1) != labels).any()
+    assert restricted_predictions(labels, probabilities).tolist() == [1, 2, 2]
+    # all the mass on an absent class: the answer is still one of the classes present
+    assert restricted_predictions(labels, np.array([[1.0, 0.0, 0.0]] * 3)).tolist() == [1, 1, 1]
 
 
 def test_external_sets_scored_beside_the_test_split(trained, synthetic_folder, tmp_path):
