@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import from_params
-from pipeline.crossval import aggregate_folds
+from pipeline.crossval import aggregate_folds, correct_by_image, paired_on_images
 from pipeline.ensemble import (
     EnsembleConfig,
     combine_evaluations,
@@ -40,7 +40,6 @@ from pipeline.evaluate import (
     write_evaluation,
 )
 from pipeline.io import load_params, read_json
-from pipeline.metrics_ci import paired_difference
 from pipeline.model_files import MODEL_FILE, write_fold_average, write_spec
 from pipeline.split import fold_count
 
@@ -71,20 +70,6 @@ def fold_ensemble(members: list[str], fold: int, weighting: str, config: Evaluat
     return weights | {"temperature": scored.temperature}
 
 
-def correct(predictions: pd.DataFrame) -> pd.Series:
-    """Per image (indexed by path): whether the predicted class is the label."""
-    return pd.Series((predictions["predicted"] == predictions["label"]).to_numpy(),
-                     index=predictions["path"])
-
-
-def correct_on(ensemble: pd.Series, predictions: Path) -> pd.Series:
-    """Out-of-fold correctness from ``predictions`` on the ensemble's images, in its order."""
-    scores = correct(pd.read_csv(predictions))
-    if set(scores.index) != set(ensemble.index):
-        raise ValueError(f"{predictions}: its out-of-fold images differ from the ensemble's")
-    return scores.reindex(ensemble.index).to_numpy()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,11 +89,11 @@ def main() -> None:
     summary = aggregate_folds("ensemble of " + " + ".join(args.members),
                               [args.out / str(fold) for fold in range(folds)],
                               args.out / "aggregate", args.out / "cv.json")
-    pooled = correct(pd.read_csv(args.out / "aggregate" / "out_of_fold_predictions.csv"))
+    pooled = correct_by_image(pd.read_csv(args.out / "aggregate" / "out_of_fold_predictions.csv"))
     others = {member: Path("data/crossval") / member / "out_of_fold_predictions.csv"
               for member in args.members} | {str(path): path for path in args.pair_with}
     summary |= {"fold_weights": weights, "paired": {  # first: the ensemble, second: the other
-        name: paired_difference(pooled.to_numpy(), correct_on(pooled, path))
+        name: paired_on_images(pooled, correct_by_image(pd.read_csv(path)), str(path))
         for name, path in others.items()}}
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: summary[k] for k in ("mean", "std", "out_of_fold_ci95", "paired")},

@@ -61,6 +61,7 @@ def collect(eval_dir: Path) -> pd.DataFrame:
             "fallback": ("random init" if training.get("weight_source", "").startswith(
                 "random-init") else ""),
             "accuracy 95% CI": _interval(metrics, "accuracy"),
+            "macro-F1 95% CI": _interval(metrics, "macro_f1"),
             **_external_columns(summary.get("external", {})),
         })
     if not rows:

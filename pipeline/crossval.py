@@ -20,17 +20,20 @@ import numpy as np
 import pandas as pd
 
 from pipeline import plots
+from pipeline.errors import InputError
 from pipeline.io import read_json, write_csv, write_json
 from pipeline.metrics import classification_metrics
-from pipeline.metrics_ci import bootstrap_intervals
+from pipeline.metrics_ci import bootstrap_intervals, paired_difference
 
 logger = logging.getLogger(__name__)
 
 SPREAD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "ece")
 
 
-def _scores(predictions: pd.DataFrame, classes: list[str]
-            ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], list[dict[str, Any]]]:
+def score_predictions(predictions: pd.DataFrame, classes: list[str]
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], list[dict[str, Any]]]:
+    """Integer labels, probabilities, headline and per-class metrics of a predictions table
+    (``label`` and a ``p_<class>`` column per class)."""
     index = {name: i for i, name in enumerate(classes)}
     labels = predictions["label"].map(index).to_numpy()
     probabilities = predictions[[f"p_{name}" for name in classes]].to_numpy()
@@ -64,7 +67,8 @@ def aggregate_folds(model: str, fold_dirs: list[Path], out_dir: Path, metrics_pa
                     ) -> dict[str, Any]:
     """Write mean, std and pooled out-of-fold metrics, with a confusion matrix, for one model."""
     frames, classes = read_fold_predictions(fold_dirs)
-    fold_rows = [{"fold": fold, **_scores(frame, classes)[2]} for fold, frame in enumerate(frames)]
+    fold_rows = [{"fold": fold, **score_predictions(frame, classes)[2]}
+                 for fold, frame in enumerate(frames)]
     table = pd.DataFrame(fold_rows)
     pooled = pd.concat([frame.assign(fold=fold) for fold, frame in enumerate(frames)],
                        ignore_index=True)
@@ -72,7 +76,7 @@ def aggregate_folds(model: str, fold_dirs: list[Path], out_dir: Path, metrics_pa
     if duplicated.any():
         raise ValueError(f"{int(duplicated.sum())} images are test data in more than one fold, "
                          f"e.g. {pooled['path'][duplicated].iloc[0]}")
-    labels, probabilities, out_of_fold, per_class = _scores(pooled, classes)
+    labels, probabilities, out_of_fold, per_class = score_predictions(pooled, classes)
     predicted = probabilities.argmax(1)
     summary = {
         "model": model,
@@ -113,10 +117,10 @@ def aggregate_external(model: str, fold_dirs: list[Path], classes: list[str], ou
         frames, _ = read_fold_predictions([folder / "external" / name for folder in fold_dirs])
         if any(list(frame["path"]) != list(frames[0]["path"]) for frame in frames):
             raise ValueError(f"the folds' models scored different images of {name}")
-        table = pd.DataFrame([_scores(frame, classes)[2] for frame in frames])
+        table = pd.DataFrame([score_predictions(frame, classes)[2] for frame in frames])
         average = frames[0][["path", "label"]].assign(**{
             f"p_{c}": np.mean([frame[f"p_{c}"] for frame in frames], axis=0) for c in classes})
-        labels, probabilities, headline, per_class = _scores(average, classes)
+        labels, probabilities, headline, per_class = score_predictions(average, classes)
         predicted = probabilities.argmax(1)
         results[name] = {
             **_spread(table),
@@ -133,3 +137,25 @@ def aggregate_external(model: str, fold_dirs: list[Path], classes: list[str], ou
                     results[name]["mean"]["accuracy"], results[name]["std"]["accuracy"],
                     headline["accuracy"])
     return results
+
+
+def correct_by_image(predictions: pd.DataFrame) -> pd.Series:
+    """Per image (indexed by path): whether the prediction is the label. The prediction is the
+    ``predicted`` column where there is one (out-of-fold predictions), else the most probable of
+    the ``p_<class>`` columns (the fold models' averaged probabilities)."""
+    if "predicted" in predictions:
+        predicted = predictions["predicted"].astype(str)
+    else:
+        columns = [column for column in predictions.columns if column.startswith("p_")]
+        predicted = predictions[columns].idxmax(axis=1).str[2:]
+    return pd.Series((predicted == predictions["label"].astype(str)).to_numpy(),
+                     index=predictions["path"].to_numpy())
+
+
+def paired_on_images(first: pd.Series, second: pd.Series, what: str) -> dict[str, Any]:
+    """First minus second accuracy on the same images (two :func:`correct_by_image` series), with
+    a bootstrap interval over images; an error naming ``what`` when they scored other images."""
+    if first.index.has_duplicates or set(first.index) != set(second.index):
+        raise InputError(f"{what}: the two were not scored on the same images "
+                         f"({len(first)} and {len(second)}); compare runs on the same folds")
+    return paired_difference(first.to_numpy(), second.reindex(first.index).to_numpy())

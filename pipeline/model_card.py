@@ -96,12 +96,18 @@ def _recipe_lines(training: dict[str, Any], recipe: dict[str, Any]) -> list[str]
                 "its own fitted on the validation split; each member's recipe is on its own card "
                 "(`data/eval/<member>/MODEL_CARD.md`)",
                 f"- {parameters} in all"]
+    epochs = (f"- best epoch {training.get('best_epoch', 'n/a')} of "
+              f"{training.get('epochs_run', 'n/a')}, {training.get('train_images', 'n/a')} "
+              f"training images, {parameters}")
+    if training.get("refit_on_val"):
+        epochs += (f"; then trained again from the same start on the training and validation "
+                   f"images together for those {training.get('best_epoch', 'n/a')} epochs "
+                   f"(`train.refit`): these weights; the validation scores and the temperature "
+                   f"are the first run's")
     return [f"- backbone `{training.get('backbone', 'n/a')}`, "
             f"{training.get('image_size', 'n/a')} px, pretrained weights: "
             f"{training.get('weight_source', 'n/a')}",
-            f"- best epoch {training.get('best_epoch', 'n/a')} of "
-            f"{training.get('epochs_run', 'n/a')}, {training.get('train_images', 'n/a')} "
-            f"training images, {parameters}",
+            epochs,
             f"- preprocessing: `{recipe.get('preprocess', {})}`",
             f"- training settings: `{recipe.get('train', {})}`"]
 

@@ -119,3 +119,64 @@ def test_paired_difference_of_two_models_on_the_same_images():
     assert coin["ci95"][0] < 0 < coin["ci95"][1]
     with pytest.raises(ValueError, match="same non-empty list of images"):
         paired_difference(first, second[:-1])
+
+
+def _recipe(tmp_path, name: str, second_fold: list[str], external: list[list[str]]):
+    """A crossval output of two folds (four images each) and an external set of four images."""
+    root = tmp_path / name
+    root.mkdir()
+    folds = [_fold(root, 0, ["x0", "x1", "x2", "x3"], ["a", "b", "c", "a"], ["a", "b", "c", "a"]),
+             _fold(root, 1, ["y0", "y1", "y2", "y3"], ["a", "b", "c", "c"], second_fold)]
+    for folder, predicted in zip(folds, external, strict=True):
+        _external(folder, "lab-b", predicted)
+    aggregate_folds(name, folds, root / "crossval", root / "cv.json")
+    return root / "crossval"
+
+
+def test_cv_compare_pairs_recipes_on_the_same_images(tmp_path):
+    from bench.cv_compare import main
+
+    # the reference misses y3 out of fold and e2 on the external set; the other recipe misses
+    # y2 out of fold and nothing on the external set
+    reference = _recipe(tmp_path, "reference", ["a", "b", "c", "a"],
+                        [["a", "b", "b", "c"], ["a", "b", "b", "c"]])
+    other = _recipe(tmp_path, "other", ["a", "b", "a", "c"],
+                    [["a", "b", "c", "c"], ["a", "b", "c", "c"]])
+    out = tmp_path / "compare.json"
+    main([f"reference={reference}", f"other={other}", "--json", str(out)])
+    result = read_json(out)
+    assert result["recipes"]["reference"]["out_of_fold"]["right"] == 7
+    assert result["recipes"]["reference"]["out_of_fold"]["recall"] == pytest.approx(
+        {"a": 1.0, "b": 1.0, "c": 2 / 3})
+    assert result["recipes"]["other"]["external"]["lab-b"]["accuracy"] == 1.0
+    paired = result["paired_with_first"]["other"]
+    assert paired["out_of_fold"]["difference"] == 0.0  # one image won, one lost
+    assert (paired["out_of_fold"]["only_first_right"],
+            paired["out_of_fold"]["only_second_right"]) == (1, 1)
+    assert paired["lab-b"]["difference"] == pytest.approx(1 / 4)
+    assert (paired["lab-b"]["only_first_right"], paired["lab-b"]["only_second_right"]) == (1, 0)
+    assert "reference" not in result["paired_with_first"]
+
+
+def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    reference = _recipe(tmp_path, "reference", ["a", "b", "c", "a"],
+                        [["a", "b", "b", "c"], ["a", "b", "b", "c"]])
+    elsewhere = tmp_path / "elsewhere"  # a recipe cross-validated on other images
+    elsewhere.mkdir()
+    other = tmp_path / "other"
+    aggregate_folds("other", [_fold(elsewhere, k, [f"z{k}"], ["a"], ["a"]) for k in range(2)],
+                    other, tmp_path / "other.json")
+    for recipes, message in (
+            ([f"r={reference}", f"o={other}"], "not scored on the same images"),
+            ([f"r={reference}", f"o={tmp_path / 'nowhere'}"], "folds.csv is missing"),
+            ([f"r={reference}", str(other)], "NAME=FOLDER")):
+        run = subprocess.run([sys.executable, "-m", "bench.cv_compare", *recipes, "--json",
+                              str(tmp_path / "c.json")], capture_output=True, text=True,
+                             cwd=Path(__file__).parents[1])
+        assert run.returncode == 2, run.stderr
+        assert message in run.stderr and "Traceback" not in run.stderr
+        assert not (tmp_path / "c.json").exists()

@@ -162,6 +162,10 @@ def test_ensemble_and_compare(evaluated, prepared, tmp_path):
     assert "original (PBC-1560) (reference)" in report and "ensemble" in report
     assert "nan" not in report
     assert "Trained from random initialisation" not in report  # both members are pretrained
+    header = next(line for line in report.splitlines() if line.startswith("| model"))
+    assert "accuracy 95% CI" in header and "macro-F1 95% CI" in header
+    first = read_json(evaluated / "metrics" / "first" / "eval.json")
+    assert f"[{first['macro_f1_ci95_low']:.3f}, {first['macro_f1_ci95_high']:.3f}]" in report
     synthetic = {"source": "synthetic", "seed": 0, "images": 80, "classes": list(range(8))}
     compare(evaluated / "eval", references, tmp_path / "summary.json", tmp_path / "reports",
             synthetic)

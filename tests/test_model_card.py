@@ -107,3 +107,17 @@ def test_ensemble_card_names_its_members_and_its_own_stage():
     assert "9.76 M parameters in all" in card and "n/a" not in card
     assert ("dvc exp run ensemble -S 'data.source=/data/pbc-1560' "
             "-S 'ensemble.members=[\"a\", \"b\"]'") in card
+
+
+def test_card_of_a_refit_model_says_which_scores_are_the_first_runs():
+    metrics = {"images": 10, "accuracy": 0.9, "balanced_accuracy": 0.88, "macro_f1": 0.87,
+               "ece": 0.05, "ece_uncalibrated": 0.1, "temperature": 0.9}
+    training = {"backbone": "efficientnet_lite0", "best_epoch": 5, "epochs_run": 6,
+                "train_images": 1248}
+    cards = [render_card({"model": "m", "metrics": metrics, "abstention": None,
+                          "training": training | extra, "card": {"intervals": {}}})
+             for extra in ({}, {"refit_on_val": True})]
+    assert "best epoch 5 of 6, 1248 training images" in cards[0]
+    assert "train.refit" not in cards[0]
+    assert ("then trained again from the same start on the training and validation images "
+            "together for those 5 epochs (`train.refit`)") in cards[1]

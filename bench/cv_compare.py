@@ -1,0 +1,161 @@
+"""Recipes under cross-validation, side by side and paired on the same images.
+
+Each recipe is the ``data/crossval/<model>`` folder that ``crossval@<model>`` wrote (each
+recipe in a clone of its own), every one on the same folds. One row per recipe: the folds'
+accuracy mean ± std, the pooled out-of-fold accuracy with its 95% bootstrap interval, balanced
+accuracy, per-class recall, and on each external set (``evaluate.external``) the fold models'
+averaged probabilities. Every recipe after the first is paired with the first on the same
+out-of-fold images (accuracy difference, bootstrap interval over images, images only one of
+them gets right): the comparison that chooses. The external sets are paired the same way and
+reported, never to choose with.
+
+    python -m bench.cv_compare default=../cv-default/data/crossval/efficientnet_lite0_attention \\
+        refit=../cv-refit/data/crossval/efficientnet_lite0_attention [--json bench/cv_compare.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.crossval import correct_by_image, paired_on_images, score_predictions
+from pipeline.errors import InputError, run_entry_point
+from pipeline.metrics_ci import bootstrap_intervals
+
+OUT_OF_FOLD = "out_of_fold_predictions.csv"
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    """A predictions table (``path``, ``label``, ``p_<class>`` columns); one-line errors."""
+    if not path.is_file():
+        raise InputError(f"{path} is missing: is its folder a crossval@<model> output?")
+    frame = pd.read_csv(path, keep_default_na=False)
+    if not {"path", "label"} <= set(frame.columns) or not any(
+            column.startswith("p_") for column in frame.columns):
+        raise InputError(f"{path}: not a predictions table (needs path, label and p_<class>)")
+    return frame
+
+
+def classes_of(predictions: pd.DataFrame) -> list[str]:
+    return [column[2:] for column in predictions.columns if column.startswith("p_")]
+
+
+def scored(predictions: pd.DataFrame) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, their intervals, per-class recall and the count right."""
+    labels, probabilities, headline, per_class = score_predictions(predictions,
+                                                                   classes_of(predictions))
+    predicted = probabilities.argmax(1)
+    return {"accuracy": headline["accuracy"], "balanced_accuracy": headline["balanced_accuracy"],
+            "ci95": bootstrap_intervals(labels, predicted),
+            "right": int((labels == predicted).sum()), "images": len(labels),
+            "recall": {row["class"]: row["recall"] for row in per_class}}
+
+
+def external_predictions(folder: Path) -> dict[str, pd.DataFrame]:
+    """Each external set's fold-averaged predictions under a crossval folder."""
+    return {path.parent.name: read_predictions(path)
+            for path in sorted((folder / "external").glob("*/fold_average_predictions.csv"))}
+
+
+def recipe_summary(folder: Path) -> dict[str, Any]:
+    """One recipe's row: fold spread, out-of-fold and external scores."""
+    folds_csv = folder / "folds.csv"
+    if not folds_csv.is_file():
+        raise InputError(f"{folds_csv} is missing: is {folder} a crossval@<model> output?")
+    folds = pd.read_csv(folds_csv)
+    return {"folder": str(folder), "folds": len(folds),
+            "fold_accuracy": {"mean": float(folds["accuracy"].mean()),
+                              "std": float(folds["accuracy"].std(ddof=1))},
+            "out_of_fold": scored(read_predictions(folder / OUT_OF_FOLD)),
+            "external": {name: scored(frame)
+                         for name, frame in external_predictions(folder).items()}}
+
+
+def paired_with_reference(reference: Path, other: Path) -> dict[str, Any]:
+    """``other`` minus ``reference`` on the out-of-fold images and each shared external set."""
+    def correct(folder: Path, name: str | None = None) -> pd.Series:
+        frames = {None: read_predictions(folder / OUT_OF_FOLD)} | external_predictions(folder)
+        return correct_by_image(frames[name])
+    paired = {"out_of_fold": paired_on_images(correct(other), correct(reference),
+                                              f"{other} against {reference}")}
+    shared = set(external_predictions(reference)) & set(external_predictions(other))
+    for name in sorted(shared):
+        paired[name] = paired_on_images(correct(other, name), correct(reference, name),
+                                        f"{name}: {other} against {reference}")
+    return paired
+
+
+def markdown(summaries: dict[str, dict[str, Any]], paired: dict[str, dict[str, Any]]) -> str:
+    """The recipes as a Markdown table, paired differences in the last columns."""
+    first = next(iter(summaries.values()))
+    classes, externals = list(first["out_of_fold"]["recall"]), list(first["external"])
+    header = (["recipe", "fold acc. mean ± std", "out-of-fold acc. [95% CI]", "bal. acc."]
+              + [f"recall {c}" for c in classes]
+              + [f"{e} acc. [95% CI] (bal.)" for e in externals]
+              + ["Δ out-of-fold vs first [95% CI] (won/lost)"]
+              + [f"Δ {e} vs first" for e in externals])
+    rows = [_row(name, summary, paired.get(name, {}), classes, externals)
+            for name, summary in summaries.items()]
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def _row(name: str, summary: dict[str, Any], pairs: dict[str, Any], classes: list[str],
+         externals: list[str]) -> list[str]:
+    spread, oof = summary["fold_accuracy"], summary["out_of_fold"]
+    external = [f"{_with_interval(summary['external'][e])} "
+                f"({summary['external'][e]['balanced_accuracy']:.4f})"
+                if e in summary["external"] else "-" for e in externals]
+    return ([name, f"{spread['mean']:.3f} ± {spread['std']:.3f}", _with_interval(oof),
+             f"{oof['balanced_accuracy']:.3f}"]
+            + [f"{oof['recall'][c]:.3f}" for c in classes] + external
+            + [_difference(pairs.get(key)) for key in ["out_of_fold", *externals]])
+
+
+def _with_interval(score: dict[str, Any]) -> str:
+    low, high = score["ci95"]["accuracy"]
+    return f"{score['accuracy']:.4f} [{low:.3f}, {high:.3f}] ({score['right']}/{score['images']})"
+
+
+def _difference(pair: dict[str, Any] | None) -> str:
+    if pair is None:
+        return "-"
+    low, high = pair["ci95"]
+    return (f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}] "
+            f"({pair['only_first_right']}/{pair['only_second_right']})")
+
+
+def parse_recipe(text: str) -> tuple[str, Path]:
+    name, separator, folder = text.partition("=")
+    if not separator or not name or not folder:
+        raise InputError(f"{text!r}: give each recipe as NAME=FOLDER (a crossval output folder)")
+    return name, Path(folder)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipes", nargs="+", metavar="NAME=FOLDER",
+                        help="crossval@<model> output folders; the first is the reference")
+    parser.add_argument("--json", type=Path, default=Path("bench/cv_compare.json"))
+    args = parser.parse_args(argv)
+    recipes = dict(parse_recipe(text) for text in args.recipes)
+    if len(recipes) != len(args.recipes):
+        raise InputError("two recipes share a name: give each its own NAME=")
+    summaries = {name: recipe_summary(folder) for name, folder in recipes.items()}
+    reference = next(iter(recipes.values()))
+    paired = {name: paired_with_reference(reference, folder)
+              for name, folder in list(recipes.items())[1:]}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"recipes": summaries, "paired_with_first": paired},
+                                    indent=2) + "\n")
+    print(markdown(summaries, paired))
+
+
+if __name__ == "__main__":
+    sys.exit(run_entry_point(main, sys.argv[1:]))
