@@ -21,34 +21,46 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from pipeline.crossval import correct_by_image, paired_on_images, score_predictions
-from pipeline.errors import InputError, run_entry_point
+from pipeline.crossval import (
+    correct_by_image,
+    paired_on_images,
+    probability_classes,
+    score_predictions,
+)
+from pipeline.errors import InputError, one_line, run_entry_point
 from pipeline.metrics_ci import bootstrap_intervals
-
-OUT_OF_FOLD = "out_of_fold_predictions.csv"
 
 
 def read_predictions(path: Path) -> pd.DataFrame:
-    """A predictions table (``path``, ``label``, ``p_<class>`` columns); one-line errors."""
+    """A predictions table (``path``, ``label``, a numeric ``p_<class>`` column per class, every
+    label one of them, at least one row); anything else is a one-line error."""
     if not path.is_file():
         raise InputError(f"{path} is missing: is its folder a crossval@<model> output?")
-    frame = pd.read_csv(path, keep_default_na=False)
-    if not {"path", "label"} <= set(frame.columns) or not any(
-            column.startswith("p_") for column in frame.columns):
-        raise InputError(f"{path}: not a predictions table (needs path, label and p_<class>)")
-    return frame
-
-
-def classes_of(predictions: pd.DataFrame) -> list[str]:
-    return [column[2:] for column in predictions.columns if column.startswith("p_")]
+    try:
+        frame = pd.read_csv(path, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not a readable CSV ({one_line(error)})") from error
+    classes = probability_classes(frame)
+    if not {"path", "label"} <= set(frame.columns) or not classes or frame.empty:
+        raise InputError(f"{path}: not a predictions table (needs path, label, p_<class> and "
+                         f"at least one row)")
+    probabilities = frame[[f"p_{name}" for name in classes]].apply(pd.to_numeric,
+                                                                   errors="coerce")
+    if not np.isfinite(probabilities.to_numpy(float)).all():
+        raise InputError(f"{path}: a p_<class> value is not a number")
+    if unknown := set(frame["label"].astype(str)) - set(classes):
+        raise InputError(f"{path}: labels without a p_<class> column: "
+                         f"{', '.join(sorted(unknown)[:5])}")
+    return frame.assign(**probabilities)
 
 
 def scored(predictions: pd.DataFrame) -> dict[str, Any]:
     """Accuracy, balanced accuracy, their intervals, per-class recall and the count right."""
-    labels, probabilities, headline, per_class = score_predictions(predictions,
-                                                                   classes_of(predictions))
+    labels, probabilities, headline, per_class = score_predictions(
+        predictions, probability_classes(predictions))
     predicted = probabilities.argmax(1)
     return {"accuracy": headline["accuracy"], "balanced_accuracy": headline["balanced_accuracy"],
             "ci95": bootstrap_intervals(labels, predicted),
@@ -56,38 +68,40 @@ def scored(predictions: pd.DataFrame) -> dict[str, Any]:
             "recall": {row["class"]: row["recall"] for row in per_class}}
 
 
-def external_predictions(folder: Path) -> dict[str, pd.DataFrame]:
-    """Each external set's fold-averaged predictions under a crossval folder."""
-    return {path.parent.name: read_predictions(path)
-            for path in sorted((folder / "external").glob("*/fold_average_predictions.csv"))}
+def recipe_predictions(folder: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """A crossval folder's out-of-fold predictions and each external set's fold-averaged
+    predictions (by set name), each read once."""
+    if not (folder / "folds.csv").is_file():
+        raise InputError(f"{folder / 'folds.csv'} is missing: is {folder} a crossval@<model> "
+                         f"output?")
+    externals = sorted((folder / "external").glob("*/fold_average_predictions.csv"))
+    return (read_predictions(folder / "out_of_fold_predictions.csv"),
+            {path.parent.name: read_predictions(path) for path in externals})
 
 
-def recipe_summary(folder: Path) -> dict[str, Any]:
+def recipe_summary(folder: Path, out_of_fold: pd.DataFrame, external: dict[str, pd.DataFrame]
+                   ) -> dict[str, Any]:
     """One recipe's row: fold spread, out-of-fold and external scores."""
-    folds_csv = folder / "folds.csv"
-    if not folds_csv.is_file():
-        raise InputError(f"{folds_csv} is missing: is {folder} a crossval@<model> output?")
-    folds = pd.read_csv(folds_csv)
+    folds = pd.read_csv(folder / "folds.csv")
     return {"folder": str(folder), "folds": len(folds),
             "fold_accuracy": {"mean": float(folds["accuracy"].mean()),
                               "std": float(folds["accuracy"].std(ddof=1))},
-            "out_of_fold": scored(read_predictions(folder / OUT_OF_FOLD)),
-            "external": {name: scored(frame)
-                         for name, frame in external_predictions(folder).items()}}
+            "out_of_fold": scored(out_of_fold),
+            "external": {name: scored(frame) for name, frame in external.items()}}
 
 
-def paired_with_reference(reference: Path, other: Path) -> dict[str, Any]:
-    """``other`` minus ``reference`` on the out-of-fold images and each shared external set."""
-    def correct(folder: Path, name: str | None = None) -> pd.Series:
-        frames = {None: read_predictions(folder / OUT_OF_FOLD)} | external_predictions(folder)
-        return correct_by_image(frames[name])
-    paired = {"out_of_fold": paired_on_images(correct(other), correct(reference),
-                                              f"{other} against {reference}")}
-    shared = set(external_predictions(reference)) & set(external_predictions(other))
-    for name in sorted(shared):
-        paired[name] = paired_on_images(correct(other, name), correct(reference, name),
-                                        f"{name}: {other} against {reference}")
-    return paired
+def paired_with_reference(reference: tuple[pd.DataFrame, dict[str, pd.DataFrame]],
+                          other: tuple[pd.DataFrame, dict[str, pd.DataFrame]],
+                          names: tuple[str, str]) -> dict[str, Any]:
+    """``other`` minus ``reference`` on the out-of-fold images and on each external set both
+    scored (``names``: the two recipes', for errors)."""
+    def paired(first: pd.DataFrame, second: pd.DataFrame, what: str) -> dict[str, Any]:
+        return paired_on_images(correct_by_image(first), correct_by_image(second),
+                                f"{what}: {names[1]} against {names[0]}")
+    (reference_oof, reference_external), (other_oof, other_external) = reference, other
+    return {"out_of_fold": paired(other_oof, reference_oof, "out of fold")} | {
+        name: paired(other_external[name], reference_external[name], name)
+        for name in sorted(set(reference_external) & set(other_external))}
 
 
 def markdown(summaries: dict[str, dict[str, Any]], paired: dict[str, dict[str, Any]]) -> str:
@@ -147,10 +161,12 @@ def main(argv: list[str]) -> None:
     recipes = dict(parse_recipe(text) for text in args.recipes)
     if len(recipes) != len(args.recipes):
         raise InputError("two recipes share a name: give each its own NAME=")
-    summaries = {name: recipe_summary(folder) for name, folder in recipes.items()}
-    reference = next(iter(recipes.values()))
-    paired = {name: paired_with_reference(reference, folder)
-              for name, folder in list(recipes.items())[1:]}
+    predictions = {name: recipe_predictions(folder) for name, folder in recipes.items()}
+    summaries = {name: recipe_summary(recipes[name], *frames)
+                 for name, frames in predictions.items()}
+    first, *others = recipes
+    paired = {name: paired_with_reference(predictions[first], predictions[name], (first, name))
+              for name in others}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"recipes": summaries, "paired_with_first": paired},
                                     indent=2) + "\n")

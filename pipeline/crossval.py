@@ -52,11 +52,16 @@ def _spread(table: pd.DataFrame) -> dict[str, dict[str, float]]:
             "std": {m: float(table[m].std(ddof=1)) for m in SPREAD_METRICS}}
 
 
+def probability_classes(predictions: pd.DataFrame) -> list[str]:
+    """The classes of a predictions table, in the order of its ``p_<class>`` columns."""
+    return [column[2:] for column in predictions.columns if column.startswith("p_")]
+
+
 def read_fold_predictions(fold_dirs: list[Path]) -> tuple[list[pd.DataFrame], list[str]]:
     """Every fold's ``predictions.csv`` and the class list (from the probability columns)."""
     frames = [pd.read_csv(folder / "predictions.csv", keep_default_na=False)
               for folder in fold_dirs]
-    columns = [[c[2:] for c in frame.columns if c.startswith("p_")] for frame in frames]
+    columns = [probability_classes(frame) for frame in frames]
     if any(found != columns[0] for found in columns):
         raise ValueError("the folds' models do not share one class list: "
                          + "; ".join(",".join(found) for found in columns))
@@ -146,7 +151,7 @@ def correct_by_image(predictions: pd.DataFrame) -> pd.Series:
     if "predicted" in predictions:
         predicted = predictions["predicted"].astype(str)
     else:
-        columns = [column for column in predictions.columns if column.startswith("p_")]
+        columns = [f"p_{name}" for name in probability_classes(predictions)]
         predicted = predictions[columns].idxmax(axis=1).str[2:]
     return pd.Series((predicted == predictions["label"].astype(str)).to_numpy(),
                      index=predictions["path"].to_numpy())

@@ -158,7 +158,15 @@ def test_cv_compare_pairs_recipes_on_the_same_images(tmp_path):
     assert "reference" not in result["paired_with_first"]
 
 
+def _spoil_p_c(header: str, row: str) -> str:
+    """``row`` (a CSV line under ``header``) with ``abc`` for its ``p_c`` value."""
+    cells = row.split(",")
+    cells[header.split(",").index("p_c")] = "abc"
+    return ",".join(cells)
+
+
 def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
+    import shutil
     import subprocess
     import sys
     from pathlib import Path
@@ -170,10 +178,25 @@ def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
     other = tmp_path / "other"
     aggregate_folds("other", [_fold(elsewhere, k, [f"z{k}"], ["a"], ["a"]) for k in range(2)],
                     other, tmp_path / "other.json")
+    broken = {}  # the reference's folder with its out-of-fold predictions spoiled
+    lines = (reference / "out_of_fold_predictions.csv").read_text().splitlines()
+    for name, text in (("empty", ""), ("header-only", lines[0] + "\n"),
+                       ("unknown-label", "\n".join([lines[0], lines[1].replace(",a,", ",zebra,", 1),
+                                                     *lines[2:]])),
+                       ("not-a-number", "\n".join([lines[0], _spoil_p_c(lines[0], lines[1]),
+                                                    *lines[2:]]))):
+        broken[name] = tmp_path / name
+        shutil.copytree(reference, broken[name])
+        (broken[name] / "out_of_fold_predictions.csv").write_text(text)
     for recipes, message in (
             ([f"r={reference}", f"o={other}"], "not scored on the same images"),
             ([f"r={reference}", f"o={tmp_path / 'nowhere'}"], "folds.csv is missing"),
-            ([f"r={reference}", str(other)], "NAME=FOLDER")):
+            ([f"r={reference}", str(other)], "NAME=FOLDER"),
+            ([f"r={reference}", f"r={other}"], "two recipes share a name"),
+            ([f"r={reference}", f"o={broken['empty']}"], "not a readable CSV"),
+            ([f"r={reference}", f"o={broken['header-only']}"], "at least one row"),
+            ([f"r={reference}", f"o={broken['unknown-label']}"], "column: zebra"),
+            ([f"r={reference}", f"o={broken['not-a-number']}"], "is not a number")):
         run = subprocess.run([sys.executable, "-m", "bench.cv_compare", *recipes, "--json",
                               str(tmp_path / "c.json")], capture_output=True, text=True,
                              cwd=Path(__file__).parents[1])
