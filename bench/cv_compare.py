@@ -21,40 +21,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pipeline.crossval import (
     correct_by_image,
     paired_on_images,
     probability_classes,
+    read_predictions,
     score_predictions,
 )
-from pipeline.errors import InputError, one_line, run_entry_point
+from pipeline.errors import InputError, run_entry_point
 from pipeline.metrics_ci import bootstrap_intervals
-
-
-def read_predictions(path: Path) -> pd.DataFrame:
-    """A predictions table (``path``, ``label``, a numeric ``p_<class>`` column per class, every
-    label one of them, at least one row); anything else is a one-line error."""
-    if not path.is_file():
-        raise InputError(f"{path} is missing: is its folder a crossval@<model> output?")
-    try:
-        frame = pd.read_csv(path, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: not a readable CSV ({one_line(error)})") from error
-    classes = probability_classes(frame)
-    if not {"path", "label"} <= set(frame.columns) or not classes or frame.empty:
-        raise InputError(f"{path}: not a predictions table (needs path, label, p_<class> and "
-                         f"at least one row)")
-    probabilities = frame[[f"p_{name}" for name in classes]].apply(pd.to_numeric,
-                                                                   errors="coerce")
-    if not np.isfinite(probabilities.to_numpy(float)).all():
-        raise InputError(f"{path}: a p_<class> value is not a number")
-    if unknown := set(frame["label"].astype(str)) - set(classes):
-        raise InputError(f"{path}: labels without a p_<class> column: "
-                         f"{', '.join(sorted(unknown)[:5])}")
-    return frame.assign(**probabilities)
 
 
 def scored(predictions: pd.DataFrame) -> dict[str, Any]:

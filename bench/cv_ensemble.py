@@ -21,18 +21,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline.config import from_params
-from pipeline.crossval import aggregate_folds, correct_by_image, paired_on_images
+from pipeline.crossval import (
+    aggregate_folds,
+    correct_by_image,
+    paired_on_images,
+    read_predictions,
+)
 from pipeline.ensemble import (
     EnsembleConfig,
     combine_evaluations,
     combine_external,
     member_weights,
 )
+from pipeline.errors import InputError, run_entry_point
 from pipeline.evaluate import (
     EvaluateConfig,
     held_out_set,
@@ -70,7 +77,28 @@ def fold_ensemble(members: list[str], fold: int, weighting: str, config: Evaluat
     return weights | {"temperature": scored.temperature}
 
 
-def main() -> None:
+def checked_inputs(members: list[str], folds: int, pair_with: list[Path]
+                   ) -> dict[str, pd.DataFrame]:
+    """Refuse, before anything is written, members that were not cross-validated on every fold
+    and predictions that cannot be paired; return the out-of-fold predictions to pair with."""
+    if len(set(members)) < 2 or len(set(members)) != len(members):
+        raise InputError("an ensemble needs two different members or more: "
+                         + " ".join(members))
+    if folds == 0:
+        raise InputError("split.folds is empty: cross-validate the members first")
+    for member in members:
+        for fold in range(folds):
+            for needed in (CV / member / str(fold) / "train" / "train.json",
+                           CV / member / str(fold) / "eval" / "predictions.csv"):
+                if not needed.is_file():
+                    raise InputError(f"{needed} is missing: run dvc repro crossval@{member} "
+                                     f"with these split.folds first")
+    others = {member: Path("data/crossval") / member / "out_of_fold_predictions.csv"
+              for member in members} | {str(path): path for path in pair_with}
+    return {name: read_predictions(path) for name, path in others.items()}
+
+
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("members", nargs="+", help="models cross-validated by crossval@<model>")
@@ -78,10 +106,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench/cv_ensemble.json"))
     parser.add_argument("--pair-with", type=Path, nargs="*", default=[],
                         help="other recipes' out_of_fold_predictions.csv to pair with")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     params = load_params()
     config = from_params(EvaluateConfig, params["evaluate"], "evaluate")
     folds = fold_count(params["split"]["folds"])
+    others = checked_inputs(args.members, folds, args.pair_with)
     weights = [fold_ensemble(args.members, fold, params["ensemble"]["weighting"], config,
                              args.out / str(fold)) for fold in range(folds)]
     write_fold_average(args.out / "ensemble.json",  # what the external sets' fold_average scores
@@ -90,15 +119,14 @@ def main() -> None:
                               [args.out / str(fold) for fold in range(folds)],
                               args.out / "aggregate", args.out / "cv.json")
     pooled = correct_by_image(pd.read_csv(args.out / "aggregate" / "out_of_fold_predictions.csv"))
-    others = {member: Path("data/crossval") / member / "out_of_fold_predictions.csv"
-              for member in args.members} | {str(path): path for path in args.pair_with}
     summary |= {"fold_weights": weights, "paired": {  # first: the ensemble, second: the other
-        name: paired_on_images(pooled, correct_by_image(pd.read_csv(path)), str(path))
-        for name, path in others.items()}}
+        name: paired_on_images(pooled, correct_by_image(frame), name)
+        for name, frame in others.items()}}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: summary[k] for k in ("mean", "std", "out_of_fold_ci95", "paired")},
                      indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_entry_point(main, sys.argv[1:]))

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import plots
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
 from pipeline.io import read_json, write_csv, write_json
 from pipeline.metrics import classification_metrics
 from pipeline.metrics_ci import bootstrap_intervals, paired_difference
@@ -55,6 +55,29 @@ def _spread(table: pd.DataFrame) -> dict[str, dict[str, float]]:
 def probability_classes(predictions: pd.DataFrame) -> list[str]:
     """The classes of a predictions table, in the order of its ``p_<class>`` columns."""
     return [column[2:] for column in predictions.columns if column.startswith("p_")]
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    """A predictions table (``path``, ``label``, a numeric ``p_<class>`` column per class, every
+    label one of them, at least one row); anything else is a one-line error."""
+    if not path.is_file():
+        raise InputError(f"{path} is missing: is its folder a crossval@<model> output?")
+    try:
+        frame = pd.read_csv(path, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not a readable CSV ({one_line(error)})") from error
+    classes = probability_classes(frame)
+    if not {"path", "label"} <= set(frame.columns) or not classes or frame.empty:
+        raise InputError(f"{path}: not a predictions table (needs path, label, p_<class> and "
+                         f"at least one row)")
+    probabilities = frame[[f"p_{name}" for name in classes]].apply(pd.to_numeric,
+                                                                   errors="coerce")
+    if not np.isfinite(probabilities.to_numpy(float)).all():
+        raise InputError(f"{path}: a p_<class> value is not a number")
+    if unknown := set(frame["label"].astype(str)) - set(classes):
+        raise InputError(f"{path}: labels without a p_<class> column: "
+                         f"{', '.join(sorted(unknown)[:5])}")
+    return frame.assign(**probabilities)
 
 
 def read_fold_predictions(fold_dirs: list[Path]) -> tuple[list[pd.DataFrame], list[str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -203,3 +204,48 @@ def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
         assert run.returncode == 2, run.stderr
         assert message in run.stderr and "Traceback" not in run.stderr
         assert not (tmp_path / "c.json").exists()
+
+
+def test_cv_ensemble_refuses_what_it_cannot_ensemble(tmp_path):
+    """Members that were not cross-validated, a lone member, folds off or a recipe to pair with
+    that is not a predictions table: a one-line error before anything is written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+
+    def run(members: list[str], folds: list[int], *extra: str) -> subprocess.CompletedProcess:
+        params["split"]["folds"] = folds
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        return subprocess.run([sys.executable, "-m", "bench.cv_ensemble", *members, *extra,
+                               "--out", "out", "--json", "out.json"], cwd=tmp_path,
+                              capture_output=True, text=True, env={**os.environ,
+                                                                   "PYTHONPATH": str(root)})
+
+    for name in ("a", "b"):  # two members' folds, each with what the ensemble reads first
+        for fold in (0, 1):
+            for needed in ("train/train.json", "eval/predictions.csv"):
+                (tmp_path / "data/cv" / name / str(fold) / needed).parent.mkdir(parents=True,
+                                                                               exist_ok=True)
+                (tmp_path / "data/cv" / name / str(fold) / needed).write_text("{}")
+        oof = tmp_path / "data/crossval" / name / "out_of_fold_predictions.csv"
+        oof.parent.mkdir(parents=True)
+        oof.write_text("path,label,p_x,p_y\nx/1.png,x,0.9,0.1\ny/2.png,y,0.2,0.8\n")
+    (tmp_path / "spoiled.csv").write_text("path,label,p_x,p_y\nx/1.png,x,abc,0.1\n")
+    for members, folds, extra, message in (
+            (["a"], [0, 1], [], "two different members or more"),
+            (["a", "a"], [0, 1], [], "two different members or more"),
+            (["a", "b"], [], [], "split.folds is empty"),
+            (["a", "c"], [0, 1], [], "data/cv/c/0/train/train.json is missing"),
+            (["a", "b"], [0, 1, 2], [], "data/cv/a/2/train/train.json is missing"),
+            (["a", "b"], [0, 1], ["--pair-with", "nowhere.csv"], "nowhere.csv is missing"),
+            (["a", "b"], [0, 1], ["--pair-with", "spoiled.csv"], "is not a number")):
+        result = run(members, folds, *extra)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.json").exists()
