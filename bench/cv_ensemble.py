@@ -95,7 +95,13 @@ def checked_inputs(members: list[str], folds: int, pair_with: list[Path]
                                      f"with these split.folds first")
     others = {member: Path("data/crossval") / member / "out_of_fold_predictions.csv"
               for member in members} | {str(path): path for path in pair_with}
-    return {name: read_predictions(path) for name, path in others.items()}
+    frames = {name: read_predictions(path) for name, path in others.items()}
+    images = set(frames[members[0]]["path"])
+    for name, frame in frames.items():
+        if set(frame["path"]) != images:
+            raise InputError(f"{name}: not scored on the same images as {members[0]} out of "
+                             f"fold; pair recipes cross-validated on the same folds")
+    return frames
 
 
 def main(argv: list[str]) -> None:

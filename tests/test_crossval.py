@@ -236,6 +236,7 @@ def test_cv_ensemble_refuses_what_it_cannot_ensemble(tmp_path):
         oof.parent.mkdir(parents=True)
         oof.write_text("path,label,p_x,p_y\nx/1.png,x,0.9,0.1\ny/2.png,y,0.2,0.8\n")
     (tmp_path / "spoiled.csv").write_text("path,label,p_x,p_y\nx/1.png,x,abc,0.1\n")
+    (tmp_path / "elsewhere.csv").write_text("path,label,p_x,p_y\nz/9.png,x,0.9,0.1\n")
     for members, folds, extra, message in (
             (["a"], [0, 1], [], "two different members or more"),
             (["a", "a"], [0, 1], [], "two different members or more"),
@@ -243,7 +244,8 @@ def test_cv_ensemble_refuses_what_it_cannot_ensemble(tmp_path):
             (["a", "c"], [0, 1], [], "data/cv/c/0/train/train.json is missing"),
             (["a", "b"], [0, 1, 2], [], "data/cv/a/2/train/train.json is missing"),
             (["a", "b"], [0, 1], ["--pair-with", "nowhere.csv"], "nowhere.csv is missing"),
-            (["a", "b"], [0, 1], ["--pair-with", "spoiled.csv"], "is not a number")):
+            (["a", "b"], [0, 1], ["--pair-with", "spoiled.csv"], "is not a number"),
+            (["a", "b"], [0, 1], ["--pair-with", "elsewhere.csv"], "not scored on the same")):
         result = run(members, folds, *extra)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr
