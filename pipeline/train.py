@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from pipeline.config import ConfigError
 from pipeline.data import (
     CellDataset,
     Preprocess,
@@ -116,6 +117,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.amp not in ("auto", True, False):
             raise ValueError(f"train.amp must be auto, true or false, not {self.amp!r}")
+        if self.distributed not in ("auto", True, False):
+            raise ValueError(f"train.distributed must be auto, true or false, "
+                             f"not {self.distributed!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), not {self.ema_decay}")
         keys = {f.name for f in dataclasses.fields(self)} - {"random_init"}
@@ -140,7 +144,7 @@ class TrainConfig:
 
 RANDOM_INIT_RECIPE = "random-init fallback"
 RESOURCE_KEYS = ("seconds", "train_seconds", "images_per_second", "peak_memory_mb", "device",
-                 "world_size")
+                 "world_size", "distributed")
 
 
 def recipe_for(config: TrainConfig, weight_source: str) -> tuple[TrainConfig, str]:
@@ -157,34 +161,35 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    distributed: bool = False  # in a torchrun job's process group (DDP), whatever its size
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def start_runtime(config: TrainConfig) -> Runtime:
-    """Join a torchrun job when launched by one (or when ``distributed: true``), else run alone."""
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Join the torchrun job that launched this process (``distributed: auto`` when the job has
+    more than one process, ``true`` at any size, one GPU included), else run alone."""
+    launched = "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if config.distributed is True and not launched:
-        raise RuntimeError("train.distributed is true but the stage was not launched by torchrun")
-    if config.distributed is False or not launched:
+        raise ConfigError("train.distributed is true but the stage was not launched by torchrun "
+                          "(torchrun --nproc_per_node N -m stages.train MODEL)")
+    if not launched or config.distributed is False or (config.distributed == "auto"
+                                                        and world_size == 1):
         device = select_device(config.device)
         if device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
         return Runtime(device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ["LOCAL_RANK"])
     device = select_device(config.device, local_rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
-    return Runtime(device, dist.get_rank(), dist.get_world_size())
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), distributed=True)
 
 
 class BalancedSampler(Sampler[int]):
@@ -381,7 +386,8 @@ def train_one_epoch(network: nn.Module, model: AttentionClassifier, loader: Data
         correct += (logits.argmax(1) == targets).sum().item()
         count += len(targets)
         progress.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
-    totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64)
+    # on the training device: NCCL (CUDA) reduces CUDA tensors only
+    totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=runtime.device)
     if runtime.distributed:
         dist.all_reduce(totals)
     scores = {"train_loss": float(totals[0] / totals[2]),
@@ -604,6 +610,7 @@ def _summary(name: str, model_config: ModelConfig, run: Run, best: EarlyStopping
         "images_per_second": clock.images / max(clock.train_seconds, 1e-9),
         "device": str(runtime.device),
         "world_size": runtime.world_size,
+        "distributed": runtime.distributed,
         "numeric_mode": numeric_mode(run.amp),
         "peak_memory_mb": peak_memory_mb(runtime.device),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -13,9 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from pipeline import train as training
+from pipeline.config import ConfigError
 from pipeline.data import (
     CellDataset,
     Preprocess,
@@ -228,7 +231,8 @@ def test_distributed_two_processes_on_cpu(prepared, tmp_path):
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "train.json").read_text())
-    assert json.loads((tmp_path / "train_resources.json").read_text())["world_size"] == 2
+    resources = json.loads((tmp_path / "train_resources.json").read_text())
+    assert resources["world_size"] == 2 and resources["distributed"]
     assert summary["train_images"] > 0
     _, checkpoint = load_checkpoint(tmp_path / "model" / "model.safetensors")
     single = run(prepared, tmp_path / "single")
@@ -238,6 +242,29 @@ def test_distributed_two_processes_on_cpu(prepared, tmp_path):
         for k, v in load_file(tmp_path / "single" / "model" / "model.safetensors").items()}
     assert single["train_images"] == summary["train_images"]
     assert len(list(tmp_path.glob("model*"))) == 1  # written once, by rank 0
+
+
+def test_torchrun_runtime_of_one_process(monkeypatch):
+    """``distributed: true`` joins a one-process torchrun job (one GPU) as DistributedDataParallel;
+    ``auto`` runs such a job alone; outside torchrun ``true`` is a one-line error."""
+    for key in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ConfigError, match="not launched by torchrun"):
+        training.start_runtime(replace(TINY_RECIPE, distributed=True, device="cpu"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for key, value in {"WORLD_SIZE": "1", "LOCAL_RANK": "0", "RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    assert not training.start_runtime(replace(TINY_RECIPE, device="cpu")).distributed
+    runtime = training.start_runtime(replace(TINY_RECIPE, distributed=True, device="cpu"))
+    try:
+        assert runtime.distributed and runtime.world_size == 1 and dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(ValueError, match="train.distributed must be auto, true or false"):
+        replace(TINY_RECIPE, distributed="yes")
 
 
 def _attention_in_cell(model_file: Path, prepared: Path) -> float:
@@ -256,13 +283,20 @@ def _attention_in_cell(model_file: Path, prepared: Path) -> float:
 
 
 def test_mask_guidance_puts_attention_on_the_cell(prepared, tmp_path):
+    """Guidance moves the class token's attention into the cell. Now and then a tiny run ends
+    where guidance has not taken (about 0.37 inside): seed 0 on an Intel Xeon's AVX-512 kernels,
+    none of seeds 0-4 under AVX2, so the median of 5 seeds is what is asserted."""
     model = replace(TINY_MODEL, image_size=64, output_stride=16)  # a 4x4 token grid
-    inside = {}
-    for weight in (0.0, 5.0):
-        out = tmp_path / str(weight)
-        run(prepared, out, model, replace(TINY_RECIPE, epochs=4, lr=3e-3, mask_guidance=weight))
-        inside[weight] = _attention_in_cell(out / "model" / "model.safetensors", prepared)
-    assert inside[5.0] > max(0.6, inside[0.0] + 0.15), inside
+
+    def inside(weight: float, seed: int) -> float:
+        out = tmp_path / f"{weight}-{seed}"
+        run(prepared, out, model, replace(TINY_RECIPE, epochs=4, lr=3e-3, mask_guidance=weight,
+                                          seed=seed))
+        return _attention_in_cell(out / "model" / "model.safetensors", prepared)
+
+    plain = inside(0.0, 0)
+    guided = sorted(inside(5.0, seed) for seed in range(5))
+    assert guided[2] > max(0.6, plain + 0.15), (plain, guided)
 
 
 @pytest.mark.parametrize(("stain", "contrast"),
