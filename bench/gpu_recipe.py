@@ -38,6 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.recipes import read_json  # noqa: E402
 from bench.run import machine_info  # noqa: E402
 from pipeline.errors import PipelineError, run_entry_point  # noqa: E402
 
@@ -100,10 +101,6 @@ def run_stage(root: Path, stage: str, *args: str, torchrun: bool = False) -> flo
         raise PipelineError(f"{root.name}: stage {stage} failed ({done.returncode}): {tail[0]}")
     print(f"{root.name}: {stage} {seconds} s", flush=True)
     return seconds
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
 
 
 def training_record(root: Path) -> dict[str, Any]:
@@ -211,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+
 
 if __name__ == "__main__":
     sys.exit(run_entry_point(main))
