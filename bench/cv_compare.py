@@ -9,8 +9,15 @@ out-of-fold images (accuracy difference, bootstrap interval over images, images 
 them gets right): the comparison that chooses. The external sets are paired the same way and
 reported, never to choose with.
 
+A recipe given as ``NAME=FOLDER+FOLDER...`` is the ensemble of those recipes as
+``ensemble.weighting: mean`` serves it: each image's probabilities (each member's own
+temperature) averaged with equal weights, out of fold and on every external set all members
+scored. It fits nothing, so it needs no validation predictions and stays fair to members that
+trained on their validation images (``train.refit``).
+
     python -m bench.cv_compare default=../cv-default/data/crossval/efficientnet_lite0_attention \\
         refit=../cv-refit/data/crossval/efficientnet_lite0_attention [--json bench/cv_compare.json]
+    python -m bench.cv_compare both=bench/cv_runs/readme_lite0+../cv/data/crossval/lite1 ...
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline.crossval import (
@@ -45,9 +53,23 @@ def scored(predictions: pd.DataFrame) -> dict[str, Any]:
             "recall": {row["class"]: row["recall"] for row in per_class}}
 
 
-def recipe_predictions(folder: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
-    """A crossval folder's out-of-fold predictions and each external set's fold-averaged
-    predictions (by set name), each read once."""
+Predictions = tuple[pd.DataFrame, dict[str, pd.DataFrame]]  # out of fold; external by set name
+
+
+def recipe_predictions(folders: list[Path]) -> Predictions:
+    """A recipe's out-of-fold predictions and each external set's fold-averaged predictions,
+    each read once; several folders (crossval outputs) make their equal-weight ensemble."""
+    read = [_crossval_predictions(folder) for folder in folders]
+    if len(read) == 1:
+        return read[0]
+    names = "+".join(map(str, folders))
+    shared = sorted(set.intersection(*(set(external) for _, external in read)))
+    return (mean_of([oof for oof, _ in read], f"{names}, out of fold"),
+            {name: mean_of([external[name] for _, external in read], f"{names}, {name}")
+             for name in shared})
+
+
+def _crossval_predictions(folder: Path) -> Predictions:
     if not (folder / "folds.csv").is_file():
         raise InputError(f"{folder / 'folds.csv'} is missing: is {folder} a crossval@<model> "
                          f"output?")
@@ -56,19 +78,48 @@ def recipe_predictions(folder: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFra
             {path.parent.name: read_predictions(path) for path in externals})
 
 
-def recipe_summary(folder: Path, out_of_fold: pd.DataFrame, external: dict[str, pd.DataFrame]
-                   ) -> dict[str, Any]:
+def mean_of(members: list[pd.DataFrame], what: str) -> pd.DataFrame:
+    """The members' probabilities of the same images averaged with equal weights (``label``
+    and ``fold`` kept, rows in the first member's order); other images, classes, labels or
+    folds are a one-line error."""
+    first = members[0].set_index("path")
+    classes, keep = probability_classes(members[0]), ["label", "fold"]
+    kept = [column for column in keep if column in first.columns]
+    columns = [f"p_{name}" for name in classes]
+    total = np.zeros((len(first), len(columns)))
+    for member in members:
+        frame = member.set_index("path")
+        if (not frame.index.is_unique or set(frame.index) != set(first.index)
+                or probability_classes(member) != classes):
+            raise InputError(f"{what}: the members were not scored on the same images and "
+                             f"classes (each once); ensemble recipes cross-validated alike")
+        frame = frame.loc[first.index]
+        if not all(frame[c].astype(str).equals(first[c].astype(str)) for c in kept):
+            raise InputError(f"{what}: the members disagree on an image's {' or '.join(kept)}")
+        total += frame[columns].to_numpy(float)
+    return first[kept].assign(**dict(zip(columns, (total / len(members)).T,
+                                          strict=True))).reset_index()
+
+
+def recipe_summary(folders: list[Path], out_of_fold: pd.DataFrame,
+                   external: dict[str, pd.DataFrame]) -> dict[str, Any]:
     """One recipe's row: fold spread, out-of-fold and external scores."""
-    folds = pd.read_csv(folder / "folds.csv")
-    return {"folder": str(folder), "folds": len(folds),
-            "fold_accuracy": {"mean": float(folds["accuracy"].mean()),
-                              "std": float(folds["accuracy"].std(ddof=1))},
+    folds = fold_accuracy(out_of_fold)
+    return {"folder": "+".join(map(str, folders)), "folds": len(folds),
+            "fold_accuracy": {"mean": float(folds.mean()), "std": float(folds.std(ddof=1))},
             "out_of_fold": scored(out_of_fold),
             "external": {name: scored(frame) for name, frame in external.items()}}
 
 
-def paired_with_reference(reference: tuple[pd.DataFrame, dict[str, pd.DataFrame]],
-                          other: tuple[pd.DataFrame, dict[str, pd.DataFrame]],
+def fold_accuracy(out_of_fold: pd.DataFrame) -> pd.Series:
+    """Each fold's accuracy, from the pooled out-of-fold predictions' ``fold`` column."""
+    if "fold" not in out_of_fold.columns:
+        raise InputError("out-of-fold predictions without a fold column: written by an older "
+                         "crossval stage? Rerun crossval@<model>")
+    return correct_by_image(out_of_fold).groupby(out_of_fold["fold"].to_numpy()).mean()
+
+
+def paired_with_reference(reference: Predictions, other: Predictions,
                           names: tuple[str, str]) -> dict[str, Any]:
     """``other`` minus ``reference`` on the out-of-fold images and on each external set both
     scored (``names``: the two recipes', for errors)."""
@@ -121,18 +172,21 @@ def _difference(pair: dict[str, Any] | None) -> str:
             f"({pair['only_first_right']}/{pair['only_second_right']})")
 
 
-def parse_recipe(text: str) -> tuple[str, Path]:
-    name, separator, folder = text.partition("=")
-    if not separator or not name or not folder:
-        raise InputError(f"{text!r}: give each recipe as NAME=FOLDER (a crossval output folder)")
-    return name, Path(folder)
+def parse_recipe(text: str) -> tuple[str, list[Path]]:
+    """``NAME=FOLDER`` or ``NAME=FOLDER+FOLDER...`` (an equal-weight ensemble)."""
+    name, separator, folders = text.partition("=")
+    if not separator or not name or "" in folders.split("+"):
+        raise InputError(f"{text!r}: give each recipe as NAME=FOLDER (a crossval output folder) "
+                         f"or NAME=FOLDER+FOLDER (their ensemble)")
+    return name, [Path(folder) for folder in folders.split("+")]
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipes", nargs="+", metavar="NAME=FOLDER",
-                        help="crossval@<model> output folders; the first is the reference")
+    parser.add_argument("recipes", nargs="+", metavar="NAME=FOLDER[+FOLDER...]",
+                        help="crossval@<model> output folders (+: their equal-weight ensemble); "
+                             "the first is the reference")
     parser.add_argument("--json", type=Path, default=Path("bench/cv_compare.json"))
     args = parser.parse_args(argv)
     recipes = dict(parse_recipe(text) for text in args.recipes)

@@ -159,6 +159,32 @@ def test_cv_compare_pairs_recipes_on_the_same_images(tmp_path):
     assert "reference" not in result["paired_with_first"]
 
 
+def test_cv_compare_scores_an_equal_weight_ensemble_of_recipes(tmp_path):
+    from bench.cv_compare import main
+
+    # out of fold, y3 (a c): the reference says a, the two others c; y2 (a c): only "other"
+    # says a. Averaged, the three are right on all eight images; the reference on seven.
+    reference = _recipe(tmp_path, "reference", ["a", "b", "c", "a"],
+                        [["a", "b", "b", "c"], ["a", "b", "b", "c"]])
+    other = _recipe(tmp_path, "other", ["a", "b", "a", "c"],
+                    [["a", "b", "c", "c"], ["a", "b", "c", "c"]])
+    third = _recipe(tmp_path, "third", ["a", "b", "c", "c"],
+                    [["a", "b", "c", "c"], ["a", "b", "c", "c"]])
+    out = tmp_path / "compare.json"
+    main([f"reference={reference}", f"same={reference}+{reference}",
+          f"three={reference}+{other}+{third}", "--json", str(out)])
+    result = read_json(out)
+    same, three = result["recipes"]["same"], result["recipes"]["three"]
+    assert same["out_of_fold"] == result["recipes"]["reference"]["out_of_fold"]
+    assert same["fold_accuracy"] == result["recipes"]["reference"]["fold_accuracy"]
+    assert three["folder"] == f"{reference}+{other}+{third}"
+    assert three["out_of_fold"]["right"] == 8
+    assert three["fold_accuracy"] == {"mean": 1.0, "std": 0.0}
+    assert three["external"]["lab-b"]["accuracy"] == 1.0  # e2: b, c, c
+    paired = result["paired_with_first"]["three"]["out_of_fold"]
+    assert (paired["only_first_right"], paired["only_second_right"]) == (1, 0)
+
+
 def _spoil_p_c(header: str, row: str) -> str:
     """``row`` (a CSV line under ``header``) with ``abc`` for its ``p_c`` value."""
     cells = row.split(",")
@@ -197,7 +223,9 @@ def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
             ([f"r={reference}", f"o={broken['empty']}"], "not a readable CSV"),
             ([f"r={reference}", f"o={broken['header-only']}"], "at least one row"),
             ([f"r={reference}", f"o={broken['unknown-label']}"], "column: zebra"),
-            ([f"r={reference}", f"o={broken['not-a-number']}"], "is not a number")):
+            ([f"r={reference}", f"o={broken['not-a-number']}"], "is not a number"),
+            ([f"r={reference}", f"e={reference}+{other}"], "not scored on the same images"),
+            ([f"r={reference}", f"e={reference}+"], "NAME=FOLDER+FOLDER")):
         run = subprocess.run([sys.executable, "-m", "bench.cv_compare", *recipes, "--json",
                               str(tmp_path / "c.json")], capture_output=True, text=True,
                              cwd=Path(__file__).parents[1])
