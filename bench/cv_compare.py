@@ -94,7 +94,8 @@ def mean_of(members: list[pd.DataFrame], what: str) -> pd.DataFrame:
             raise InputError(f"{what}: the members were not scored on the same images and "
                              f"classes (each once); ensemble recipes cross-validated alike")
         frame = frame.loc[first.index]
-        if not all(frame[c].astype(str).equals(first[c].astype(str)) for c in kept):
+        if not all(c in frame.columns and frame[c].astype(str).equals(first[c].astype(str))
+                   for c in kept):
             raise InputError(f"{what}: the members disagree on an image's {' or '.join(kept)}")
         total += frame[columns].to_numpy(float)
     return first[kept].assign(**dict(zip(columns, (total / len(members)).T,

@@ -215,6 +215,10 @@ def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
         broken[name] = tmp_path / name
         shutil.copytree(reference, broken[name])
         (broken[name] / "out_of_fold_predictions.csv").write_text(text)
+    no_folds = tmp_path / "no-folds"  # the reference's predictions without their fold column
+    shutil.copytree(reference, no_folds)
+    oof = pd.read_csv(no_folds / "out_of_fold_predictions.csv")
+    oof.drop(columns="fold").to_csv(no_folds / "out_of_fold_predictions.csv", index=False)
     for recipes, message in (
             ([f"r={reference}", f"o={other}"], "not scored on the same images"),
             ([f"r={reference}", f"o={tmp_path / 'nowhere'}"], "folds.csv is missing"),
@@ -225,7 +229,8 @@ def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
             ([f"r={reference}", f"o={broken['unknown-label']}"], "column: zebra"),
             ([f"r={reference}", f"o={broken['not-a-number']}"], "is not a number"),
             ([f"r={reference}", f"e={reference}+{other}"], "not scored on the same images"),
-            ([f"r={reference}", f"e={reference}+"], "NAME=FOLDER+FOLDER")):
+            ([f"r={reference}", f"e={reference}+"], "NAME=FOLDER+FOLDER"),
+            ([f"r={reference}", f"e={reference}+{no_folds}"], "label or fold")):
         run = subprocess.run([sys.executable, "-m", "bench.cv_compare", *recipes, "--json",
                               str(tmp_path / "c.json")], capture_output=True, text=True,
                              cwd=Path(__file__).parents[1])
