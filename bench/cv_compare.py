@@ -28,10 +28,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from pipeline.crossval import (
+    average_predictions,
     correct_by_image,
     paired_on_images,
     probability_classes,
@@ -64,8 +64,9 @@ def recipe_predictions(folders: list[Path]) -> Predictions:
         return read[0]
     names = "+".join(map(str, folders))
     shared = sorted(set.intersection(*(set(external) for _, external in read)))
-    return (mean_of([oof for oof, _ in read], f"{names}, out of fold"),
-            {name: mean_of([external[name] for _, external in read], f"{names}, {name}")
+    return (average_predictions([oof for oof, _ in read], f"{names}, out of fold"),
+            {name: average_predictions([external[name] for _, external in read],
+                                       f"{names}, {name}")
              for name in shared})
 
 
@@ -76,30 +77,6 @@ def _crossval_predictions(folder: Path) -> Predictions:
     externals = sorted((folder / "external").glob("*/fold_average_predictions.csv"))
     return (read_predictions(folder / "out_of_fold_predictions.csv"),
             {path.parent.name: read_predictions(path) for path in externals})
-
-
-def mean_of(members: list[pd.DataFrame], what: str) -> pd.DataFrame:
-    """The members' probabilities of the same images averaged with equal weights (``label``
-    and ``fold`` kept, rows in the first member's order); other images, classes, labels or
-    folds are a one-line error."""
-    first = members[0].set_index("path")
-    classes, keep = probability_classes(members[0]), ["label", "fold"]
-    kept = [column for column in keep if column in first.columns]
-    columns = [f"p_{name}" for name in classes]
-    total = np.zeros((len(first), len(columns)))
-    for member in members:
-        frame = member.set_index("path")
-        if (not frame.index.is_unique or set(frame.index) != set(first.index)
-                or probability_classes(member) != classes):
-            raise InputError(f"{what}: the members were not scored on the same images and "
-                             f"classes (each once); ensemble recipes cross-validated alike")
-        frame = frame.loc[first.index]
-        if not all(c in frame.columns and frame[c].astype(str).equals(first[c].astype(str))
-                   for c in kept):
-            raise InputError(f"{what}: the members disagree on an image's {' or '.join(kept)}")
-        total += frame[columns].to_numpy(float)
-    return first[kept].assign(**dict(zip(columns, (total / len(members)).T,
-                                          strict=True))).reset_index()
 
 
 def recipe_summary(folders: list[Path], out_of_fold: pd.DataFrame,

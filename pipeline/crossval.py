@@ -146,8 +146,8 @@ def aggregate_external(model: str, fold_dirs: list[Path], classes: list[str], ou
         if any(list(frame["path"]) != list(frames[0]["path"]) for frame in frames):
             raise ValueError(f"the folds' models scored different images of {name}")
         table = pd.DataFrame([score_predictions(frame, classes)[2] for frame in frames])
-        average = frames[0][["path", "label"]].assign(**{
-            f"p_{c}": np.mean([frame[f"p_{c}"] for frame in frames], axis=0) for c in classes})
+        average = average_predictions([frame[["path", "label", *(f"p_{c}" for c in classes)]]
+                                       for frame in frames], f"{model} on {name}")
         labels, probabilities, headline, per_class = score_predictions(average, classes)
         predicted = probabilities.argmax(1)
         results[name] = {
@@ -165,6 +165,31 @@ def aggregate_external(model: str, fold_dirs: list[Path], classes: list[str], ou
                     results[name]["mean"]["accuracy"], results[name]["std"]["accuracy"],
                     headline["accuracy"])
     return results
+
+
+def average_predictions(members: list[pd.DataFrame], what: str) -> pd.DataFrame:
+    """The members' probabilities of the same images averaged with equal weights (``label``
+    and ``fold`` kept, rows in the first member's order): the fold models on an external set,
+    or an ``ensemble.weighting: mean`` ensemble of recipes. Other images, classes, labels or
+    folds are a one-line error naming ``what``."""
+    first = members[0].set_index("path")
+    classes = probability_classes(members[0])
+    kept = [column for column in ("label", "fold") if column in first.columns]
+    columns = [f"p_{name}" for name in classes]
+    total = np.zeros((len(first), len(columns)))
+    for member in members:
+        frame = member.set_index("path")
+        if (not frame.index.is_unique or set(frame.index) != set(first.index)
+                or probability_classes(member) != classes):
+            raise InputError(f"{what}: the members were not scored on the same images and "
+                             f"classes (each once)")
+        frame = frame.loc[first.index]
+        if not all(c in frame.columns and frame[c].astype(str).equals(first[c].astype(str))
+                   for c in kept):
+            raise InputError(f"{what}: the members disagree on an image's {' or '.join(kept)}")
+        total += frame[columns].to_numpy(float)
+    return first[kept].assign(**dict(zip(columns, (total / len(members)).T,
+                                          strict=True))).reset_index()
 
 
 def correct_by_image(predictions: pd.DataFrame) -> pd.Series:

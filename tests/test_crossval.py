@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.crossval import aggregate_folds
+from pipeline.crossval import aggregate_folds, average_predictions
 from pipeline.io import read_json
 
 CLASSES = ["a", "b", "c"]
@@ -72,6 +72,34 @@ def test_external_sets_scored_by_every_fold_model_are_averaged(tmp_path):
     _external(folds[0], "lab-c", ["a", "b", "c", "c"])  # one fold scored a set the others did not
     with pytest.raises(ValueError, match="different external sets"):
         aggregate_folds("m", folds, tmp_path / "out", tmp_path / "cv.json")
+
+
+def test_fold_models_that_disagree_on_an_external_label_are_an_error(tmp_path):
+    folds = [_fold(tmp_path, k, [f"x{k}"], ["a"], ["a"]) for k in range(2)]
+    _external(folds[0], "lab-b", ["a", "b", "c", "c"])
+    _external(folds[1], "lab-b", ["a", "b", "c", "c"], labels=("a", "b", "c", "a"))
+    with pytest.raises(ValueError, match="m on lab-b: the members disagree on an image's label"):
+        aggregate_folds("m", folds, tmp_path / "out", tmp_path / "cv.json")
+    assert not (tmp_path / "out" / "external" / "lab-b").exists()
+
+
+def test_average_predictions_aligns_images_and_refuses_what_differs():
+    first = pd.DataFrame({"path": ["x", "y"], "label": ["a", "b"], "fold": [0, 1],
+                          "p_a": [0.9, 0.2], "p_b": [0.1, 0.8]})
+    second = first.iloc[::-1].assign(p_a=[0.4, 0.5], p_b=[0.6, 0.5])  # rows y, x
+    averaged = average_predictions([first, second], "both")
+    assert list(averaged.columns) == ["path", "label", "fold", "p_a", "p_b"]
+    assert list(averaged["path"]) == ["x", "y"] and list(averaged["fold"]) == [0, 1]
+    assert averaged["p_a"].tolist() == pytest.approx([0.7, 0.3])
+    assert averaged["p_b"].tolist() == pytest.approx([0.3, 0.7])
+    for other, message in (
+            (first.assign(path=["x", "z"]), "not scored on the same images"),
+            (pd.concat([first, first.iloc[:1]]), "not scored on the same images"),
+            (first.rename(columns={"p_b": "p_c"}), "not scored on the same images"),
+            (first.assign(label=["a", "a"]), "disagree on an image's label or fold"),
+            (first.assign(fold=[1, 1]), "disagree on an image's label or fold")):
+        with pytest.raises(ValueError, match=f"both: .*{message}"):
+            average_predictions([first, other], "both")
 
 
 def test_no_external_set_leaves_an_empty_entry(tmp_path):
