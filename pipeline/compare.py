@@ -24,6 +24,7 @@ COLUMNS = {
     "gradcam_in_cell": "Grad-CAM in cell",
     "cell_area": "cell area (chance)",
 }
+CHARTED = ("accuracy", "balanced_accuracy", "macro_f1")  # in summary.png, with their intervals
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,18 @@ def collect(eval_dir: Path) -> pd.DataFrame:
                 "random-init") else ""),
             "accuracy 95% CI": _interval(metrics, "accuracy"),
             "macro-F1 95% CI": _interval(metrics, "macro_f1"),
+            **{f"{key}_ci95": _bounds(metrics, key) for key in CHARTED},
             **_external_columns(summary.get("external", {})),
         })
     if not rows:
         raise ValueError(f"no evaluation results under {eval_dir}")
     return pd.DataFrame(rows).sort_values("macro_f1", ascending=False, kind="stable")
+
+
+def _bounds(metrics: dict[str, Any], name: str) -> tuple[float, float] | None:
+    """A metric's bootstrap interval as numbers, None when it was not computed."""
+    low, high = metrics.get(f"{name}_ci95_low"), metrics.get(f"{name}_ci95_high")
+    return None if low is None or high is None else (float(low), float(high))
 
 
 def _interval(metrics: dict[str, Any], name: str) -> str:
@@ -137,7 +145,8 @@ def write_comparison(table: pd.DataFrame, references: dict[str, float], metrics_
     shown_references = references if drawn else {}
     reference_rows = pd.DataFrame([{"model": f"{name} (reference)", "accuracy": value}
                                    for name, value in shown_references.items()])
-    shown = pd.concat([table, reference_rows], ignore_index=True).rename(columns={
+    shown = pd.concat([table.drop(columns=[f"{k}_ci95" for k in CHARTED]), reference_rows],
+                      ignore_index=True).rename(columns={
         **COLUMNS, "images": "test images", "parameters_m": "params (M)",
         "train_minutes": "train (min)", "train_images_per_s": "train img/s",
         "inference_images_per_s": "infer img/s"})
@@ -149,9 +158,10 @@ def write_comparison(table: pd.DataFrame, references: dict[str, float], metrics_
                 index=False, floatfmt=".4g", missingval="") + "\n",
             encoding="utf-8")
         plots.bar_chart_png(
-            list(table["model"]),
-            {COLUMNS[k]: list(table[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1")},
-            f"Test metrics by model\n{data}", tmp / "summary.png", shown_references)
+            list(table["model"]), {COLUMNS[k]: list(table[k]) for k in CHARTED},
+            f"Test metrics by model, with 95% bootstrap intervals\n{data}",
+            tmp / "summary.png", shown_references,
+            {COLUMNS[k]: list(table[f"{k}_ci95"]) for k in CHARTED})
 
 
 def compare(eval_dir: Path, config: CompareConfig, metrics_path: Path, report_dir: Path,

@@ -13,6 +13,19 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, auc  # noqa: E402
 
 
+def _interval_whiskers(ax: plt.Axes, positions: np.ndarray, intervals: list[Interval] | None
+                       ) -> None:
+    """Black whiskers spanning each bar's interval (as computed, whether or not it holds the
+    bar's value: a percentile bootstrap interval of macro-F1 need not)."""
+    known = [(x, *interval) for x, interval in
+             zip(positions, intervals or [None] * len(positions), strict=True)
+             if interval is not None]
+    if known:
+        x, low, high = map(np.array, zip(*known, strict=True))
+        ax.errorbar(x, (low + high) / 2, yerr=(high - low) / 2, fmt="none", ecolor="black",
+                    elinewidth=1, capsize=3)
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -93,15 +106,22 @@ def image_grid_png(images: list[np.ndarray], captions: list[str], title: str, pa
     _save(fig, path)
 
 
+Interval = tuple[float, float] | None  # a 95% interval (low, high); None: not computed
+
+
 def bar_chart_png(names: list[str], series: dict[str, list[float]], title: str, path: Path,
-                  references: dict[str, float] | None = None) -> None:
-    """Grouped bars (one group per model), with reference accuracies as dashed lines."""
+                  references: dict[str, float] | None = None,
+                  intervals: dict[str, list[Interval]] | None = None) -> None:
+    """Grouped bars (one group per model), each with its 95% interval where ``intervals`` has
+    one for it (same keys and order as ``series``), reference accuracies as dashed lines."""
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(names) + 3), 5))
     width = 0.8 / max(len(series), 1)
     positions = np.arange(len(names))
     for offset, (metric, values) in enumerate(series.items()):
         bars = ax.bar(positions + offset * width, values, width, label=metric)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, label_type="center",
+                     color="white")
+        _interval_whiskers(ax, positions + offset * width, (intervals or {}).get(metric))
     for (label, value), style in zip((references or {}).items(), ("--", ":", "-."),
                                      strict=False):
         ax.axhline(value, ls=style, color="grey", lw=1, label=f"{label}: {value:g}")

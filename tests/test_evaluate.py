@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline import plots
 from pipeline import predict as predict_module
 from pipeline.cli import main as wbc
 from pipeline.compare import CompareConfig, compare
@@ -160,7 +161,7 @@ def test_ensemble_and_compare(evaluated, prepared, tmp_path):
     report = (tmp_path / "reports" / "summary.md").read_text()
     assert report.startswith("# Model comparison on /data/pbc-1560: 1560 images, 8 classes")
     assert "original (PBC-1560) (reference)" in report and "ensemble" in report
-    assert "nan" not in report
+    assert "nan" not in report and "_ci95" not in report  # the chart's intervals stay numbers
     assert "Trained from random initialisation" not in report  # both members are pretrained
     header = next(line for line in report.splitlines() if line.startswith("| model"))
     assert "accuracy 95% CI" in header and "macro-F1 95% CI" in header
@@ -198,6 +199,22 @@ def _fake_member(folder: Path, test: np.ndarray, val: np.ndarray, data: EvalSet,
         "training": {"parameters": 1, "train_seconds": 1.0} | (
             {"refit_on_val": True} if refit else {})})
     return folder
+
+
+def test_summary_chart_draws_each_bar_with_its_interval(tmp_path, monkeypatch):
+    """Whiskers span each bar's bootstrap interval as computed (a macro-F1 interval need not hold
+    its value); a bar without one gets none."""
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.setdefault("figure", fig))
+    plots.bar_chart_png(["a", "b"], {"accuracy": [0.9, 0.5], "macro-F1": [0.8, 0.4]}, "t",
+                        tmp_path / "chart.png", intervals={"accuracy": [(0.85, 0.95), None],
+                                                           "macro-F1": [(0.82, 0.9), (0.3, 0.45)]})
+    axes = drawn["figure"].axes[0]
+    whiskers = sorted((round(low[0], 6), round(low[1], 6), round(high[1], 6))
+                      for collection in axes.collections
+                      for low, high in collection.get_segments())
+    assert whiskers == [(0.0, 0.85, 0.95), (0.4, 0.82, 0.9), (1.4, 0.3, 0.45)]
+    assert [round(bar.get_height(), 6) for bar in axes.patches] == [0.9, 0.5, 0.8, 0.4]
 
 
 def test_ensemble_temperature_sharpens_disagreeing_members(tmp_path):
