@@ -79,8 +79,8 @@ def _bounds(metrics: dict[str, Any], name: str) -> tuple[float, float] | None:
 
 def _interval(metrics: dict[str, Any], name: str) -> str:
     """``[low, high]`` of a metric's bootstrap interval, blank when it was not computed."""
-    low, high = metrics.get(f"{name}_ci95_low"), metrics.get(f"{name}_ci95_high")
-    return "" if low is None else f"[{low:.3f}, {high:.3f}]"
+    bounds = _bounds(metrics, name)
+    return "" if bounds is None else f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
 
 def _external_columns(external: dict[str, Any]) -> dict[str, Any]:

@@ -146,8 +146,7 @@ def aggregate_external(model: str, fold_dirs: list[Path], classes: list[str], ou
         if any(list(frame["path"]) != list(frames[0]["path"]) for frame in frames):
             raise ValueError(f"the folds' models scored different images of {name}")
         table = pd.DataFrame([score_predictions(frame, classes)[2] for frame in frames])
-        average = average_predictions([frame[["path", "label", *(f"p_{c}" for c in classes)]]
-                                       for frame in frames], f"{model} on {name}")
+        average = average_predictions(frames, f"{model} on {name}")
         labels, probabilities, headline, per_class = score_predictions(average, classes)
         predicted = probabilities.argmax(1)
         results[name] = {

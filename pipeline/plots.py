@@ -13,19 +13,6 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, auc  # noqa: E402
 
 
-def _interval_whiskers(ax: plt.Axes, positions: np.ndarray, intervals: list[Interval] | None
-                       ) -> None:
-    """Black whiskers spanning each bar's interval (as computed, whether or not it holds the
-    bar's value: a percentile bootstrap interval of macro-F1 need not)."""
-    known = [(x, *interval) for x, interval in
-             zip(positions, intervals or [None] * len(positions), strict=True)
-             if interval is not None]
-    if known:
-        x, low, high = map(np.array, zip(*known, strict=True))
-        ax.errorbar(x, (low + high) / 2, yerr=(high - low) / 2, fmt="none", ecolor="black",
-                    elinewidth=1, capsize=3)
-
-
 def _save(fig: plt.Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -107,6 +94,19 @@ def image_grid_png(images: list[np.ndarray], captions: list[str], title: str, pa
 
 
 Interval = tuple[float, float] | None  # a 95% interval (low, high); None: not computed
+
+
+def _interval_whiskers(ax: plt.Axes, positions: np.ndarray, intervals: list[Interval] | None
+                       ) -> None:
+    """Black whiskers spanning each bar's interval (as computed, whether or not it holds the
+    bar's value: a percentile bootstrap interval of macro-F1 need not)."""
+    known = [(x, *interval) for x, interval in
+             zip(positions, intervals or [None] * len(positions), strict=True)
+             if interval is not None]
+    if known:
+        x, low, high = map(np.array, zip(*known, strict=True))
+        ax.errorbar(x, (low + high) / 2, yerr=(high - low) / 2, fmt="none", ecolor="black",
+                    elinewidth=1, capsize=3)
 
 
 def bar_chart_png(names: list[str], series: dict[str, list[float]], title: str, path: Path,
