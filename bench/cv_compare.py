@@ -165,7 +165,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("recipes", nargs="+", metavar="NAME=FOLDER[+FOLDER...]",
                         help="crossval@<model> output folders (+: their equal-weight ensemble); "
                              "the first is the reference")
-    parser.add_argument("--json", type=Path, default=Path("bench/cv_compare.json"))
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the figures here (nothing is written without it)")
     args = parser.parse_args(argv)
     recipes = dict(parse_recipe(text) for text in args.recipes)
     if len(recipes) != len(args.recipes):
@@ -176,9 +177,10 @@ def main(argv: list[str]) -> None:
     first, *others = recipes
     paired = {name: paired_with_reference(predictions[first], predictions[name], (first, name))
               for name in others}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"recipes": summaries, "paired_with_first": paired},
-                                    indent=2) + "\n")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"recipes": summaries, "paired_with_first": paired},
+                                        indent=2) + "\n")
     print(markdown(summaries, paired))
 
 

@@ -187,6 +187,21 @@ def test_cv_compare_pairs_recipes_on_the_same_images(tmp_path):
     assert "reference" not in result["paired_with_first"]
 
 
+def test_cv_compare_writes_no_file_unless_asked(tmp_path, monkeypatch, capsys):
+    from bench.cv_compare import main
+
+    reference = _recipe(tmp_path, "reference", ["a", "b", "c", "a"],
+                        [["a", "b", "b", "c"], ["a", "b", "b", "c"]])
+    other = _recipe(tmp_path, "other", ["a", "b", "a", "c"],
+                    [["a", "b", "c", "c"], ["a", "b", "c", "c"]])
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    main([f"reference={reference}", f"other={other}"])
+    assert "| other |" in capsys.readouterr().out
+    assert list(work.rglob("*")) == []  # kept figures elsewhere are never overwritten
+
+
 def test_cv_compare_scores_an_equal_weight_ensemble_of_recipes(tmp_path):
     from bench.cv_compare import main
 
