@@ -16,7 +16,7 @@ scored. It fits nothing, so it needs no validation predictions and stays fair to
 trained on their validation images (``train.refit``).
 
     python -m bench.cv_compare default=../cv-default/data/crossval/efficientnet_lite0_attention \\
-        refit=../cv-refit/data/crossval/efficientnet_lite0_attention [--json bench/cv_compare.json]
+        refit=../cv-refit/data/crossval/efficientnet_lite0_attention [--json /tmp/compare.json]
     python -m bench.cv_compare both=bench/cv_runs/readme_lite0+../cv/data/crossval/lite1 ...
 """
 
