@@ -100,10 +100,14 @@ def fold_accuracy(out_of_fold: pd.DataFrame) -> pd.Series:
 def paired_with_reference(reference: Predictions, other: Predictions,
                           names: tuple[str, str]) -> dict[str, Any]:
     """``other`` minus ``reference`` on the out-of-fold images and on each external set both
-    scored (``names``: the two recipes', for errors)."""
+    scored, with the images only ``other`` (``only_this_right``) and only ``reference``
+    (``only_reference_right``) get right (``names``: the two recipes', for errors)."""
     def paired(first: pd.DataFrame, second: pd.DataFrame, what: str) -> dict[str, Any]:
-        return paired_on_images(correct_by_image(first), correct_by_image(second),
+        pair = paired_on_images(correct_by_image(first), correct_by_image(second),
                                 f"{what}: {names[1]} against {names[0]}")
+        return {"difference": pair["difference"], "ci95": pair["ci95"],
+                "only_this_right": pair["only_first_right"],
+                "only_reference_right": pair["only_second_right"]}
     (reference_oof, reference_external), (other_oof, other_external) = reference, other
     return {"out_of_fold": paired(other_oof, reference_oof, "out of fold")} | {
         name: paired(other_external[name], reference_external[name], name)
@@ -147,7 +151,7 @@ def _difference(pair: dict[str, Any] | None) -> str:
         return "-"
     low, high = pair["ci95"]
     return (f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}] "
-            f"({pair['only_first_right']}/{pair['only_second_right']})")
+            f"({pair['only_this_right']}/{pair['only_reference_right']})")
 
 
 def parse_recipe(text: str) -> tuple[str, list[Path]]:

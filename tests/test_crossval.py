@@ -180,10 +180,10 @@ def test_cv_compare_pairs_recipes_on_the_same_images(tmp_path):
     assert result["recipes"]["other"]["external"]["lab-b"]["accuracy"] == 1.0
     paired = result["paired_with_first"]["other"]
     assert paired["out_of_fold"]["difference"] == 0.0  # one image won, one lost
-    assert (paired["out_of_fold"]["only_first_right"],
-            paired["out_of_fold"]["only_second_right"]) == (1, 1)
+    assert (paired["out_of_fold"]["only_this_right"],
+            paired["out_of_fold"]["only_reference_right"]) == (1, 1)
     assert paired["lab-b"]["difference"] == pytest.approx(1 / 4)
-    assert (paired["lab-b"]["only_first_right"], paired["lab-b"]["only_second_right"]) == (1, 0)
+    assert (paired["lab-b"]["only_this_right"], paired["lab-b"]["only_reference_right"]) == (1, 0)
     assert "reference" not in result["paired_with_first"]
 
 
@@ -225,7 +225,7 @@ def test_cv_compare_scores_an_equal_weight_ensemble_of_recipes(tmp_path):
     assert three["fold_accuracy"] == {"mean": 1.0, "std": 0.0}
     assert three["external"]["lab-b"]["accuracy"] == 1.0  # e2: b, c, c
     paired = result["paired_with_first"]["three"]["out_of_fold"]
-    assert (paired["only_first_right"], paired["only_second_right"]) == (1, 0)
+    assert (paired["only_this_right"], paired["only_reference_right"]) == (1, 0)
 
 
 def _spoil_p_c(header: str, row: str) -> str:
