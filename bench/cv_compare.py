@@ -176,11 +176,11 @@ def main(argv: list[str]) -> None:
     if len(recipes) != len(args.recipes):
         raise InputError("two recipes share a name: give each its own NAME=")
     predictions = {name: recipe_predictions(folder) for name, folder in recipes.items()}
-    summaries = {name: recipe_summary(recipes[name], *frames)
-                 for name, frames in predictions.items()}
     first, *others = recipes
     paired = {name: paired_with_reference(predictions[first], predictions[name], (first, name))
-              for name in others}
+              for name in others}  # before scoring: runs on other images stop here, in one line
+    summaries = {name: recipe_summary(recipes[name], *frames)
+                 for name, frames in predictions.items()}
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"recipes": summaries, "paired_with_first": paired},

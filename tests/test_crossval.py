@@ -278,7 +278,7 @@ def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
                               str(tmp_path / "c.json")], capture_output=True, text=True,
                              cwd=Path(__file__).parents[1])
         assert run.returncode == 2, run.stderr
-        assert message in run.stderr and "Traceback" not in run.stderr
+        assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
         assert not (tmp_path / "c.json").exists()
 
 
