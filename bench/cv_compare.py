@@ -43,14 +43,16 @@ from pipeline.metrics_ci import bootstrap_intervals
 
 
 def scored(predictions: pd.DataFrame) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, their intervals, per-class recall and the count right."""
+    """Accuracy, balanced accuracy, their intervals, per-class recall (None for a class with no
+    images: balanced accuracy leaves it out too) and the count right."""
     labels, probabilities, headline, per_class = score_predictions(
         predictions, probability_classes(predictions))
     predicted = probabilities.argmax(1)
     return {"accuracy": headline["accuracy"], "balanced_accuracy": headline["balanced_accuracy"],
             "ci95": bootstrap_intervals(labels, predicted),
             "right": int((labels == predicted).sum()), "images": len(labels),
-            "recall": {row["class"]: row["recall"] for row in per_class}}
+            "recall": {row["class"]: row["recall"] if row["support"] else None
+                       for row in per_class}}
 
 
 Predictions = tuple[pd.DataFrame, dict[str, pd.DataFrame]]  # out of fold; external by set name
@@ -137,7 +139,8 @@ def _row(name: str, summary: dict[str, Any], pairs: dict[str, Any], classes: lis
                 if e in summary["external"] else "-" for e in externals]
     return ([name, f"{spread['mean']:.3f} ± {spread['std']:.3f}", _with_interval(oof),
              f"{oof['balanced_accuracy']:.3f}"]
-            + [f"{oof['recall'][c]:.3f}" for c in classes] + external
+            + ["-" if oof["recall"][c] is None else f"{oof['recall'][c]:.3f}" for c in classes]
+            + external
             + [_difference(pairs.get(key)) for key in ["out_of_fold", *externals]])
 
 

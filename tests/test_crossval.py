@@ -235,6 +235,23 @@ def _spoil_p_c(header: str, row: str) -> str:
     return ",".join(cells)
 
 
+def test_cv_compare_gives_no_recall_to_a_class_with_no_images(tmp_path, capsys):
+    from bench.cv_compare import main
+
+    root = tmp_path / "no-c"  # out of fold, no image is labelled c (one is predicted c)
+    root.mkdir()
+    folds = [_fold(root, 0, ["x0", "x1"], ["a", "b"], ["a", "c"]),
+             _fold(root, 1, ["y0", "y1"], ["a", "b"], ["a", "b"])]
+    aggregate_folds("no-c", folds, root / "crossval", root / "cv.json")
+    out = tmp_path / "compare.json"
+    main([f"no_c={root / 'crossval'}", "--json", str(out)])
+    summary = read_json(out)["recipes"]["no_c"]["out_of_fold"]
+    assert summary["recall"] == {"a": 1.0, "b": 0.5, "c": None}  # not a recall of 0.000
+    assert summary["balanced_accuracy"] == pytest.approx(0.75)  # over a and b, as recall is
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| no_c"))
+    assert [cell.strip() for cell in row.split("|")[5:8]] == ["1.000", "0.500", "-"]
+
+
 def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
     import shutil
     import subprocess
