@@ -15,9 +15,16 @@ temperature) averaged with equal weights, out of fold and on every external set 
 scored. It fits nothing, so it needs no validation predictions and stays fair to members that
 trained on their validation images (``train.refit``).
 
+A recipe run several times (other seeds, one CPU) is given as ``NAME=RUN,RUN...``, each run a
+folder or a ``+`` ensemble. Its runs are not averaged into an ensemble: each image counts by the
+share of the runs that get it right, so that a pairing with another recipe holds the runs' spread
+as well as the images' (a bootstrap over images of one run each cannot).
+
     python -m bench.cv_compare default=../cv-default/data/crossval/efficientnet_lite0_attention \\
         refit=../cv-refit/data/crossval/efficientnet_lite0_attention [--json /tmp/compare.json]
     python -m bench.cv_compare both=bench/cv_runs/readme_lite0+../cv/data/crossval/lite1 ...
+    python -m bench.cv_compare base=bench/cv_runs/seed0,bench/cv_runs/seed1 \\
+        new=bench/cv_runs/new_seed0,bench/cv_runs/new_seed1
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline.crossval import (
@@ -39,7 +47,7 @@ from pipeline.crossval import (
     score_predictions,
 )
 from pipeline.errors import InputError, run_entry_point
-from pipeline.metrics_ci import bootstrap_intervals
+from pipeline.metrics_ci import bootstrap_intervals, mean_interval
 
 
 def scored(predictions: pd.DataFrame) -> dict[str, Any]:
@@ -56,11 +64,13 @@ def scored(predictions: pd.DataFrame) -> dict[str, Any]:
 
 
 Predictions = tuple[pd.DataFrame, dict[str, pd.DataFrame]]  # out of fold; external by set name
+Shares = tuple[pd.Series, dict[str, pd.Series]]  # per image, the share of runs right: the same
+Run = list[Path]  # a crossval output folder, or the folders of an equal-weight ensemble
 
 
-def recipe_predictions(folders: list[Path]) -> Predictions:
-    """A recipe's out-of-fold predictions and each external set's fold-averaged predictions,
-    each read once; several folders (crossval outputs) make their equal-weight ensemble."""
+def run_predictions(folders: Run) -> Predictions:
+    """A run's out-of-fold predictions and each external set's fold-averaged predictions, each
+    read once; several folders (crossval outputs) make their equal-weight ensemble."""
     read = [_crossval_predictions(folder) for folder in folders]
     if len(read) == 1:
         return read[0]
@@ -81,14 +91,59 @@ def _crossval_predictions(folder: Path) -> Predictions:
             {path.parent.name: read_predictions(path) for path in externals})
 
 
-def recipe_summary(folders: list[Path], out_of_fold: pd.DataFrame,
-                   external: dict[str, pd.DataFrame]) -> dict[str, Any]:
-    """One recipe's row: fold spread, out-of-fold and external scores."""
-    folds = fold_accuracy(out_of_fold)
-    return {"folder": "+".join(map(str, folders)), "folds": len(folds),
+def shares_right(runs: list[Predictions], name: str) -> Shares:
+    """Per image, the share of a recipe's runs that get it right (0 or 1 for one run), out of
+    fold and on each external set every run scored; runs on other images are a one-line error."""
+    def share(frames: list[pd.DataFrame], what: str) -> pd.Series:
+        right = [correct_by_image(frame) for frame in frames]
+        if any(r.index.has_duplicates or set(r.index) != set(right[0].index) for r in right):
+            raise InputError(f"{name}, {what}: its runs were not scored on the same images; "
+                             f"compare runs on the same folds")
+        return pd.concat([r.reindex(right[0].index) for r in right], axis=1).mean(axis=1)
+    shared = sorted(set.intersection(*(set(external) for _, external in runs)))
+    return (share([oof for oof, _ in runs], "out of fold"),
+            {set_name: share([external[set_name] for _, external in runs], set_name)
+             for set_name in shared})
+
+
+def recipe_summary(runs: list[Run], predictions: list[Predictions], shares: Shares
+                   ) -> dict[str, Any]:
+    """One recipe's row: fold spread, out-of-fold and external scores. A recipe run several
+    times is scored by each image's share of runs right, with each run's accuracy beside it."""
+    folder = ",".join("+".join(map(str, run)) for run in runs)
+    if len(runs) == 1:
+        (out_of_fold, external), = predictions
+        folds = fold_accuracy(out_of_fold)
+        return {"folder": folder, "folds": len(folds),
+                "fold_accuracy": {"mean": float(folds.mean()), "std": float(folds.std(ddof=1))},
+                "out_of_fold": scored(out_of_fold),
+                "external": {name: scored(frame) for name, frame in external.items()}}
+    oof_share, external_shares = shares
+    folds = oof_share.groupby(_by_path(predictions[0][0], "fold", oof_share)).mean()
+    return {"folder": folder, "runs": len(runs), "folds": len(folds),
             "fold_accuracy": {"mean": float(folds.mean()), "std": float(folds.std(ddof=1))},
-            "out_of_fold": scored(out_of_fold),
-            "external": {name: scored(frame) for name, frame in external.items()}}
+            "out_of_fold": scored_shares(oof_share, predictions[0][0]) | {
+                "run_accuracy": [float(correct_by_image(oof).mean()) for oof, _ in predictions]},
+            "external": {name: scored_shares(share, predictions[0][1][name])
+                         for name, share in external_shares.items()}}
+
+
+def scored_shares(share: pd.Series, predictions: pd.DataFrame) -> dict[str, Any]:
+    """Accuracy (the mean share of runs right) with its bootstrap interval over images, balanced
+    accuracy, per-class recall (None for a class with no images) and the runs' mean count right;
+    ``predictions`` (one run's) gives the labels and classes."""
+    labels = _by_path(predictions, "label", share).astype(str)
+    recall = share.groupby(labels).mean()
+    return {"accuracy": float(share.mean()), "balanced_accuracy": float(recall.mean()),
+            "ci95": {"accuracy": mean_interval(share.to_numpy())},
+            "right": float(share.sum()), "images": len(share),
+            "recall": {name: float(recall[name]) if name in recall else None
+                       for name in probability_classes(predictions)}}
+
+
+def _by_path(predictions: pd.DataFrame, column: str, share: pd.Series) -> np.ndarray:
+    """``column`` of ``predictions`` in the order of ``share``'s images."""
+    return predictions.set_index("path")[column].reindex(share.index).to_numpy()
 
 
 def fold_accuracy(out_of_fold: pd.DataFrame) -> pd.Series:
@@ -99,14 +154,13 @@ def fold_accuracy(out_of_fold: pd.DataFrame) -> pd.Series:
     return correct_by_image(out_of_fold).groupby(out_of_fold["fold"].to_numpy()).mean()
 
 
-def paired_with_reference(reference: Predictions, other: Predictions,
-                          names: tuple[str, str]) -> dict[str, Any]:
+def paired_with_reference(reference: Shares, other: Shares, names: tuple[str, str]
+                          ) -> dict[str, Any]:
     """``other`` minus ``reference`` on the out-of-fold images and on each external set both
-    scored, with the images only ``other`` (``only_this_right``) and only ``reference``
-    (``only_reference_right``) get right (``names``: the two recipes', for errors)."""
-    def paired(first: pd.DataFrame, second: pd.DataFrame, what: str) -> dict[str, Any]:
-        pair = paired_on_images(correct_by_image(first), correct_by_image(second),
-                                f"{what}: {names[1]} against {names[0]}")
+    scored, with the images ``other`` (``only_this_right``) and ``reference``
+    (``only_reference_right``) get right more often (``names``: the two recipes', for errors)."""
+    def paired(first: pd.Series, second: pd.Series, what: str) -> dict[str, Any]:
+        pair = paired_on_images(first, second, f"{what}: {names[1]} against {names[0]}")
         return {"difference": pair["difference"], "ci95": pair["ci95"],
                 "only_this_right": pair["only_first_right"],
                 "only_reference_right": pair["only_second_right"]}
@@ -157,33 +211,36 @@ def _difference(pair: dict[str, Any] | None) -> str:
             f"({pair['only_this_right']}/{pair['only_reference_right']})")
 
 
-def parse_recipe(text: str) -> tuple[str, list[Path]]:
-    """``NAME=FOLDER`` or ``NAME=FOLDER+FOLDER...`` (an equal-weight ensemble)."""
-    name, separator, folders = text.partition("=")
-    if not separator or not name or "" in folders.split("+"):
-        raise InputError(f"{text!r}: give each recipe as NAME=FOLDER (a crossval output folder) "
-                         f"or NAME=FOLDER+FOLDER (their ensemble)")
-    return name, [Path(folder) for folder in folders.split("+")]
+def parse_recipe(text: str) -> tuple[str, list[Run]]:
+    """``NAME=FOLDER``, ``NAME=FOLDER+FOLDER...`` (an equal-weight ensemble), or runs of one
+    recipe separated by commas (``NAME=FOLDER,FOLDER``, each run a folder or an ensemble)."""
+    name, separator, runs = text.partition("=")
+    if not separator or not name or any("" in run.split("+") for run in runs.split(",")):
+        raise InputError(f"{text!r}: give each recipe as NAME=FOLDER (a crossval output folder), "
+                         f"NAME=FOLDER+FOLDER (their ensemble) or NAME=RUN,RUN (runs of one "
+                         f"recipe)")
+    return name, [[Path(folder) for folder in run.split("+")] for run in runs.split(",")]
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipes", nargs="+", metavar="NAME=FOLDER[+FOLDER...]",
-                        help="crossval@<model> output folders (+: their equal-weight ensemble); "
-                             "the first is the reference")
+    parser.add_argument("recipes", nargs="+", metavar="NAME=FOLDER[+FOLDER...][,RUN...]",
+                        help="crossval@<model> output folders (+: their equal-weight ensemble; "
+                             ",: runs of one recipe); the first is the reference")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the figures here (nothing is written without it)")
     args = parser.parse_args(argv)
     recipes = dict(parse_recipe(text) for text in args.recipes)
     if len(recipes) != len(args.recipes):
         raise InputError("two recipes share a name: give each its own NAME=")
-    predictions = {name: recipe_predictions(folder) for name, folder in recipes.items()}
+    predictions = {name: [run_predictions(run) for run in runs] for name, runs in recipes.items()}
+    shares = {name: shares_right(runs, name) for name, runs in predictions.items()}
     first, *others = recipes
-    paired = {name: paired_with_reference(predictions[first], predictions[name], (first, name))
+    paired = {name: paired_with_reference(shares[first], shares[name], (first, name))
               for name in others}  # before scoring: runs on other images stop here, in one line
-    summaries = {name: recipe_summary(recipes[name], *frames)
-                 for name, frames in predictions.items()}
+    summaries = {name: recipe_summary(recipes[name], predictions[name], shares[name])
+                 for name in recipes}
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"recipes": summaries, "paired_with_first": paired},

@@ -63,18 +63,31 @@ def bootstrap_intervals(labels: np.ndarray, predicted: np.ndarray, level: float 
 
 def paired_difference(first_correct: np.ndarray, second_correct: np.ndarray, level: float = 0.95,
                       resamples: int = 5000, seed: int = 0) -> dict[str, Any]:
-    """First minus second accuracy on the same images (per-image correctness), with a
-    percentile bootstrap interval over images and the count of images only each gets right."""
-    first, second = np.asarray(first_correct, bool), np.asarray(second_correct, bool)
+    """First minus second accuracy on the same images, with a percentile bootstrap interval over
+    images and the count of images each gets right more often than the other.
+
+    Per image, each side is its correctness (bool) or, for a recipe run several times, the share
+    of its runs that got the image right (a number in [0, 1])."""
+    first, second = np.asarray(first_correct, float), np.asarray(second_correct, float)
     if first.shape != second.shape or first.ndim != 1 or len(first) == 0:
         raise ValueError("paired scores need the same non-empty list of images for both")
-    difference = first.astype(float) - second.astype(float)
-    if not difference.any():  # one value: the percentile interval is that value
-        low = high = 0.0
-    else:
-        low, high = bootstrap((difference,), np.mean, n_resamples=resamples,
-                              confidence_level=level, method="percentile",
-                              rng=np.random.default_rng(seed)).confidence_interval
-    return {"difference": float(difference.mean()), "ci95": [float(low), float(high)],
+    if not (((first >= 0) & (first <= 1)).all() and ((second >= 0) & (second <= 1)).all()):
+        raise ValueError("paired scores are per-image correctness or shares of runs right, "
+                         "in [0, 1]")
+    difference = first - second
+    return {"difference": float(difference.mean()),
+            "ci95": mean_interval(difference, level, resamples, seed),
             "only_first_right": int((difference > 0).sum()),
             "only_second_right": int((difference < 0).sum())}
+
+
+def mean_interval(values: np.ndarray, level: float = 0.95, resamples: int = 5000, seed: int = 0
+                  ) -> list[float]:
+    """Percentile bootstrap interval of the mean of per-image values (resampled with
+    replacement); equal values give that value, since the percentile method needs no variance."""
+    values = np.asarray(values, float)
+    if np.ptp(values) == 0:
+        return [float(values[0])] * 2
+    low, high = bootstrap((values,), np.mean, n_resamples=resamples, confidence_level=level,
+                          method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+    return [float(low), float(high)]

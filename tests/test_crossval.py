@@ -148,6 +148,10 @@ def test_paired_difference_of_two_models_on_the_same_images():
     assert coin["ci95"][0] < 0 < coin["ci95"][1]
     with pytest.raises(ValueError, match="same non-empty list of images"):
         paired_difference(first, second[:-1])
+    shares = np.full(400, 0.5)  # a recipe's two runs, each right on half the images
+    assert paired_difference(shares, second)["difference"] == pytest.approx(0.5 - second.mean())
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        paired_difference(shares * 3, second)
 
 
 def _recipe(tmp_path, name: str, second_fold: list[str], external: list[list[str]]):
@@ -228,6 +232,46 @@ def test_cv_compare_scores_an_equal_weight_ensemble_of_recipes(tmp_path):
     assert (paired["only_this_right"], paired["only_reference_right"]) == (1, 0)
 
 
+def test_cv_compare_scores_a_recipe_run_twice_by_the_share_of_runs_right(tmp_path):
+    from bench.cv_compare import main
+
+    # reference: run 1 misses y3, run 2 misses y2, both miss the external e2; other: run 1 right
+    # on every image, run 2 misses y3. Out of fold, the reference gets y2 and y3 half right
+    # (7 of 8), the other y3 half right (7.5 of 8): it gets y2 right more often, nothing less.
+    runs = {name: _recipe(tmp_path, name, second, [external, external])
+            for name, second, external in (
+                ("r1", ["a", "b", "c", "a"], ["a", "b", "b", "c"]),
+                ("r2", ["a", "b", "a", "c"], ["a", "b", "b", "c"]),
+                ("o1", ["a", "b", "c", "c"], ["a", "b", "c", "c"]),
+                ("o2", ["a", "b", "c", "a"], ["a", "b", "c", "c"]))}
+    out = tmp_path / "compare.json"
+    main([f"reference={runs['r1']},{runs['r2']}", f"other={runs['o1']},{runs['o2']}",
+          f"single={runs['o1']}",
+          f"self_ensembles={runs['r1']}+{runs['r1']},{runs['r2']}+{runs['r2']}",
+          "--json", str(out)])
+    result = read_json(out)
+    reference = result["recipes"]["reference"]
+    assert reference["runs"] == 2 and reference["folder"] == f"{runs['r1']},{runs['r2']}"
+    assert reference["out_of_fold"]["accuracy"] == pytest.approx(7 / 8)
+    assert reference["out_of_fold"]["right"] == pytest.approx(7.0)
+    assert reference["out_of_fold"]["run_accuracy"] == pytest.approx([7 / 8, 7 / 8])
+    assert reference["out_of_fold"]["recall"] == pytest.approx({"a": 1.0, "b": 1.0, "c": 2 / 3})
+    assert reference["out_of_fold"]["balanced_accuracy"] == pytest.approx(8 / 9)
+    assert reference["fold_accuracy"]["mean"] == pytest.approx(7 / 8)  # folds 1.0 and 0.75
+    assert reference["external"]["lab-b"]["accuracy"] == pytest.approx(3 / 4)
+    low, high = reference["out_of_fold"]["ci95"]["accuracy"]
+    assert low < 7 / 8 < high
+    paired = result["paired_with_first"]["other"]["out_of_fold"]
+    assert paired["difference"] == pytest.approx(1 / 16)  # y2: +1/2 on one image of 8
+    assert (paired["only_this_right"], paired["only_reference_right"]) == (1, 0)
+    assert result["paired_with_first"]["other"]["lab-b"]["difference"] == pytest.approx(1 / 4)
+    assert result["paired_with_first"]["single"]["out_of_fold"]["difference"] == pytest.approx(
+        1 / 8)  # one run, right on all: shares 1 against 1/2 on y2 and y3
+    assert "runs" not in result["recipes"]["single"]
+    # each run an ensemble (here of a run with itself: that run's probabilities)
+    assert result["recipes"]["self_ensembles"]["out_of_fold"] == reference["out_of_fold"]
+
+
 def _spoil_p_c(header: str, row: str) -> str:
     """``row`` (a CSV line under ``header``) with ``abc`` for its ``p_c`` value."""
     cells = row.split(",")
@@ -290,7 +334,9 @@ def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
             ([f"r={reference}", f"o={broken['not-a-number']}"], "is not a number"),
             ([f"r={reference}", f"e={reference}+{other}"], "not scored on the same images"),
             ([f"r={reference}", f"e={reference}+"], "NAME=FOLDER+FOLDER"),
-            ([f"r={reference}", f"e={reference}+{no_folds}"], "label or fold")):
+            ([f"r={reference}", f"e={reference}+{no_folds}"], "label or fold"),
+            ([f"r={reference}", f"o={reference},{other}"], "its runs were not scored on the same"),
+            ([f"r={reference},"], "NAME=RUN,RUN")):
         run = subprocess.run([sys.executable, "-m", "bench.cv_compare", *recipes, "--json",
                               str(tmp_path / "c.json")], capture_output=True, text=True,
                              cwd=Path(__file__).parents[1])
