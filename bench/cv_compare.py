@@ -200,7 +200,8 @@ def _row(name: str, summary: dict[str, Any], pairs: dict[str, Any], classes: lis
 
 def _with_interval(score: dict[str, Any]) -> str:
     low, high = score["ci95"]["accuracy"]
-    return f"{score['accuracy']:.4f} [{low:.3f}, {high:.3f}] ({score['right']}/{score['images']})"
+    right = f"{score['right']:.6g}"  # a mean count for a recipe run several times: 1504.67
+    return f"{score['accuracy']:.4f} [{low:.3f}, {high:.3f}] ({right}/{score['images']})"
 
 
 def _difference(pair: dict[str, Any] | None) -> str:

@@ -232,7 +232,7 @@ def test_cv_compare_scores_an_equal_weight_ensemble_of_recipes(tmp_path):
     assert (paired["only_this_right"], paired["only_reference_right"]) == (1, 0)
 
 
-def test_cv_compare_scores_a_recipe_run_twice_by_the_share_of_runs_right(tmp_path):
+def test_cv_compare_scores_a_recipe_run_twice_by_the_share_of_runs_right(tmp_path, capsys):
     from bench.cv_compare import main
 
     # reference: run 1 misses y3, run 2 misses y2, both miss the external e2; other: run 1 right
@@ -268,6 +268,8 @@ def test_cv_compare_scores_a_recipe_run_twice_by_the_share_of_runs_right(tmp_pat
     assert result["paired_with_first"]["single"]["out_of_fold"]["difference"] == pytest.approx(
         1 / 8)  # one run, right on all: shares 1 against 1/2 on y2 and y3
     assert "runs" not in result["recipes"]["single"]
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()}
+    assert "(7/8)" in rows["reference"] and "(7.5/8)" in rows["other"]  # the runs' mean count
     # each run an ensemble (here of a run with itself: that run's probabilities)
     assert result["recipes"]["self_ensembles"]["out_of_fold"] == reference["out_of_fold"]
 
