@@ -41,10 +41,13 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def recalls(report: Path) -> dict[str, float]:
-    """Per-class recall from an evaluation's ``report.csv``."""
+def recalls(report: Path) -> dict[str, float | None]:
+    """Per-class recall from an evaluation's ``report.csv``; None for a class with no images
+    (a recall of 0 would read as every image of it missed)."""
     rows = pd.read_csv(report)
-    return dict(zip(rows["class"], rows["recall"].round(4), strict=True))
+    return {name: round(float(recall), 4) if support else None
+            for name, recall, support in zip(rows["class"], rows["recall"], rows["support"],
+                                             strict=True)}
 
 
 def collect(root: Path = Path(".")) -> dict[str, Any]:
@@ -101,9 +104,15 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines += ["", "| recall (test / external) | " + " | ".join(classes) + " |",
               "|---" * (len(classes) + 1) + "|"]
     lines += [f"| {r['backbone']} | " + " | ".join(
-        f"{r['test_recall'][c]:.2f} / {r['external_recall'][c]:.2f}" for c in classes) + " |"
-        for r in results]
+        f"{_recall(r['test_recall'], c)} / {_recall(r['external_recall'], c)}" for c in classes)
+        + " |" for r in results]
     return "\n".join(lines)
+
+
+def _recall(recalls_by_class: dict[str, float | None], name: str) -> str:
+    """A class's recall in two decimals, ``-`` where the set has no image of it."""
+    value = recalls_by_class.get(name)
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> None:

@@ -298,6 +298,23 @@ def test_cv_compare_gives_no_recall_to_a_class_with_no_images(tmp_path, capsys):
     assert [cell.strip() for cell in row.split("|")[5:8]] == ["1.000", "0.500", "-"]
 
 
+def test_recipes_give_no_recall_to_a_class_with_no_images(tmp_path):
+    from bench.recipes import markdown, recalls
+
+    report = tmp_path / "report.csv"  # a test split without platelets
+    report.write_text("class,precision,recall,f1,support\nbasophil,1.0,0.95,0.97,20\n"
+                      "platelet,0.0,0.0,0.0,0\n")
+    by_class = recalls(report)
+    assert by_class == {"basophil": 0.95, "platelet": None}  # not a recall of 0.0
+    scores = {"accuracy": 0.95, "balanced_accuracy": 0.95, "accuracy_ci95_low": 0.9,
+              "accuracy_ci95_high": 1.0}
+    table = markdown([{"backbone": "lite0", "image_size": 160, "epochs_run": 20, "best_epoch": 12,
+                       "wall_seconds": 60.0, "test": scores, "external": scores,
+                       "test_recall": by_class,
+                       "external_recall": {"basophil": 0.9, "platelet": 1.0}}])
+    assert table.splitlines()[-1] == "| lite0 | 0.95 / 0.90 | - / 1.00 |"
+
+
 def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
     import shutil
     import subprocess
