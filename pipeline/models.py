@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 HUB_HOST = ("huggingface.co", 443)
 CHECKPOINT_FORMAT = 2  # 1 was a pickled model.pt, never loaded any more
+PICKLE_PROTOCOLS = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
 METADATA_KEY = "wbc_checkpoint"
 REQUIRED_KEYS = ("format", "name", "classes", "model_config", "preprocess", "mask_params",
                  "temperature", "summary")
@@ -400,9 +401,10 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
         with open(path, "rb") as raw:
             head = raw.read(4)
-        # A safetensors file may start with 0x80 too (its header length), so this is asked
-        # only of a file that is no safetensors file.
-        if head.startswith((b"PK\x03\x04", b"\x80")):
+        # torch.save's zip, or a pickle's PROTO opcode (0x80, protocol 2-5). A safetensors file
+        # may start with 0x80 too (its header length), so this is asked only of a file that is
+        # no safetensors file.
+        if head.startswith((b"PK\x03\x04", *PICKLE_PROTOCOLS)):
             raise CheckpointError(f"{path}: old pickle format (model.pt), which is never loaded "
                                   f"since it can run code; retrain or convert it to {MODEL_FILE}"
                                   ) from error

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import random
 import shutil
 import signal
 import struct
@@ -164,7 +165,8 @@ def test_plain_pickle_is_refused_too(tmp_path):
 
 @pytest.mark.parametrize(("content", "reason"), [
     (b"", "not a safetensors model file of this pipeline"),
-    (os.urandom(4096), "not a safetensors model file of this pipeline"),
+    (random.Random(0).randbytes(4096), "not a safetensors model file of this pipeline"),
+    (b"\x80\x07" + bytes(64), "not a safetensors model file of this pipeline"),  # no pickle
     (b"\xff" * 8 + b"{}", "not a safetensors model file of this pipeline"),
 ])
 def test_garbage_model_files_are_one_line_errors(tmp_path, content, reason, capsys):
