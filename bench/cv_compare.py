@@ -44,6 +44,7 @@ from pipeline.crossval import (
     paired_on_images,
     probability_classes,
     read_predictions,
+    same_images,
     score_predictions,
 )
 from pipeline.errors import InputError, run_entry_point
@@ -96,7 +97,7 @@ def shares_right(runs: list[Predictions], name: str) -> Shares:
     fold and on each external set every run scored; runs on other images are a one-line error."""
     def share(frames: list[pd.DataFrame], what: str) -> pd.Series:
         right = [correct_by_image(frame) for frame in frames]
-        if any(r.index.has_duplicates or set(r.index) != set(right[0].index) for r in right):
+        if not all(same_images(r, right[0]) for r in right[1:]):
             raise InputError(f"{name}, {what}: its runs were not scored on the same images; "
                              f"compare runs on the same folds")
         return pd.concat([r.reindex(right[0].index) for r in right], axis=1).mean(axis=1)

@@ -77,6 +77,9 @@ def read_predictions(path: Path) -> pd.DataFrame:
     if unknown := set(frame["label"].astype(str)) - set(classes):
         raise InputError(f"{path}: labels without a p_<class> column: "
                          f"{', '.join(sorted(unknown)[:5])}")
+    twice = frame["path"].astype(str)[frame["path"].astype(str).duplicated()]
+    if not twice.empty:
+        raise InputError(f"{path}: an image is listed twice ({twice.iloc[0]}); one row per image")
     return frame.assign(**probabilities)
 
 
@@ -204,10 +207,16 @@ def correct_by_image(predictions: pd.DataFrame) -> pd.Series:
                      index=predictions["path"].to_numpy())
 
 
+def same_images(first: pd.Series, second: pd.Series) -> bool:
+    """Whether two per-image series (indexed by path) hold the same images, each once."""
+    return (not first.index.has_duplicates and not second.index.has_duplicates
+            and set(first.index) == set(second.index))
+
+
 def paired_on_images(first: pd.Series, second: pd.Series, what: str) -> dict[str, Any]:
     """First minus second accuracy on the same images (two :func:`correct_by_image` series), with
     a bootstrap interval over images; an error naming ``what`` when they scored other images."""
-    if first.index.has_duplicates or set(first.index) != set(second.index):
+    if not same_images(first, second):
         raise InputError(f"{what}: the two were not scored on the same images "
                          f"({len(first)} and {len(second)}); compare runs on the same folds")
     return paired_difference(first.to_numpy(), second.reindex(first.index).to_numpy())

@@ -334,7 +334,8 @@ def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
                        ("unknown-label", "\n".join([lines[0], lines[1].replace(",a,", ",zebra,", 1),
                                                      *lines[2:]])),
                        ("not-a-number", "\n".join([lines[0], _spoil_p_c(lines[0], lines[1]),
-                                                    *lines[2:]]))):
+                                                    *lines[2:]])),
+                       ("twice", "\n".join([*lines, lines[1]]))):
         broken[name] = tmp_path / name
         shutil.copytree(reference, broken[name])
         (broken[name] / "out_of_fold_predictions.csv").write_text(text)
@@ -351,6 +352,8 @@ def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
             ([f"r={reference}", f"o={broken['header-only']}"], "at least one row"),
             ([f"r={reference}", f"o={broken['unknown-label']}"], "column: zebra"),
             ([f"r={reference}", f"o={broken['not-a-number']}"], "is not a number"),
+            ([f"r={reference}", f"o={broken['twice']}"], "an image is listed twice"),
+            ([f"r={broken['twice']}", f"o={reference}"], "an image is listed twice"),
             ([f"r={reference}", f"e={reference}+{other}"], "not scored on the same images"),
             ([f"r={reference}", f"e={reference}+"], "NAME=FOLDER+FOLDER"),
             ([f"r={reference}", f"e={reference}+{no_folds}"], "label or fold"),
