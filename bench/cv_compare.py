@@ -20,11 +20,15 @@ folder or a ``+`` ensemble. Its runs are not averaged into an ensemble: each ima
 share of the runs that get it right, so that a pairing with another recipe holds the runs' spread
 as well as the images' (a bootstrap over images of one run each cannot).
 
+``--level`` adds each paired difference's interval at another level beside the 95% one, for a
+rule that decides at, e.g., a Bonferroni level over several looks at one question (0.9875 for
+four): ``ci_level`` in the JSON, after the 95% interval in the table.
+
     python -m bench.cv_compare default=../cv-default/data/crossval/efficientnet_lite0_attention \\
         refit=../cv-refit/data/crossval/efficientnet_lite0_attention [--json /tmp/compare.json]
     python -m bench.cv_compare both=bench/cv_runs/readme_lite0+../cv/data/crossval/lite1 ...
     python -m bench.cv_compare base=bench/cv_runs/seed0,bench/cv_runs/seed1 \\
-        new=bench/cv_runs/new_seed0,bench/cv_runs/new_seed1
+        new=bench/cv_runs/new_seed0,bench/cv_runs/new_seed1 --level 0.9875
 """
 
 from __future__ import annotations
@@ -155,16 +159,22 @@ def fold_accuracy(out_of_fold: pd.DataFrame) -> pd.Series:
     return correct_by_image(out_of_fold).groupby(out_of_fold["fold"].to_numpy()).mean()
 
 
-def paired_with_reference(reference: Shares, other: Shares, names: tuple[str, str]
-                          ) -> dict[str, Any]:
+def paired_with_reference(reference: Shares, other: Shares, names: tuple[str, str],
+                          level: float | None = None) -> dict[str, Any]:
     """``other`` minus ``reference`` on the out-of-fold images and on each external set both
     scored, with the images ``other`` (``only_this_right``) and ``reference``
-    (``only_reference_right``) get right more often (``names``: the two recipes', for errors)."""
+    (``only_reference_right``) get right more often (``names``: the two recipes', for errors);
+    with ``level``, the interval at that level too (``ci_level``)."""
     def paired(first: pd.Series, second: pd.Series, what: str) -> dict[str, Any]:
-        pair = paired_on_images(first, second, f"{what}: {names[1]} against {names[0]}")
-        return {"difference": pair["difference"], "ci95": pair["ci95"],
-                "only_this_right": pair["only_first_right"],
-                "only_reference_right": pair["only_second_right"]}
+        label = f"{what}: {names[1]} against {names[0]}"
+        pair = paired_on_images(first, second, label)
+        result = {"difference": pair["difference"], "ci95": pair["ci95"],
+                  "only_this_right": pair["only_first_right"],
+                  "only_reference_right": pair["only_second_right"]}
+        if level is not None:
+            interval = paired_on_images(first, second, label, level)["ci95"]
+            result["ci_level"] = {"level": level, "interval": interval}
+        return result
     (reference_oof, reference_external), (other_oof, other_external) = reference, other
     return {"out_of_fold": paired(other_oof, reference_oof, "out of fold")} | {
         name: paired(other_external[name], reference_external[name], name)
@@ -209,8 +219,12 @@ def _difference(pair: dict[str, Any] | None) -> str:
     if pair is None:
         return "-"
     low, high = pair["ci95"]
-    return (f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}] "
+    text = (f"{pair['difference']:+.3f} [{low:+.3f}, {high:+.3f}] "
             f"({pair['only_this_right']}/{pair['only_reference_right']})")
+    if "ci_level" in pair:
+        low, high = pair["ci_level"]["interval"]
+        text += f"; {pair['ci_level']['level']:.2%}: [{low:+.3f}, {high:+.3f}]"
+    return text
 
 
 def parse_recipe(text: str) -> tuple[str, list[Run]]:
@@ -232,14 +246,20 @@ def main(argv: list[str]) -> None:
                              ",: runs of one recipe); the first is the reference")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the figures here (nothing is written without it)")
+    parser.add_argument("--level", type=float, default=None,
+                        help="also give each paired difference's interval at this level, in "
+                             "(0, 1): e.g. 0.9875, a Bonferroni level over four looks")
     args = parser.parse_args(argv)
+    if args.level is not None and not 0 < args.level < 1:
+        raise InputError(f"--level {args.level}: give a confidence level between 0 and 1, e.g. "
+                         f"0.9875")
     recipes = dict(parse_recipe(text) for text in args.recipes)
     if len(recipes) != len(args.recipes):
         raise InputError("two recipes share a name: give each its own NAME=")
     predictions = {name: [run_predictions(run) for run in runs] for name, runs in recipes.items()}
     shares = {name: shares_right(runs, name) for name, runs in predictions.items()}
     first, *others = recipes
-    paired = {name: paired_with_reference(shares[first], shares[name], (first, name))
+    paired = {name: paired_with_reference(shares[first], shares[name], (first, name), args.level)
               for name in others}  # before scoring: runs on other images stop here, in one line
     summaries = {name: recipe_summary(recipes[name], predictions[name], shares[name])
                  for name in recipes}

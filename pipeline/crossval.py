@@ -213,10 +213,12 @@ def same_images(first: pd.Series, second: pd.Series) -> bool:
             and set(first.index) == set(second.index))
 
 
-def paired_on_images(first: pd.Series, second: pd.Series, what: str) -> dict[str, Any]:
+def paired_on_images(first: pd.Series, second: pd.Series, what: str, level: float = 0.95
+                     ) -> dict[str, Any]:
     """First minus second accuracy on the same images (two :func:`correct_by_image` series), with
-    a bootstrap interval over images; an error naming ``what`` when they scored other images."""
+    a bootstrap interval over images at ``level`` (key ``ci95`` whatever the level); an error
+    naming ``what`` when they scored other images."""
     if not same_images(first, second):
         raise InputError(f"{what}: the two were not scored on the same images "
                          f"({len(first)} and {len(second)}); compare runs on the same folds")
-    return paired_difference(first.to_numpy(), second.reindex(first.index).to_numpy())
+    return paired_difference(first.to_numpy(), second.reindex(first.index).to_numpy(), level)

@@ -274,6 +274,45 @@ def test_cv_compare_scores_a_recipe_run_twice_by_the_share_of_runs_right(tmp_pat
     assert result["recipes"]["self_ensembles"]["out_of_fold"] == reference["out_of_fold"]
 
 
+def test_cv_compare_gives_the_interval_a_rule_decides_at(tmp_path, capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bench.cv_compare import main
+
+    rng = np.random.default_rng(1)
+    labels = [str(name) for name in rng.choice(CLASSES, 120)]
+    wrong = {i: CLASSES[(CLASSES.index(labels[i]) + 1) % 3] for i in range(20)}
+    def recipe(name: str, misses: range) -> Path:  # right on every image but ``misses``
+        root = tmp_path / name
+        root.mkdir()
+        predicted = [wrong[i] if i in misses else labels[i] for i in range(120)]
+        folds = [_fold(root, k, [f"x{i}" for i in range(60 * k, 60 * k + 60)],
+                       labels[60 * k:60 * k + 60], predicted[60 * k:60 * k + 60]) for k in (0, 1)]
+        aggregate_folds(name, folds, root / "crossval", root / "cv.json")
+        return root / "crossval"
+    reference, other = recipe("reference", range(20)), recipe("other", range(10, 20))
+    out = tmp_path / "compare.json"
+    main([f"reference={reference}", f"other={other}", "--level", "0.9875", "--json", str(out)])
+    paired = read_json(out)["paired_with_first"]["other"]["out_of_fold"]
+    assert paired["difference"] == pytest.approx(10 / 120)
+    assert paired["ci_level"]["level"] == 0.9875
+    (low95, high95), (low, high) = paired["ci95"], paired["ci_level"]["interval"]
+    assert low <= low95 < 10 / 120 < high95 <= high and (low, high) != (low95, high95)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| other"))
+    assert f"98.75%: [{low:+.3f}, {high:+.3f}]" in row
+    main([f"reference={reference}", f"other={other}", "--json", str(out)])
+    assert "ci_level" not in read_json(out)["paired_with_first"]["other"]["out_of_fold"]
+    out.unlink()
+    for level in ("1.5", "0", "1", "-0.95", "nan", "inf"):
+        run = subprocess.run([sys.executable, "-m", "bench.cv_compare", f"r={reference}",
+                              f"o={other}", f"--level={level}", "--json", str(out)],
+                             capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        assert run.returncode == 2 and "between 0 and 1" in run.stderr, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
 def _spoil_p_c(header: str, row: str) -> str:
     """``row`` (a CSV line under ``header``) with ``abc`` for its ``p_c`` value."""
     cells = row.split(",")
