@@ -313,6 +313,45 @@ def test_cv_compare_gives_the_interval_a_rule_decides_at(tmp_path, capsys):
         assert len(run.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_power_gives_the_difference_a_comparison_could_detect(tmp_path, capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bench.cv_compare import main as compare
+    from bench.power import detectable, main
+
+    pair = {"difference": 0.004, "ci95": [-0.001, 0.011]}  # standard error 0.012 / 3.92
+    found = detectable(pair, 1560)
+    assert found["standard_error"] == pytest.approx(0.012 / 3.919928)
+    assert found["detectable_difference"] == pytest.approx(2.801585 * 0.012 / 3.919928)
+    at_threshold = detectable(pair | {"difference": found["detectable_difference"]}, 1560)
+    assert at_threshold["images_needed"] == pytest.approx(1560)  # detectable here, no more
+    half = detectable(pair | {"difference": found["detectable_difference"] / 2}, 1560)
+    assert half["images_needed"] == pytest.approx(4 * 1560)  # half the gain: four times the data
+    assert detectable(pair | {"difference": 0.0}, 1560)["images_needed"] == float("inf")
+
+    reference = _recipe(tmp_path, "reference", ["a", "b", "c", "a"],
+                        [["a", "b", "b", "c"], ["a", "b", "b", "c"]])
+    other = _recipe(tmp_path, "other", ["a", "b", "a", "c"],
+                    [["a", "b", "c", "c"], ["a", "b", "c", "c"]])
+    out = tmp_path / "compare.json"
+    compare([f"reference={reference}", f"other={other}", "--json", str(out)])
+    capsys.readouterr()
+    main([str(out), "--set", "lab-b"])
+    row = capsys.readouterr().out.splitlines()[-1].split("|")
+    assert [cell.strip() for cell in row[1:6]] == [
+        "compare", "other − reference", "+0.2500", "[+0.000, +0.750]", "4"]
+    not_compare = tmp_path / "other.json"
+    for text in ("{", "[]", '{"recipes": {}, "paired_with_first": {}}',
+                 '{"recipes": {"r": {}}, "paired_with_first": {"o": {"out_of_fold": {}}}}'):
+        not_compare.write_text(text)
+        run = subprocess.run([sys.executable, "-m", "bench.power", str(not_compare)],
+                             capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert "not a bench/cv_compare JSON" in run.stderr or "no pairing" in run.stderr
+
+
 def _spoil_p_c(header: str, row: str) -> str:
     """``row`` (a CSV line under ``header``) with ``abc`` for its ``p_c`` value."""
     cells = row.split(",")
