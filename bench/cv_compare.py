@@ -98,7 +98,8 @@ def _crossval_predictions(folder: Path) -> Predictions:
 
 def shares_right(runs: list[Predictions], name: str) -> Shares:
     """Per image, the share of a recipe's runs that get it right (0 or 1 for one run), out of
-    fold and on each external set every run scored; runs on other images are a one-line error."""
+    fold and on each external set every run scored; runs on other images or folds are a one-line
+    error."""
     def share(frames: list[pd.DataFrame], what: str) -> pd.Series:
         right = [correct_by_image(frame) for frame in frames]
         if not all(same_images(r, right[0]) for r in right[1:]):
@@ -106,9 +107,21 @@ def shares_right(runs: list[Predictions], name: str) -> Shares:
                              f"compare runs on the same folds")
         return pd.concat([r.reindex(right[0].index) for r in right], axis=1).mean(axis=1)
     shared = sorted(set.intersection(*(set(external) for _, external in runs)))
-    return (share([oof for oof, _ in runs], "out of fold"),
+    out_of_fold = share([oof for oof, _ in runs], "out of fold")
+    if len(runs) > 1:
+        _check_same_folds([oof for oof, _ in runs], name)
+    return (out_of_fold,
             {set_name: share([external[set_name] for _, external in runs], set_name)
              for set_name in shared})
+
+
+def _check_same_folds(out_of_fold: list[pd.DataFrame], name: str) -> None:
+    """A one-line error unless every run of a recipe put each image in the same fold: the
+    recipe's fold spread is read from its first run's folds."""
+    folds = [image_folds(frame).astype(str) for frame in out_of_fold]
+    if not all(other.reindex(folds[0].index).equals(folds[0]) for other in folds[1:]):
+        raise InputError(f"{name}: its runs put the images in other folds; compare runs of one "
+                         f"recipe on the same folds (split.folds, split.seed)")
 
 
 def recipe_summary(runs: list[Run], predictions: list[Predictions], shares: Shares
@@ -153,10 +166,16 @@ def _by_path(predictions: pd.DataFrame, column: str, share: pd.Series) -> np.nda
 
 def fold_accuracy(out_of_fold: pd.DataFrame) -> pd.Series:
     """Each fold's accuracy, from the pooled out-of-fold predictions' ``fold`` column."""
+    return correct_by_image(out_of_fold).groupby(image_folds(out_of_fold).to_numpy()).mean()
+
+
+def image_folds(out_of_fold: pd.DataFrame) -> pd.Series:
+    """Each image's fold (indexed by path, in the predictions' order); a one-line error for
+    predictions without a fold column."""
     if "fold" not in out_of_fold.columns:
         raise InputError("out-of-fold predictions without a fold column: written by an older "
                          "crossval stage? Rerun crossval@<model>")
-    return correct_by_image(out_of_fold).groupby(out_of_fold["fold"].to_numpy()).mean()
+    return out_of_fold.set_index("path")["fold"]
 
 
 def paired_with_reference(reference: Shares, other: Shares, names: tuple[str, str],

@@ -421,6 +421,9 @@ def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
     shutil.copytree(reference, no_folds)
     oof = pd.read_csv(no_folds / "out_of_fold_predictions.csv")
     oof.drop(columns="fold").to_csv(no_folds / "out_of_fold_predictions.csv", index=False)
+    refolded = tmp_path / "refolded"  # the same predictions, each image in the other fold
+    shutil.copytree(reference, refolded)
+    oof.assign(fold=1 - oof["fold"]).to_csv(refolded / "out_of_fold_predictions.csv", index=False)
     for recipes, message in (
             ([f"r={reference}", f"o={other}"], "not scored on the same images"),
             ([f"r={reference}", f"o={tmp_path / 'nowhere'}"], "folds.csv is missing"),
@@ -436,6 +439,9 @@ def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
             ([f"r={reference}", f"e={reference}+"], "NAME=FOLDER+FOLDER"),
             ([f"r={reference}", f"e={reference}+{no_folds}"], "label or fold"),
             ([f"r={reference}", f"o={reference},{other}"], "its runs were not scored on the same"),
+            ([f"r={reference},{refolded}"], "its runs put the images in other folds"),
+            ([f"r={reference},{no_folds}"], "without a fold column"),
+            ([f"r={no_folds},{reference}"], "without a fold column"),
             ([f"r={reference},"], "NAME=RUN,RUN")):
         run = subprocess.run([sys.executable, "-m", "bench.cv_compare", *recipes, "--json",
                               str(tmp_path / "c.json")], capture_output=True, text=True,
