@@ -31,7 +31,10 @@ Z_TEST, Z_POWER = 1.959964, 0.841621  # two-sided 5%; 80% power
 def detectable(pair: dict[str, Any], images: int) -> dict[str, float]:
     """The standard error, minimum detectable difference and images needed for one pairing
     (``difference`` and ``ci95`` as ``cv_compare`` writes them) scored on ``images`` images."""
-    low, high = pair["ci95"]
+    low, high = (float(bound) for bound in pair["ci95"])
+    if not (math.isfinite(float(pair["difference"])) and math.isfinite(low) and low <= high
+            and math.isfinite(high)):
+        raise ValueError(f"a difference and a 95% interval of finite numbers, low <= high: {pair}")
     standard_error = (high - low) / (2 * Z_TEST)
     needed = (images * ((Z_TEST + Z_POWER) * standard_error / pair["difference"]) ** 2
               if pair["difference"] else math.inf)

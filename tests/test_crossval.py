@@ -344,12 +344,21 @@ def test_power_gives_the_difference_a_comparison_could_detect(tmp_path, capsys):
         "compare", "other − reference", "+0.2500", "[+0.000, +0.750]", "4"]
     not_compare = tmp_path / "other.json"
     for text in ("{", "[]", '{"recipes": {}, "paired_with_first": {}}',
-                 '{"recipes": {"r": {}}, "paired_with_first": {"o": {"out_of_fold": {}}}}'):
+                 '{"recipes": {"r": {}}, "paired_with_first": {"o": {"out_of_fold": {}}}}',
+                 _spoiled_pairing(out, difference=float("nan")),
+                 _spoiled_pairing(out, ci95=[0.5, -0.5])):
         not_compare.write_text(text)
         run = subprocess.run([sys.executable, "-m", "bench.power", str(not_compare)],
                              capture_output=True, text=True, cwd=Path(__file__).parents[1])
         assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
         assert "not a bench/cv_compare JSON" in run.stderr or "no pairing" in run.stderr
+
+
+def _spoiled_pairing(compare_json, **values) -> str:
+    """A ``cv_compare`` JSON file's text, its first out-of-fold pairing given ``values``."""
+    result = json.loads(compare_json.read_text())
+    next(iter(result["paired_with_first"].values()))["out_of_fold"].update(values)
+    return json.dumps(result)
 
 
 def _spoil_p_c(header: str, row: str) -> str:
