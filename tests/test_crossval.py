@@ -166,15 +166,19 @@ def _recipe(tmp_path, name: str, second_fold: list[str], external: list[list[str
     return root / "crossval"
 
 
+def _reference_and_other(tmp_path):
+    """Two recipes on the same images: out of fold the reference misses y3 and the other y2; on
+    the external set the reference misses e2 and the other nothing."""
+    return (_recipe(tmp_path, "reference", ["a", "b", "c", "a"],
+                    [["a", "b", "b", "c"], ["a", "b", "b", "c"]]),
+            _recipe(tmp_path, "other", ["a", "b", "a", "c"],
+                    [["a", "b", "c", "c"], ["a", "b", "c", "c"]]))
+
+
 def test_cv_compare_pairs_recipes_on_the_same_images(tmp_path):
     from bench.cv_compare import main
 
-    # the reference misses y3 out of fold and e2 on the external set; the other recipe misses
-    # y2 out of fold and nothing on the external set
-    reference = _recipe(tmp_path, "reference", ["a", "b", "c", "a"],
-                        [["a", "b", "b", "c"], ["a", "b", "b", "c"]])
-    other = _recipe(tmp_path, "other", ["a", "b", "a", "c"],
-                    [["a", "b", "c", "c"], ["a", "b", "c", "c"]])
+    reference, other = _reference_and_other(tmp_path)
     out = tmp_path / "compare.json"
     main([f"reference={reference}", f"other={other}", "--json", str(out)])
     result = read_json(out)
@@ -194,10 +198,7 @@ def test_cv_compare_pairs_recipes_on_the_same_images(tmp_path):
 def test_cv_compare_writes_no_file_unless_asked(tmp_path, monkeypatch, capsys):
     from bench.cv_compare import main
 
-    reference = _recipe(tmp_path, "reference", ["a", "b", "c", "a"],
-                        [["a", "b", "b", "c"], ["a", "b", "b", "c"]])
-    other = _recipe(tmp_path, "other", ["a", "b", "a", "c"],
-                    [["a", "b", "c", "c"], ["a", "b", "c", "c"]])
+    reference, other = _reference_and_other(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -211,10 +212,7 @@ def test_cv_compare_scores_an_equal_weight_ensemble_of_recipes(tmp_path):
 
     # out of fold, y3 (a c): the reference says a, the two others c; y2 (a c): only "other"
     # says a. Averaged, the three are right on all eight images; the reference on seven.
-    reference = _recipe(tmp_path, "reference", ["a", "b", "c", "a"],
-                        [["a", "b", "b", "c"], ["a", "b", "b", "c"]])
-    other = _recipe(tmp_path, "other", ["a", "b", "a", "c"],
-                    [["a", "b", "c", "c"], ["a", "b", "c", "c"]])
+    reference, other = _reference_and_other(tmp_path)
     third = _recipe(tmp_path, "third", ["a", "b", "c", "c"],
                     [["a", "b", "c", "c"], ["a", "b", "c", "c"]])
     out = tmp_path / "compare.json"
@@ -331,10 +329,7 @@ def test_power_gives_the_difference_a_comparison_could_detect(tmp_path, capsys):
     assert half["images_needed"] == pytest.approx(4 * 1560)  # half the gain: four times the data
     assert detectable(pair | {"difference": 0.0}, 1560)["images_needed"] == float("inf")
 
-    reference = _recipe(tmp_path, "reference", ["a", "b", "c", "a"],
-                        [["a", "b", "b", "c"], ["a", "b", "b", "c"]])
-    other = _recipe(tmp_path, "other", ["a", "b", "a", "c"],
-                    [["a", "b", "c", "c"], ["a", "b", "c", "c"]])
+    reference, other = _reference_and_other(tmp_path)
     out = tmp_path / "compare.json"
     compare([f"reference={reference}", f"other={other}", "--json", str(out)])
     capsys.readouterr()
