@@ -22,10 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from scipy.stats import norm
+
 from pipeline.errors import InputError, run_entry_point
 from pipeline.io import read_json
 
-Z_TEST, Z_POWER = 1.959964, 0.841621  # two-sided 5%; 80% power
+Z_TEST, Z_POWER = float(norm.ppf(0.975)), float(norm.ppf(0.80))  # two-sided 5%; 80% power
 
 
 def detectable(pair: dict[str, Any], images: int) -> dict[str, float]:

@@ -77,7 +77,8 @@ def read_predictions(path: Path) -> pd.DataFrame:
     if unknown := set(frame["label"].astype(str)) - set(classes):
         raise InputError(f"{path}: labels without a p_<class> column: "
                          f"{', '.join(sorted(unknown)[:5])}")
-    twice = frame["path"].astype(str)[frame["path"].astype(str).duplicated()]
+    paths = frame["path"].astype(str)
+    twice = paths[paths.duplicated()]
     if not twice.empty:
         raise InputError(f"{path}: an image is listed twice ({twice.iloc[0]}); one row per image")
     return frame.assign(**probabilities)
