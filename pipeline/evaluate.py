@@ -34,6 +34,7 @@ from pipeline.io import (
     write_csv,
     write_json,
 )
+from pipeline.leakage import check_unseen, read_trained_on
 from pipeline.masks import MaskParams, mask_path
 from pipeline.metrics import (
     CALIBRATION_BINS,
@@ -239,6 +240,8 @@ def score_checkpoint(model_path: Path, data: EvalSet, config: EvaluateConfig,
     model, checkpoint = load_model(model_path, device)
     classes = checkpoint["classes"]
     data = restrict_to_classes(data, classes, config.ignore_unknown_classes)
+    check_unseen(data.paths, read_trained_on(checkpoint.get("trained_on"), model_path),
+                 model_path)
     prep = Preprocess(**checkpoint["preprocess"])
     mask_params = MaskParams(**checkpoint["mask_params"])
     adapted_on = checkpoint.get("adapted_on")

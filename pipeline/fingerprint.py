@@ -22,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.io import write_json
+from pipeline.leakage import exclude_path
 from pipeline.sources import REMOTE_SOURCES, DataConfig, SourceError, sha256_file
 
 
@@ -44,7 +45,8 @@ def _file_hashes(root: Path, cache_file: Path) -> dict[str, dict[str, Any]]:
 def source_fingerprint(config: DataConfig, cache_dir: Path) -> dict[str, Any]:
     """What identifies ``data.source``'s content (see the module docstring)."""
     source = str(config.source)
-    subset = {"per_class": config.per_class, "seed": config.seed}  # which images are ingested
+    subset = {"per_class": config.per_class, "seed": config.seed,  # which images are ingested
+              **_exclude_identity(config.exclude, cache_dir)}
     if source == "synthetic":
         return {"source": source, "synthetic": asdict(config.synthetic), **subset}
     if source in REMOTE_SOURCES:
@@ -54,7 +56,20 @@ def source_fingerprint(config: DataConfig, cache_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise SourceError(f"data.source {source!r} is neither synthetic, "
                           f"{', '.join(REMOTE_SOURCES)} nor an existing folder or archive")
+    return {"source": str(path.resolve()), **_content_identity(path, cache_dir), **subset}
+
+
+def _content_identity(path: Path, cache_dir: Path) -> dict[str, Any]:
+    """Files, bytes and one sha256 over every file's path, size and sha256 under ``path``."""
     files = _file_hashes(path, cache_dir / "fingerprints.json")
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    return {"source": str(path.resolve()), "files": len(files),
-            "bytes": sum(f["bytes"] for f in files.values()), "sha256": digest, **subset}
+    return {"files": len(files), "bytes": sum(f["bytes"] for f in files.values()),
+            "sha256": digest}
+
+
+def _exclude_identity(locations: tuple[str, ...], cache_dir: Path) -> dict[str, Any]:
+    """The content of the ``data.exclude`` folders (nothing when there are none)."""
+    if not locations:
+        return {}
+    return {"exclude": {location: _content_identity(exclude_path(location), cache_dir)
+                        for location in locations}}

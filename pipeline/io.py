@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -36,6 +37,15 @@ class ImageDecodeError(PipelineError, ValueError):
 
 class UnsafePathError(PipelineError):
     """A path to be written would land outside its output folder."""
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:

@@ -29,6 +29,15 @@ def synthetic_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def unseen_folder(tmp_path_factory) -> Path:
+    """10 images per class generated with another seed: another laboratory's cells, which no
+    model trained on ``prepared`` has seen (scoring refuses images a model has seen)."""
+    root = tmp_path_factory.mktemp("unseen") / "cells"
+    generate_dataset(root, images_per_class=10, seed=4)
+    return root
+
+
+@pytest.fixture(scope="session")
 def prepared(tmp_path_factory, synthetic_folder) -> Path:
     """A data/ folder as the pipeline's first three stages leave it: raw, masks, split."""
     data = tmp_path_factory.mktemp("data")

@@ -9,8 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.errors import PipelineError
 from pipeline.fingerprint import source_fingerprint
+from pipeline.io import read_json
 from pipeline.sources import DataConfig, SourceError, build_raw_dataset
+from pipeline.sources.download import sha256_file
 from pipeline.sources.ingest import SyntheticConfig
 
 
@@ -55,3 +58,36 @@ def test_fingerprint_of_remote_and_generated_sources(tmp_path):
                                                                      "seed": 1}
     with pytest.raises(SourceError, match="neither synthetic"):
         source_fingerprint(DataConfig(source=str(tmp_path / "missing")), tmp_path)
+
+
+def test_exclude_keeps_another_sets_images_out(synthetic_folder, tmp_path):
+    """``data.exclude``: files byte-identical to an excluded folder's (whatever their names) are
+    not ingested, before the per-class draw; they are listed and counted; the fingerprint
+    follows the excluded folder's content; a missing folder is refused in one line."""
+    external = tmp_path / "external"
+    (external / "mono").mkdir(parents=True)
+    monocytes = sorted((synthetic_folder / "monocyte").iterdir())
+    for image in monocytes[:3]:
+        shutil.copy(image, external / "mono" / f"renamed-{image.name}")
+    settings, cache = DataConfig(source=str(synthetic_folder), exclude=[str(external)],
+                                 per_class=8), tmp_path / "cache"
+    manifest = build_raw_dataset(settings, tmp_path / "raw", cache)
+    counts = manifest["label"].value_counts()
+    assert counts["monocyte"] == 7 and counts["platelet"] == 8  # excluded before the draw
+    assert not set(manifest["sha256"]) & {sha256_file(p) for p in monocytes[:3]}
+    excluded = pd.read_csv(tmp_path / "raw" / "excluded.csv")
+    assert excluded["file"].tolist() == [f"monocyte/{p.name}" for p in monocytes[:3]]
+    assert set(excluded["excluded_by"]) == {str(external)}
+    assert read_json(tmp_path / "raw" / "source.json")["excluded"] == {str(external): 3}
+
+    first = source_fingerprint(settings, cache)
+    assert first["exclude"][str(external)]["files"] == 3
+    (external / "mono" / f"renamed-{monocytes[0].name}").unlink()
+    assert source_fingerprint(settings, cache)["exclude"] != first["exclude"]
+    assert "exclude" not in source_fingerprint(replace(settings, exclude=()), cache)
+    missing = replace(settings, exclude=(str(tmp_path / "missing"),))
+    for step in (lambda: source_fingerprint(missing, cache),
+                 lambda: build_raw_dataset(missing, tmp_path / "raw2", cache)):
+        with pytest.raises(PipelineError, match=r"data.exclude: '.*missing' is not a folder"):
+            step()
+    assert not (tmp_path / "raw2").exists()

@@ -16,6 +16,7 @@ from pipeline import plots
 from pipeline import predict as predict_module
 from pipeline.cli import main as wbc
 from pipeline.compare import CompareConfig, compare
+from pipeline.data import read_split
 from pipeline.ensemble import (
     EnsembleConfig,
     combine_evaluations,
@@ -23,7 +24,7 @@ from pipeline.ensemble import (
     member_weights,
     temper,
 )
-from pipeline.errors import PipelineError
+from pipeline.errors import InputError, PipelineError
 from pipeline.evaluate import (
     EvalSet,
     EvaluateConfig,
@@ -105,12 +106,12 @@ def test_evaluation_outputs_are_well_formed(evaluated, prepared):
         assert (folder / "figures" / f"{figure}.png").stat().st_size > 5_000
 
 
-def test_cross_dataset_with_class_mismatch(trained, synthetic_folder, tmp_path):
+def test_cross_dataset_with_class_mismatch(trained, unseen_folder, tmp_path):
     other = tmp_path / "other"
     for label in ("lymphocyte", "monocyte"):
-        shutil.copytree(synthetic_folder / label, other / label.upper())
+        shutil.copytree(unseen_folder / label, other / label.upper())
     (other / "SMUDGE").mkdir()
-    shutil.copy(next((synthetic_folder / "platelet").iterdir()), other / "SMUDGE" / "x.jpg")
+    shutil.copy(next((unseen_folder / "platelet").iterdir()), other / "SMUDGE" / "x.jpg")
     with pytest.raises(ValueError, match="data has smudge"):
         score_checkpoint(trained["first"], external_set(other), SETTINGS)
     scored = score_checkpoint(trained["first"], external_set(other),
@@ -307,8 +308,8 @@ def _probability_table(rows: list[dict], classes: list[str]) -> np.ndarray:
     return np.array([[probabilities[c] for c in classes] for probabilities in ranked])
 
 
-def test_ensemble_of_ensembles_tempers_each_level(trained, synthetic_folder, tmp_path):
-    images = [sorted((synthetic_folder / c).iterdir())[0] for c in ("monocyte", "neutrophil")]
+def test_ensemble_of_ensembles_tempers_each_level(trained, unseen_folder, tmp_path):
+    images = [sorted((unseen_folder / c).iterdir())[0] for c in ("monocyte", "neutrophil")]
     classes = load_checkpoint(trained["first"])[1]["classes"]
     first, second = (_probability_table(predict_module.predict(trained[m], images, top_k=8),
                                         classes) for m in ("first", "second"))
@@ -330,7 +331,7 @@ def test_ensemble_of_ensembles_tempers_each_level(trained, synthetic_folder, tmp
     assert [share for _, share in tree.leaves()] == [0.375, 0.125, 0.5]
     labelled = tmp_path / "labelled"
     for label in ("monocyte", "neutrophil"):
-        shutil.copytree(synthetic_folder / label, labelled / label)
+        shutil.copytree(unseen_folder / label, labelled / label)
     assert wbc(["evaluate", str(outer), str(labelled), "-o", str(tmp_path / "report")]) == 0
     assert "gradcam_in_cell" not in read_json(tmp_path / "report" / "eval.json")  # no member's
     evaluated = pd.read_csv(tmp_path / "report" / "predictions.csv")
@@ -407,10 +408,10 @@ def test_restricted_scores_renormalise_over_the_classes_present():
     assert restricted_predictions(labels, np.array([[1.0, 0.0, 0.0]] * 3)).tolist() == [1, 1, 1]
 
 
-def test_external_sets_scored_beside_the_test_split(trained, synthetic_folder, tmp_path):
+def test_external_sets_scored_beside_the_test_split(trained, unseen_folder, tmp_path):
     other = tmp_path / "lab-b"
     for label in ("lymphocyte", "monocyte"):
-        shutil.copytree(synthetic_folder / label, other / label.upper())
+        shutil.copytree(unseen_folder / label, other / label.upper())
     results = evaluate_external(trained["first"], [str(other)], SETTINGS, tmp_path / "external")
     metrics = results["lab-b"]["metrics"]
     assert metrics["images"] == 20 and metrics["absent_classes"]
@@ -424,12 +425,49 @@ def test_external_sets_scored_beside_the_test_split(trained, synthetic_folder, t
     assert (tmp_path / "external" / "lab-b").is_dir()  # the failed run left the old result
 
 
-def test_ensemble_scored_on_its_members_external_sets(trained, synthetic_folder, tmp_path):
+def test_images_a_model_has_seen_are_not_scored(trained, prepared, tmp_path, capsys, caplog):
+    """The checkpoint records the digests of its train and validation images; a set holding one
+    of them (renamed) is refused in one line, by the stage function and by ``wbc evaluate``, and
+    nothing is written; the test split passes; a model without the record is scored with a
+    warning, one with a malformed record is refused."""
+    split = {part: read_split(prepared / "split", part) for part in ("train", "val", "test")}
+    checkpoint = load_checkpoint(trained["first"])[1]
+    seen = pd.concat([split["train"], split["val"]])["sha256"]
+    assert checkpoint["trained_on"] == sorted({digest[:16] for digest in seen})
+    assert not set(checkpoint["trained_on"]) & {d[:16] for d in split["test"]["sha256"]}
+    lab = tmp_path / "lab-b"
+    for row in split["test"].itertuples():
+        (lab / row.label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(prepared / "raw" / "images" / row.path, lab / row.label)
+    assert score_checkpoint(trained["first"], external_set(lab), SETTINGS).data.paths
+    validated = split["val"].iloc[0]
+    shutil.copy(prepared / "raw" / "images" / validated.path,
+                lab / validated.label / "renamed.jpg")
+    with pytest.raises(InputError, match=r"renamed\.jpg of the \d+ images to score are "
+                                         r"byte-identical to images .* trained or validated on"):
+        evaluate_external(trained["first"], [str(lab)], SETTINGS, tmp_path / "external")
+    assert not (tmp_path / "external").exists()
+    assert wbc(["evaluate", str(trained["first"]), str(lab), "-o", str(tmp_path / "r")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "byte-identical" in error and "\n" not in error and not (tmp_path / "r").exists()
+
+    _, record = load_checkpoint(trained["first"])
+    bare, malformed = tmp_path / "bare.safetensors", tmp_path / "malformed.safetensors"
+    save_checkpoint({key: value for key, value in record.items() if key != "trained_on"}, bare)
+    with caplog.at_level("WARNING", logger="pipeline.leakage"):
+        assert score_checkpoint(bare, external_set(lab), SETTINGS).data.paths
+    assert "does not record the images it was trained on" in caplog.text
+    save_checkpoint({**record, "trained_on": ["not a digest"]}, malformed)
+    with pytest.raises(InputError, match="trained_on record is not a list of 16-character"):
+        score_checkpoint(malformed, external_set(lab), SETTINGS)
+
+
+def test_ensemble_scored_on_its_members_external_sets(trained, unseen_folder, tmp_path):
     """The ensemble stage's external figures average what the members' evaluate stages saved
     for the set, tempered by the ensemble's temperature, over the images they could read."""
     other = tmp_path / "lab-b"
     for label in ("lymphocyte", "monocyte"):
-        shutil.copytree(synthetic_folder / label, other / label.upper())
+        shutil.copytree(unseen_folder / label, other / label.upper())
     (other / "MONOCYTE" / "broken.jpg").write_bytes(b"not an image")
     weights, settings = {"first": 0.75, "second": 0.25}, replace(SETTINGS, external=(str(other),))
     for name in weights:

@@ -16,7 +16,7 @@ from pipeline.evaluate import EvaluateConfig, held_out_set, score_checkpoint
 from pipeline.io import write_json
 from pipeline.masks import MaskParams
 from pipeline.model_files import write_spec
-from pipeline.models import ModelConfig
+from pipeline.models import ModelConfig, load_checkpoint
 from pipeline.onnx_runtime import OnnxClassifier
 from pipeline.predict import predict
 from pipeline.train import TrainConfig, train_model
@@ -56,6 +56,8 @@ def test_export_carries_metadata_and_matches_pytorch(exported, data_dir):
     assert props["classes"].split(",")[0] == "basophil" and props["abstain_threshold"] == "0.2"
     metadata = OnnxClassifier(dest).metadata
     assert metadata["abstain_threshold"] == 0.2 and len(metadata["classes"]) == 8
+    checkpoint = load_checkpoint(data_dir / "models" / "tiny" / "model.safetensors")[1]
+    assert metadata["trained_on"] == checkpoint["trained_on"]  # the export is checked alike
 
 
 def test_onnx_scores_and_predicts_like_the_checkpoint(exported, data_dir, synthetic_folder):

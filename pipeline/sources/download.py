@@ -11,7 +11,6 @@ error that leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.io import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +43,6 @@ class ChecksumError(DownloadError):
 
 class _TransientError(Exception):
     """A failure of one attempt that another attempt may not hit (the reason is ``str(self)``)."""
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download(

@@ -31,6 +31,7 @@ from pipeline.io import (
     write_csv,
     write_json,
 )
+from pipeline.leakage import held_out_digests
 from pipeline.sources.archive import ArchiveLimits, safe_extract
 from pipeline.sources.download import DownloadError, download, sha256_file
 from pipeline.sources.layout import Candidate, scan_layout
@@ -99,6 +100,11 @@ class DataConfig:
     synthetic: SyntheticConfig = SyntheticConfig()
     per_class: int | None = None  # ingest a random N images per class (the same for a seed)
     seed: int = 0  # of that draw
+    # folders (or files) whose images must stay out: a file with the same bytes is not ingested
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(map(str, self.exclude or ())))
 
     @property
     def image_limits(self) -> ImageLimits:
@@ -148,16 +154,39 @@ def draw_per_class(candidates: list[Candidate], per_class: int | None, seed: int
     return sorted(kept, key=lambda c: c.relative)
 
 
+def drop_held_out(candidates: list[Candidate], held_out: dict[str, str], root: Path
+                  ) -> tuple[list[Candidate], pd.DataFrame]:
+    """The candidates whose bytes are not in ``held_out`` (``{sha256: location}``), and a table
+    of the others: ``file`` (relative to ``root``) and ``excluded_by`` (the location)."""
+    if not held_out:
+        return candidates, pd.DataFrame(columns=["file", "excluded_by"])
+    kept, dropped = [], []
+    for cand in tqdm(candidates, desc="exclude", unit="file"):
+        location = held_out.get(sha256_file(cand.source))
+        if location is None:
+            kept.append(cand)
+        else:
+            dropped.append({"file": cand.source.relative_to(root).as_posix(),
+                            "excluded_by": location})
+    return kept, pd.DataFrame(dropped, columns=["file", "excluded_by"])
+
+
 def ingest(root: Path, out_dir: Path, provenance: dict[str, Any], workers: int | None = None,
-           per_class: int | None = None, seed: int = 0, limits: ImageLimits = ImageLimits()
-           ) -> pd.DataFrame:
+           per_class: int | None = None, seed: int = 0, limits: ImageLimits = ImageLimits(),
+           held_out: dict[str, str] | None = None) -> pd.DataFrame:
     """Validate and copy every image under ``root`` into ``out_dir``, atomically.
 
     Corrupt, truncated, oversized, too small and non-image files are skipped with a warning and
     listed in ``rejected.csv`` (paths relative to ``root``, sorted: the same bytes every run);
-    they never enter the manifest. Every written file is checked to lie inside ``out_dir``.
+    they never enter the manifest. Files whose bytes are in ``held_out`` (``{sha256: location}``,
+    from ``data.exclude``) are left out before the per-class draw and listed in ``excluded.csv``.
+    Every written file is checked to lie inside ``out_dir``.
     """
     candidates, layout = scan_layout(root)
+    candidates, excluded = drop_held_out(candidates, held_out or {}, root)
+    if len(excluded):
+        logger.info("left out %d files byte-identical to images of %s (data.exclude)",
+                    len(excluded), ", ".join(sorted(set(excluded["excluded_by"]))))
     candidates = draw_per_class(candidates, per_class, seed)
     if not candidates:
         raise SourceError(f"no files found in the dataset under {root}")
@@ -181,12 +210,15 @@ def ingest(root: Path, out_dir: Path, provenance: dict[str, Any], workers: int |
             logger.warning("skipped %s: %s", rej.file, rej.reason)
         write_csv(tmp / "manifest.csv", manifest)
         write_csv(tmp / "rejected.csv", rejected)
+        write_csv(tmp / "excluded.csv", excluded.sort_values("file", kind="stable"))
         write_json(tmp / "source.json", {
             **provenance,
             "layout": layout,
             "classes": sorted(manifest["label"].unique()),
             "images": len(manifest),
             "rejected": len(rejected),
+            "excluded": {location: int((excluded["excluded_by"] == location).sum())
+                         for location in sorted(set((held_out or {}).values()))},
             "per_class": manifest.groupby("label").size().to_dict(),
         })
     logger.info("ingested %d images (%d rejected) into %s", len(manifest), len(rejected), out_dir)
@@ -221,17 +253,18 @@ def build_raw_dataset(config: DataConfig, out_dir: Path, cache_dir: Path) -> pd.
     source = str(config.source)
     limits = config.image_limits
     cache_dir.mkdir(parents=True, exist_ok=True)
-    subset = {"per_class": config.per_class, "seed": config.seed}
+    which = {"per_class": config.per_class, "seed": config.seed,  # the images let in
+             "held_out": held_out_digests(config.exclude)}
     if source == "synthetic":
         settings = asdict(config.synthetic)
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             root = Path(tmp) / "synthetic"
             generate_dataset(root, settings["images_per_class"], seed=settings["seed"])
             return ingest(root, out_dir, {"source": "synthetic", **settings}, limits=limits,
-                          **subset)
+                          **which)
     if source in REMOTE_SOURCES:
         root, provenance = _fetch_remote(source, config, cache_dir)
-        return ingest(root, out_dir, provenance, limits=limits, **subset)
+        return ingest(root, out_dir, provenance, limits=limits, **which)
     path = Path(source).expanduser()
     if not path.exists():
         raise SourceError(
@@ -239,9 +272,9 @@ def build_raw_dataset(config: DataConfig, out_dir: Path, cache_dir: Path) -> pd.
             "nor an existing folder or archive"
         )
     if path.is_dir():
-        return ingest(path, out_dir, {"source": str(path.resolve())}, limits=limits, **subset)
+        return ingest(path, out_dir, {"source": str(path.resolve())}, limits=limits, **which)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         root = safe_extract(path, Path(tmp) / "archive", config.archive_limits)
         provenance = {"source": str(path.resolve()), "sha256": sha256_file(path)}
-        return ingest(root, out_dir, provenance, limits=limits, **subset)
+        return ingest(root, out_dir, provenance, limits=limits, **which)
 
