@@ -34,6 +34,7 @@ from pipeline.data import Preprocess, eval_transform, load_prepared
 from pipeline.evaluate import external_set, held_out_set, infer, restrict_to_classes
 from pipeline.export import export_onnx
 from pipeline.inference import predict_logits
+from pipeline.leakage import check_unseen, read_seen
 from pipeline.masks import MaskParams
 from pipeline.models import load_checkpoint
 from pipeline.onnx_runtime import OnnxClassifier
@@ -55,6 +56,7 @@ def prepare(checkpoint: dict[str, Any], external: Path, data_dir: Path, calibrat
     """External images (masks computed as ``wbc predict`` does) with labels; validation images."""
     prep, masks = Preprocess(**checkpoint["preprocess"]), MaskParams(**checkpoint["mask_params"])
     data = restrict_to_classes(external_set(external), checkpoint["classes"], False)
+    check_unseen(data.paths, read_seen(checkpoint, checkpoint["name"]), checkpoint["name"])
     images = load_prepared(data.paths, prep, None, masks, desc="external")
     labels = np.array([checkpoint["classes"].index(label) for label in data.labels])
     val = held_out_set(data_dir / "split", data_dir / "raw" / "images", data_dir / "masks", "val")

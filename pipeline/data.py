@@ -268,4 +268,5 @@ class CellDataset(Dataset):
 
 def read_split(split_dir: Path, part: str) -> pd.DataFrame:
     """One part (train/val/test) of the split, as manifest rows."""
-    return pd.read_csv(split_dir / f"{part}.csv", keep_default_na=False)
+    return pd.read_csv(split_dir / f"{part}.csv", keep_default_na=False,
+                       dtype={"sha256": str, "phash": str})

@@ -34,7 +34,7 @@ from pipeline.io import (
     write_csv,
     write_json,
 )
-from pipeline.leakage import check_unseen, read_trained_on
+from pipeline.leakage import check_unseen, read_seen
 from pipeline.masks import MaskParams, mask_path
 from pipeline.metrics import (
     CALIBRATION_BINS,
@@ -47,7 +47,7 @@ from pipeline.metrics_ci import bootstrap_intervals
 from pipeline.model_card import card_facts, write_model_card
 from pipeline.models import load_checkpoint
 from pipeline.onnx_runtime import OnnxClassifier
-from pipeline.sources import normalize_label, scan_layout
+from pipeline.sources import labelled_files
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,9 @@ class EvaluateConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "external", tuple(self.external or ()))
+        external = self.external or ()
+        object.__setattr__(self, "external", (external,) if isinstance(external, str)
+                           else tuple(external))
         adapt = self.adapt or {}
         if not isinstance(adapt, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in adapt.items()):
@@ -113,12 +115,7 @@ def held_out_set(split_dir: Path, images_dir: Path, masks_dir: Path, part: str =
 
 def external_set(location: Path) -> EvalSet:
     """Another data set: a folder in either layout, or a ``manifest.csv`` beside its ``images/``."""
-    if location.suffix == ".csv":
-        rows = pd.read_csv(location, keep_default_na=False)
-        root = location.parent / "images"
-        labels = [normalize_label(label) for label in rows["label"]]
-        return EvalSet([root / p for p in rows["path"]], labels, list(rows["path"]))
-    candidates, _ = scan_layout(location)
+    candidates = labelled_files(location)
     return EvalSet([c.source for c in candidates], [c.label for c in candidates],
                    [c.relative for c in candidates])
 
@@ -223,6 +220,8 @@ class Scored:
     attention: torch.Tensor | None = None  # class-token attention maps (None from ONNX)
     localisation: dict[str, Any] | None = None  # explain.localise's maps and scores
     adapted_on: dict[str, Any] | None = None  # batch-norm adaptation: its folder and images
+    # images the model has seen, and scored images near-duplicating them (pipeline.leakage)
+    unseen_check: dict[str, int] | None = None
 
 
 def score_checkpoint(model_path: Path, data: EvalSet, config: EvaluateConfig,
@@ -240,8 +239,7 @@ def score_checkpoint(model_path: Path, data: EvalSet, config: EvaluateConfig,
     model, checkpoint = load_model(model_path, device)
     classes = checkpoint["classes"]
     data = restrict_to_classes(data, classes, config.ignore_unknown_classes)
-    check_unseen(data.paths, read_trained_on(checkpoint.get("trained_on"), model_path),
-                 model_path)
+    unseen_check = check_unseen(data.paths, read_seen(checkpoint, model_path), model_path)
     prep = Preprocess(**checkpoint["preprocess"])
     mask_params = MaskParams(**checkpoint["mask_params"])
     adapted_on = checkpoint.get("adapted_on")
@@ -278,7 +276,7 @@ def score_checkpoint(model_path: Path, data: EvalSet, config: EvaluateConfig,
         uncalibrated=torch.softmax(logits, 1).numpy(), temperature=temperature,
         images_per_second=speed, device=str(device), prepared=images, attention=maps,
         training=checkpoint["summary"], localisation=localisation, validation=scored_validation,
-        adapted_on=adapted_on,
+        adapted_on=adapted_on, unseen_check=unseen_check,
         recipe={key: checkpoint.get(f"{key}_config", {}) for key in ("model", "train")}
         | {"preprocess": checkpoint["preprocess"]})
 
@@ -317,6 +315,7 @@ def write_evaluation(scored: Scored, out_dir: Path, metrics_path: Path, config: 
     write_json(out_dir / "summary.json", {
         "model": scored.name, "metrics": headline, "training": scored.training,
         "abstention": abstention, "adapted_on": scored.adapted_on,
+        "unseen_check": scored.unseen_check,
         "card": card_facts(classes, labels, predicted, per_class, scored.recipe, raw_dir),
         "external": external or {}})
     write_model_card(out_dir / "summary.json", out_dir / "MODEL_CARD.md")
@@ -338,6 +337,8 @@ def _headline(scored: Scored, labels: np.ndarray, config: EvaluateConfig
     probabilities = scored.probabilities
     headline, per_class = classification_metrics(labels, probabilities, scored.classes)
     headline["skipped_unreadable"] = scored.skipped_unreadable
+    if scored.unseen_check and "near_duplicates" in scored.unseen_check:
+        headline["near_duplicates_of_training"] = scored.unseen_check["near_duplicates"]
     headline |= _interval_columns(bootstrap_intervals(labels, probabilities.argmax(1)))
     if headline["absent_classes"]:
         headline |= _restricted_scores(labels, probabilities)

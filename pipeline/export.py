@@ -236,7 +236,7 @@ def export_model(model: str | Path, dest: Path, quantize: bool = False,
     from pipeline.abstain import stored_threshold
     from pipeline.data import Preprocess, load_prepared
     from pipeline.evaluate import external_set, held_out_set, restrict_to_classes
-    from pipeline.leakage import combined_trained_on
+    from pipeline.leakage import combined_seen
     from pipeline.masks import MaskParams
     from pipeline.models import load_checkpoint
     from pipeline.predict import resolve_model
@@ -253,9 +253,7 @@ def export_model(model: str | Path, dest: Path, quantize: bool = False,
     metadata |= {"name": "ensemble" if tree.members else first["name"],
                  "temperature": tree.temperature if tree.members else first["temperature"],
                  "abstain_threshold": stored_threshold(model, data_dir / "eval", missing_ok=True),
-                 "trained_on": combined_trained_on(
-                     [(path, checkpoint.get("trained_on")) for path, (_, checkpoint)
-                      in loaded.items()])}
+                 **combined_seen([(path, checkpoint) for path, (_, checkpoint) in loaded.items()])}
     prep, mask_params = Preprocess(**first["preprocess"]), MaskParams(**first["mask_params"])
 
     def prepared(part: str) -> tuple[torch.Tensor, np.ndarray]:

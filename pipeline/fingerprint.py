@@ -22,8 +22,13 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.io import write_json
-from pipeline.leakage import exclude_path
-from pipeline.sources import REMOTE_SOURCES, DataConfig, SourceError, sha256_file
+from pipeline.sources import (
+    REMOTE_SOURCES,
+    DataConfig,
+    SourceError,
+    exclude_path,
+    sha256_file,
+)
 
 
 def _file_hashes(root: Path, cache_file: Path) -> dict[str, dict[str, Any]]:
@@ -68,8 +73,11 @@ def _content_identity(path: Path, cache_dir: Path) -> dict[str, Any]:
 
 
 def _exclude_identity(locations: tuple[str, ...], cache_dir: Path) -> dict[str, Any]:
-    """The content of the ``data.exclude`` folders (nothing when there are none)."""
+    """The content of the ``data.exclude`` sets (a manifest's: its folder's), nothing when there
+    are none."""
     if not locations:
         return {}
-    return {"exclude": {location: _content_identity(exclude_path(location), cache_dir)
-                        for location in locations}}
+    folders = {location: exclude_path(location) for location in locations}
+    return {"exclude": {location: _content_identity(
+        path.parent if path.suffix == ".csv" else path, cache_dir)
+        for location, path in folders.items()}}

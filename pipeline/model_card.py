@@ -163,6 +163,30 @@ def _adaptation_lines(adapted_on: dict[str, Any] | None) -> list[str]:
             f"images of `{adapted_on['folder']}`: scores are for that laboratory's images"]
 
 
+def _unseen_line(title: str, summary: dict[str, Any]) -> list[str]:
+    """Whether a scored set was checked against the images the model has seen (an ensemble's
+    summary has no such entry: its members' evaluations were checked)."""
+    if "unseen_check" not in summary:
+        return []
+    check = summary["unseen_check"]
+    if check is None:
+        return [f"- {title}: not checked against the images the model trained on (it records "
+                f"none)"]
+    near = check.get("near_duplicates")
+    near_text = "" if near is None else (f"; near-duplicates of them (pHash within "
+                                         f"{check['near_duplicate_bits']} bits): {near}")
+    return [f"- {title}: none of its files is among the {check['images_seen']} the model trained "
+            f"or validated on{near_text}"]
+
+
+def _unseen_lines(summary: dict[str, Any]) -> list[str]:
+    """The checks of the test set and of every external set, then a blank line."""
+    lines = _unseen_line("test", summary) + [
+        line for set_name, external in summary.get("external", {}).items()
+        for line in _unseen_line(f"external: {set_name}", external)]
+    return [*lines, ""] if lines else []
+
+
 def render_card(summary: dict[str, Any]) -> str:
     """The model card's Markdown, from ``summary.json`` (its external sets' rows included)."""
     card, training, name = summary.get("card", {}), summary["training"], summary["model"]
@@ -187,6 +211,7 @@ def render_card(summary: dict[str, Any]) -> str:
              *_metrics_rows("test", summary),
              *[row for set_name, external in summary.get("external", {}).items()
                for row in _metrics_rows(f"external: {set_name}", external)], "",
+             *_unseen_lines(summary),
              "Per-class recall (test): " + ", ".join(
                  f"{r['class']} {r['recall']:.3f}" for r in card.get("per_class", [])), "",
              "Most common confusions (test): " + (", ".join(

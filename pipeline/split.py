@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.leakage import phash_hex
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +234,8 @@ def split_dataset(manifest: pd.DataFrame, images_dir: Path, config: SplitConfig)
     if max_distance >= 0:
         hashes = perceptual_hashes([images_dir / p for p in manifest["path"]])
     groups, links = find_groups(manifest, hashes, max_distance, config.original_id_pattern)
+    if hashes is not None:  # a trained model records them (pipeline.leakage)
+        manifest = manifest.assign(phash=[phash_hex(h) for h in hashes])
     part = assign_parts(manifest, groups, config.val, config.test, config.seed)
     parts = {name: manifest[part == name].sort_values("path") for name in PARTS}
     fold_parts = [{name: manifest[fold_part == name].sort_values("path") for name in PARTS}

@@ -46,7 +46,7 @@ from pipeline.data import (
 from pipeline.device import autocast, numeric_mode, select_device, use_bf16
 from pipeline.inference import predict_logits
 from pipeline.io import atomic_path, write_json
-from pipeline.leakage import trained_on_record
+from pipeline.leakage import seen_record
 from pipeline.masks import MaskParams, mask_path
 from pipeline.metrics import fit_temperature, macro_f1
 from pipeline.model_files import MODEL_FILE
@@ -518,7 +518,7 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
                        runtime)
     if runtime.is_main:
         # weights fitted on train, epoch and temperature chosen on val: both are seen images
-        seen = trained_on_record(pd.concat(rows.values())["sha256"])
+        seen = seen_record(pd.concat(rows.values()))
         checkpoint = _checkpoint(name, model_config, mask_params, run, temperature, summary,
                                  history, seen)
         write_outputs(checkpoint, out_dir, metrics_path, resources_path)
@@ -621,7 +621,7 @@ def _summary(name: str, model_config: ModelConfig, run: Run, best: EarlyStopping
 
 def _checkpoint(name: str, model_config: ModelConfig, mask_params: MaskParams, run: Run,
                 temperature: float, summary: dict[str, Any], history: list[dict[str, Any]],
-                trained_on: list[str]) -> dict[str, Any]:
+                seen: dict[str, list[str]]) -> dict[str, Any]:
     """The trained model with everything needed to use and to reproduce it, and the digests of
     the images it has seen (``pipeline.leakage``)."""
     return {
@@ -636,7 +636,7 @@ def _checkpoint(name: str, model_config: ModelConfig, mask_params: MaskParams, r
         "temperature": temperature,
         "summary": summary,
         "history": history,
-        "trained_on": trained_on,
+        **seen,
     }
 
 

@@ -15,6 +15,7 @@ from pipeline.io import read_json
 from pipeline.sources import DataConfig, SourceError, build_raw_dataset
 from pipeline.sources.download import sha256_file
 from pipeline.sources.ingest import SyntheticConfig
+from pipeline.sources.synthetic import generate_dataset
 
 
 def test_per_class_subset_is_seeded(synthetic_folder, tmp_path):
@@ -60,34 +61,45 @@ def test_fingerprint_of_remote_and_generated_sources(tmp_path):
         source_fingerprint(DataConfig(source=str(tmp_path / "missing")), tmp_path)
 
 
-def test_exclude_keeps_another_sets_images_out(synthetic_folder, tmp_path):
-    """``data.exclude``: files byte-identical to an excluded folder's (whatever their names) are
-    not ingested, before the per-class draw; they are listed and counted; the fingerprint
-    follows the excluded folder's content; a missing folder is refused in one line."""
-    external = tmp_path / "external"
-    (external / "mono").mkdir(parents=True)
+def test_exclude_keeps_another_sets_images_out(synthetic_folder, tmp_path, caplog):
+    """``data.exclude``: files byte-identical to an excluded set's (whatever their names) are
+    not ingested, before the per-class draw; they are listed and counted; a set sharing no file
+    is named in a warning; the fingerprint follows the excluded set's content; a string is one
+    set; a missing set, or one that leaves nothing, is refused in one line."""
+    external, unrelated = tmp_path / "external", tmp_path / "unrelated"
+    for label in ("mono", "lympho"):
+        (external / label).mkdir(parents=True)
     monocytes = sorted((synthetic_folder / "monocyte").iterdir())
     for image in monocytes[:3]:
         shutil.copy(image, external / "mono" / f"renamed-{image.name}")
-    settings, cache = DataConfig(source=str(synthetic_folder), exclude=[str(external)],
-                                 per_class=8), tmp_path / "cache"
-    manifest = build_raw_dataset(settings, tmp_path / "raw", cache)
+    generate_dataset(unrelated, images_per_class=2, seed=9)
+    shutil.copy(next((unrelated / "lymphocyte").iterdir()), external / "lympho" / "x.jpg")
+    settings, cache = DataConfig(source=str(synthetic_folder), per_class=8,
+                                 exclude=[str(external), str(unrelated)]), tmp_path / "cache"
+    with caplog.at_level("WARNING"):
+        manifest = build_raw_dataset(settings, tmp_path / "raw", cache)
+    assert f"no file of the data source has the bytes of an image in {unrelated}" in caplog.text
     counts = manifest["label"].value_counts()
     assert counts["monocyte"] == 7 and counts["platelet"] == 8  # excluded before the draw
     assert not set(manifest["sha256"]) & {sha256_file(p) for p in monocytes[:3]}
     excluded = pd.read_csv(tmp_path / "raw" / "excluded.csv")
     assert excluded["file"].tolist() == [f"monocyte/{p.name}" for p in monocytes[:3]]
     assert set(excluded["excluded_by"]) == {str(external)}
-    assert read_json(tmp_path / "raw" / "source.json")["excluded"] == {str(external): 3}
-
+    assert read_json(tmp_path / "raw" / "source.json")["excluded"] == {str(external): 3,
+                                                                       str(unrelated): 0}
     first = source_fingerprint(settings, cache)
-    assert first["exclude"][str(external)]["files"] == 3
+    assert first["exclude"][str(external)]["files"] == 4
     (external / "mono" / f"renamed-{monocytes[0].name}").unlink()
     assert source_fingerprint(settings, cache)["exclude"] != first["exclude"]
     assert "exclude" not in source_fingerprint(replace(settings, exclude=()), cache)
+    assert DataConfig(exclude=str(external)).exclude == (str(external),)
     missing = replace(settings, exclude=(str(tmp_path / "missing"),))
     for step in (lambda: source_fingerprint(missing, cache),
                  lambda: build_raw_dataset(missing, tmp_path / "raw2", cache)):
         with pytest.raises(PipelineError, match=r"data.exclude: '.*missing' is not a folder"):
             step()
+    everything = replace(settings, exclude=(str(synthetic_folder),))
+    with pytest.raises(PipelineError, match="all 80 files under .* are images of the "
+                                            "data.exclude sets"):
+        build_raw_dataset(everything, tmp_path / "raw2", cache)
     assert not (tmp_path / "raw2").exists()

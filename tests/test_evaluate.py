@@ -426,39 +426,59 @@ def test_external_sets_scored_beside_the_test_split(trained, unseen_folder, tmp_
 
 
 def test_images_a_model_has_seen_are_not_scored(trained, prepared, tmp_path, capsys, caplog):
-    """The checkpoint records the digests of its train and validation images; a set holding one
-    of them (renamed) is refused in one line, by the stage function and by ``wbc evaluate``, and
-    nothing is written; the test split passes; a model without the record is scored with a
-    warning, one with a malformed record is refused."""
+    """The checkpoint records its train and validation images (digests and the split's pHash);
+    a set holding one of those files (renamed) is refused in one line, by the stage function
+    and by ``wbc evaluate``, and nothing is written; a re-encoded copy is scored, counted and
+    warned about; the model card says what was checked; a model without the record is scored
+    with a warning, one with a malformed record is refused."""
     split = {part: read_split(prepared / "split", part) for part in ("train", "val", "test")}
     checkpoint = load_checkpoint(trained["first"])[1]
-    seen = pd.concat([split["train"], split["val"]])["sha256"]
-    assert checkpoint["trained_on"] == sorted({digest[:16] for digest in seen})
+    seen = pd.concat([split["train"], split["val"]])
+    assert checkpoint["trained_on"] == sorted({digest[:16] for digest in seen["sha256"]})
+    assert checkpoint["trained_on_phash"] == sorted(set(seen["phash"]))
     assert not set(checkpoint["trained_on"]) & {d[:16] for d in split["test"]["sha256"]}
     lab = tmp_path / "lab-b"
     for row in split["test"].itertuples():
         (lab / row.label).mkdir(parents=True, exist_ok=True)
         shutil.copy(prepared / "raw" / "images" / row.path, lab / row.label)
-    assert score_checkpoint(trained["first"], external_set(lab), SETTINGS).data.paths
+    trained_image = split["train"].iloc[0]
+    cv2.imwrite(str(lab / trained_image.label / "reencoded.png"),
+                cv2.imread(str(prepared / "raw" / "images" / trained_image.path)))
+    with caplog.at_level("WARNING", logger="pipeline.leakage"):
+        external = evaluate_external(trained["first"], [str(lab)], SETTINGS, tmp_path / "ext")
+    assert "1 of the" in caplog.text and "reencoded.png) are near-duplicates" in caplog.text
+    check = {"images_seen": len(checkpoint["trained_on"]), "near_duplicates": 1,
+             "near_duplicate_bits": 4}
+    assert external["lab-b"]["unseen_check"] == check
+    assert external["lab-b"]["metrics"]["near_duplicates_of_training"] == 1
+    folders = (prepared / "split", prepared / "raw" / "images", prepared / "masks")
+    write_evaluation(score_checkpoint(trained["first"], held_out_set(*folders), SETTINGS),
+                     tmp_path / "eval", tmp_path / "eval.json", SETTINGS, external=external)
+    card = (tmp_path / "eval" / "MODEL_CARD.md").read_text()
+    among = (f"none of its files is among the {check['images_seen']} the model trained or "
+             f"validated on")
+    near = "near-duplicates of them (pHash within 4 bits)"
+    assert f"- test: {among}; {near}: 0\n" in card
+    assert f"- external: lab-b: {among}; {near}: 1\n" in card
+
     validated = split["val"].iloc[0]
     shutil.copy(prepared / "raw" / "images" / validated.path,
                 lab / validated.label / "renamed.jpg")
     with pytest.raises(InputError, match=r"renamed\.jpg of the \d+ images to score are "
                                          r"byte-identical to images .* trained or validated on"):
-        evaluate_external(trained["first"], [str(lab)], SETTINGS, tmp_path / "external")
-    assert not (tmp_path / "external").exists()
+        evaluate_external(trained["first"], [str(lab)], SETTINGS, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
     assert wbc(["evaluate", str(trained["first"]), str(lab), "-o", str(tmp_path / "r")]) == 2
     error = capsys.readouterr().err.strip()
     assert "byte-identical" in error and "\n" not in error and not (tmp_path / "r").exists()
 
-    _, record = load_checkpoint(trained["first"])
     bare, malformed = tmp_path / "bare.safetensors", tmp_path / "malformed.safetensors"
-    save_checkpoint({key: value for key, value in record.items() if key != "trained_on"}, bare)
+    save_checkpoint({k: v for k, v in checkpoint.items() if not k.startswith("trained_on")}, bare)
     with caplog.at_level("WARNING", logger="pipeline.leakage"):
-        assert score_checkpoint(bare, external_set(lab), SETTINGS).data.paths
+        assert score_checkpoint(bare, external_set(lab), SETTINGS).unseen_check is None
     assert "does not record the images it was trained on" in caplog.text
-    save_checkpoint({**record, "trained_on": ["not a digest"]}, malformed)
-    with pytest.raises(InputError, match="trained_on record is not a list of 16-character"):
+    save_checkpoint({**checkpoint, "trained_on_phash": ["not a hash"]}, malformed)
+    with pytest.raises(InputError, match="trained_on_phash record is not a list of 16-character"):
         score_checkpoint(malformed, external_set(lab), SETTINGS)
 
 

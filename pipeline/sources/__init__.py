@@ -23,9 +23,10 @@ from typing import Any
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "download": ("sha256_file",),
     "labels": ("PBC_CLASSES", "normalize_label"),
-    "layout": ("collect_inputs", "is_image_file", "scan_layout"),
+    "layout": ("collect_inputs", "is_image_file", "labelled_files", "scan_layout"),
     "synthetic": ("generate_dataset", "render_example"),
-    "ingest": ("REMOTE_SOURCES", "DataConfig", "SourceError", "build_raw_dataset"),
+    "ingest": ("REMOTE_SOURCES", "DataConfig", "SourceError", "build_raw_dataset",
+               "exclude_path"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

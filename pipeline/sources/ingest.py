@@ -31,10 +31,9 @@ from pipeline.io import (
     write_csv,
     write_json,
 )
-from pipeline.leakage import held_out_digests
 from pipeline.sources.archive import ArchiveLimits, safe_extract
 from pipeline.sources.download import DownloadError, download, sha256_file
-from pipeline.sources.layout import Candidate, scan_layout
+from pipeline.sources.layout import Candidate, LayoutError, labelled_files, scan_layout
 from pipeline.sources.synthetic import generate_dataset
 
 logger = logging.getLogger(__name__)
@@ -100,11 +99,14 @@ class DataConfig:
     synthetic: SyntheticConfig = SyntheticConfig()
     per_class: int | None = None  # ingest a random N images per class (the same for a seed)
     seed: int = 0  # of that draw
-    # folders (or files) whose images must stay out: a file with the same bytes is not ingested
+    # labelled sets (folders, or manifest.csv files, as evaluate.external takes them) whose
+    # images must stay out: a file with the same bytes is not ingested
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "exclude", tuple(map(str, self.exclude or ())))
+        exclude = self.exclude or ()
+        object.__setattr__(self, "exclude", (exclude,) if isinstance(exclude, str)
+                           else tuple(map(str, exclude)))
 
     @property
     def image_limits(self) -> ImageLimits:
@@ -154,21 +156,56 @@ def draw_per_class(candidates: list[Candidate], per_class: int | None, seed: int
     return sorted(kept, key=lambda c: c.relative)
 
 
+def exclude_path(location: str) -> Path:
+    """A ``data.exclude`` entry as a path, which must exist."""
+    path = Path(location).expanduser()
+    if not path.exists():
+        raise SourceError(f"data.exclude: {location!r} is not a folder or manifest.csv")
+    return path
+
+
+def held_out_digests(locations: tuple[str, ...]) -> dict[str, str]:
+    """``{sha256: location}`` for every image of the ``data.exclude`` sets."""
+    digests: dict[str, str] = {}
+    for location in locations:
+        try:
+            files = [c.source for c in labelled_files(exclude_path(location))]
+        except LayoutError as error:
+            raise SourceError(f"data.exclude: {one_line(error)}") from error
+        for file in tqdm(files, desc=f"exclude {Path(location).name}", unit="file", leave=False):
+            try:
+                digests.setdefault(sha256_file(file), location)
+            except OSError as error:
+                raise SourceError(f"data.exclude: cannot read {file} ({one_line(error)})"
+                                  ) from error
+    return digests
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:  # unreadable: ingest rejects it, with its reason
+        return None
+
+
 def drop_held_out(candidates: list[Candidate], held_out: dict[str, str], root: Path
                   ) -> tuple[list[Candidate], pd.DataFrame]:
     """The candidates whose bytes are not in ``held_out`` (``{sha256: location}``), and a table
-    of the others: ``file`` (relative to ``root``) and ``excluded_by`` (the location)."""
-    if not held_out:
-        return candidates, pd.DataFrame(columns=["file", "excluded_by"])
+    of the others: ``file`` (relative to ``root``) and ``excluded_by`` (the location). A location
+    that leaves nothing out is named in a warning: its files are not the source's."""
     kept, dropped = [], []
-    for cand in tqdm(candidates, desc="exclude", unit="file"):
-        location = held_out.get(sha256_file(cand.source))
+    for cand in tqdm(candidates, desc="exclude", unit="file", disable=not held_out):
+        location = held_out.get(_sha256_or_none(cand.source)) if held_out else None
         if location is None:
             kept.append(cand)
         else:
             dropped.append({"file": cand.source.relative_to(root).as_posix(),
                             "excluded_by": location})
-    return kept, pd.DataFrame(dropped, columns=["file", "excluded_by"])
+    excluded = pd.DataFrame(dropped, columns=["file", "excluded_by"])
+    for location in sorted(set(held_out.values()) - set(excluded["excluded_by"])):
+        logger.warning("data.exclude: no file of the data source has the bytes of an image in "
+                       "%s (a re-encoded copy is not recognised)", location)
+    return kept, excluded
 
 
 def ingest(root: Path, out_dir: Path, provenance: dict[str, Any], workers: int | None = None,
@@ -187,6 +224,9 @@ def ingest(root: Path, out_dir: Path, provenance: dict[str, Any], workers: int |
     if len(excluded):
         logger.info("left out %d files byte-identical to images of %s (data.exclude)",
                     len(excluded), ", ".join(sorted(set(excluded["excluded_by"]))))
+        if not candidates:
+            raise SourceError(f"all {len(excluded)} files under {root} are images of the "
+                              f"data.exclude sets: nothing is left to ingest")
     candidates = draw_per_class(candidates, per_class, seed)
     if not candidates:
         raise SourceError(f"no files found in the dataset under {root}")

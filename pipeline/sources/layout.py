@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from pipeline.errors import PipelineError
 from pipeline.io import IMAGE_SUFFIXES
 from pipeline.sources.labels import UnsafeNameError, closest_known_class, normalize_label, safe_name
@@ -153,6 +155,17 @@ def scan_layout(root: Path) -> tuple[list[Candidate], str]:
                 continue
             candidates.extend(_class_candidates(split_dir, split, root))
     return _unique_relatives(candidates), layout
+
+
+def labelled_files(location: Path) -> list[Candidate]:
+    """The images of a labelled set: a folder in either layout, or a ``manifest.csv`` beside its
+    ``images/`` folder (what ``evaluate.external`` scores and ``data.exclude`` holds out)."""
+    if location.suffix == ".csv":
+        rows = pd.read_csv(location, keep_default_na=False, dtype=str)
+        root = location.parent / "images"
+        return [Candidate(root / path, normalize_label(label), "", path)
+                for path, label in zip(rows["path"], rows["label"], strict=True)]
+    return scan_layout(location)[0]
 
 
 def _unique_relatives(candidates: list[Candidate]) -> list[Candidate]:
