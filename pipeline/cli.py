@@ -41,6 +41,7 @@ def _score(model: str, data: Any, config: Any) -> Any:
     from dataclasses import replace
 
     from pipeline.evaluate import score_checkpoint
+    from pipeline.leakage import ensemble_check
     from pipeline.predict import resolve_model
 
     tree = resolve_model(model)
@@ -54,6 +55,7 @@ def _score(model: str, data: Any, config: Any) -> Any:
     uncalibrated = sum(scored[path].uncalibrated * share for path, share in tree.leaves())
     return replace(first, probabilities=tree.combine(lambda path: scored[path].probabilities),
                    uncalibrated=uncalibrated, name=Path(model).stem,
+                   unseen_check=ensemble_check([s.unseen_check for s in scored.values()]),
                    temperature=tree.temperature, attention=None)
 
 

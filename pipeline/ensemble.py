@@ -27,6 +27,7 @@ from pipeline.evaluate import (
     score_external_sets,
 )
 from pipeline.io import read_json
+from pipeline.leakage import ensemble_check
 from pipeline.metrics import fit_temperature
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ def combine_evaluations(eval_dirs: dict[str, Path], weights: dict[str, float], d
         validation.names, validation.labels, temper(average["val_calibrated"], temperature))
     return Scored(
         name="ensemble", classes=classes, data=data, validation=scored_validation,
+        unseen_check=ensemble_check([s.get("unseen_check") for s in summaries.values()]),
         probabilities=temper(average["calibrated"], temperature),
         uncalibrated=average["uncalibrated"],
         temperature=temperature, images_per_second=1.0 / seconds_per_image,

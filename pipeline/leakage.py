@@ -73,7 +73,7 @@ def _hex_list(record: object, key: str, model: str | Path) -> list[str] | None:
     if not isinstance(record, list) or not all(
             isinstance(h, str) and len(h) == DIGEST_CHARS and set(h) <= _HEX for h in record):
         raise InputError(f"{model}: its {key} record is not a list of "
-                         f"{DIGEST_CHARS}-character hexadecimal hashes")
+                         f"{DIGEST_CHARS}-character hexadecimal hashes: retrain or re-export it")
     return record
 
 
@@ -98,6 +98,18 @@ def combined_seen(checkpoints: Sequence[tuple[Path, Mapping[str, Any]]]
     return {"trained_on": sorted(set().union(*(member.digests for member in seen))),
             "trained_on_phash": None if any(p is None for p in phashes) else
             sorted({phash_hex(h) for p in phashes for h in p})}
+
+
+def ensemble_check(checks: Sequence[dict[str, int] | None]) -> dict[str, int] | None:
+    """An ensemble's check from its members' (each member scored the images against its own
+    seen images): the most any member had seen and found, or None when one was not checked."""
+    if not checks or any(check is None for check in checks):
+        return None
+    merged = {"members": len(checks), "images_seen": max(c["images_seen"] for c in checks)}
+    if all("near_duplicates" in check for check in checks):
+        merged |= {"near_duplicates": max(c["near_duplicates"] for c in checks),
+                   "near_duplicate_bits": NEAR_DUPLICATE_BITS}
+    return merged
 
 
 def _digest_or_none(path: Path) -> str | None:

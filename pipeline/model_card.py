@@ -164,19 +164,24 @@ def _adaptation_lines(adapted_on: dict[str, Any] | None) -> list[str]:
 
 
 def _unseen_line(title: str, summary: dict[str, Any]) -> list[str]:
-    """Whether a scored set was checked against the images the model has seen (an ensemble's
-    summary has no such entry: its members' evaluations were checked)."""
+    """Whether a scored set was checked against the images the model (an ensemble: each member)
+    has seen; nothing for a summary written before the check existed."""
     if "unseen_check" not in summary:
         return []
     check = summary["unseen_check"]
     if check is None:
-        return [f"- {title}: not checked against the images the model trained on (it records "
-                f"none)"]
+        return [f"- {title}: not checked against the images the model trained on (it, or a "
+                f"member, records none)"]
     near = check.get("near_duplicates")
-    near_text = "" if near is None else (f"; near-duplicates of them (pHash within "
-                                         f"{check['near_duplicate_bits']} bits): {near}")
-    return [f"- {title}: none of its files is among the {check['images_seen']} the model trained "
-            f"or validated on{near_text}"]
+    if "members" in check:
+        seen = (f"any of its {check['members']} members trained or validated on (up to "
+                f"{check['images_seen']} each)")
+        near_text = "" if near is None else f"; near-duplicates of a member's, at most: {near}"
+    else:
+        seen = f"the {check['images_seen']} the model trained or validated on"
+        near_text = "" if near is None else f"; near-duplicates of them: {near}"
+    bits = "" if near is None else f" (pHash within {check['near_duplicate_bits']} bits)"
+    return [f"- {title}: none of its files is among {seen}{near_text}{bits}"]
 
 
 def _unseen_lines(summary: dict[str, Any]) -> list[str]:

@@ -154,6 +154,11 @@ def test_ensemble_and_compare(evaluated, prepared, tmp_path):
         combine_evaluations(eval_dirs, weights, data, held_out_set(*folders, part="train"))
     write_evaluation(scored, evaluated / "eval" / "ensemble",
                      evaluated / "metrics" / "ensemble" / "eval.json", SETTINGS)
+    seen = max(read_json(evaluated / "eval" / name / "summary.json")["unseen_check"]["images_seen"]
+               for name in weights)
+    assert ("- test: none of its files is among any of its 2 members trained or validated on "
+            f"(up to {seen} each); near-duplicates of a member's, at most: 0 (pHash within 4 "
+            "bits)\n") in (evaluated / "eval" / "ensemble" / "MODEL_CARD.md").read_text()
     references = CompareConfig({"original (PBC-1560)": 0.98})
     pbc = {"source": "/data/pbc-1560", "images": 1560, "classes": list(range(8))}
     table = compare(evaluated / "eval", references, tmp_path / "summary.json",
@@ -334,6 +339,8 @@ def test_ensemble_of_ensembles_tempers_each_level(trained, unseen_folder, tmp_pa
         shutil.copytree(unseen_folder / label, labelled / label)
     assert wbc(["evaluate", str(outer), str(labelled), "-o", str(tmp_path / "report")]) == 0
     assert "gradcam_in_cell" not in read_json(tmp_path / "report" / "eval.json")  # no member's
+    assert ("- test: none of its files is among any of its 2 members trained or validated on"
+            in (tmp_path / "report" / "MODEL_CARD.md").read_text())  # each member checked
     evaluated = pd.read_csv(tmp_path / "report" / "predictions.csv")
     served = _probability_table(predict_module.predict(
         outer, [labelled / p for p in evaluated["path"]], top_k=8), classes)
@@ -457,9 +464,8 @@ def test_images_a_model_has_seen_are_not_scored(trained, prepared, tmp_path, cap
     card = (tmp_path / "eval" / "MODEL_CARD.md").read_text()
     among = (f"none of its files is among the {check['images_seen']} the model trained or "
              f"validated on")
-    near = "near-duplicates of them (pHash within 4 bits)"
-    assert f"- test: {among}; {near}: 0\n" in card
-    assert f"- external: lab-b: {among}; {near}: 1\n" in card
+    assert f"- test: {among}; near-duplicates of them: 0 (pHash within 4 bits)\n" in card
+    assert f"- external: lab-b: {among}; near-duplicates of them: 1 (pHash within 4 bits)\n" in card
 
     validated = split["val"].iloc[0]
     shutil.copy(prepared / "raw" / "images" / validated.path,
