@@ -22,6 +22,14 @@ class ConfigError(PipelineError, ValueError):
     """A params section that does not fit its config: unknown or missing keys, bad values."""
 
 
+def as_tuple(value: Any) -> tuple[Any, ...]:
+    """A YAML list as a tuple; one string (``-S key=value`` without brackets) as one item, not
+    as its characters; nothing as ``()``."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value or ())
+
+
 def from_params(cls: type[Config], section: Mapping[str, Any], name: str) -> Config:
     """``cls`` built from ``section``, the ``params.yaml`` section called ``name``."""
     if not isinstance(section, Mapping):

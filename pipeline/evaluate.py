@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from pipeline import abstain, explain, plots
 from pipeline.adapt import adapt_model
+from pipeline.config import as_tuple
 from pipeline.data import Preprocess, eval_transform, prepare_all, read_split, stack_images
 from pipeline.device import select_device, use_bf16
 from pipeline.errors import InputError, PipelineError
@@ -71,9 +72,7 @@ class EvaluateConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        external = self.external or ()
-        object.__setattr__(self, "external", (external,) if isinstance(external, str)
-                           else tuple(external))
+        object.__setattr__(self, "external", as_tuple(self.external))
         adapt = self.adapt or {}
         if not isinstance(adapt, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in adapt.items()):

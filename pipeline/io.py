@@ -40,7 +40,10 @@ class UnsafePathError(PipelineError):
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a regular file, read in chunks; OSError for a pipe, socket or device,
+    which would block or never end."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{path}: not a regular file (a pipe, socket or device)")
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_size):
@@ -109,7 +112,7 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS,
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        data = source if isinstance(source, bytes) else _read_regular_file(Path(source))
+        data = source if isinstance(source, bytes) else read_regular_file(Path(source))
         with Image.open(BytesIO(data)) as image:
             _check_size(image.size, max_pixels, min_side)
             image.load()
@@ -127,7 +130,7 @@ def decode_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS,
     return pixels
 
 
-def _read_regular_file(path: Path) -> bytes:
+def read_regular_file(path: Path) -> bytes:
     """The bytes of a regular file; a FIFO or device (which would block or never end) is a
     defect of the input, not something to read."""
     if not stat.S_ISREG(path.stat().st_mode) and not path.is_dir():

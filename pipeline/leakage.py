@@ -14,6 +14,7 @@ files out of the ingested data, so that the rest can be trained on and the set s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import string
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.errors import InputError
-from pipeline.io import ImageDecodeError, decode_image, sha256_file
+from pipeline.io import ImageDecodeError, decode_image, read_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -112,20 +113,20 @@ def ensemble_check(checks: Sequence[dict[str, int] | None]) -> dict[str, int] | 
     return merged
 
 
-def _digest_or_none(path: Path) -> str | None:
-    """The short digest of a file, or None when it cannot be read (it is skipped later)."""
+def _identity(path: Path, with_phash: bool) -> tuple[str | None, int | None]:
+    """A file's short digest and, if asked, its pHash, from one read; None for what cannot be
+    read or decoded (the evaluation skips it, with its reason)."""
     try:
-        return short_digest(sha256_file(path))
-    except OSError:
-        return None
-
-
-def _phash_or_none(path: Path) -> int | None:
-    """The pHash of an image, or None when it cannot be decoded (it is skipped later)."""
+        data = read_regular_file(path)
+    except (ImageDecodeError, OSError):
+        return None, None
+    digest = short_digest(hashlib.sha256(data).hexdigest())
+    if not with_phash:
+        return digest, None
     try:
-        return int(str(imagehash.phash(Image.fromarray(decode_image(path)))), 16)
+        return digest, int(str(imagehash.phash(Image.fromarray(decode_image(data)))), 16)
     except ImageDecodeError:
-        return None
+        return digest, None
 
 
 def check_unseen(paths: Sequence[Path], seen: SeenImages | None, model: str | Path
@@ -138,8 +139,10 @@ def check_unseen(paths: Sequence[Path], seen: SeenImages | None, model: str | Pa
         logger.warning("%s does not record the images it was trained on: not checked whether "
                        "the images scored are among them", model)
         return None
-    identical = [path for path in tqdm(paths, desc="check unseen", unit="img", leave=False)
-                 if _digest_or_none(path) in seen.digests]
+    identities = [_identity(path, seen.phashes is not None)
+                  for path in tqdm(paths, desc="check unseen", unit="img", leave=False)]
+    identical = [path for path, (digest, _) in zip(paths, identities, strict=True)
+                 if digest in seen.digests]
     if identical:
         more = f" and {len(identical) - 1} more" if len(identical) > 1 else ""
         raise InputError(
@@ -148,9 +151,8 @@ def check_unseen(paths: Sequence[Path], seen: SeenImages | None, model: str | Pa
             f"them out of its training data (data.exclude) or score other images")
     result = {"images_seen": len(seen.digests)}
     if seen.phashes is not None:
-        near = [path for path in tqdm(paths, desc="near-duplicates", unit="img", leave=False)
-                if (phash := _phash_or_none(path)) is not None
-                and seen.nearest_distance(phash) <= NEAR_DUPLICATE_BITS]
+        near = [path for path, (_, phash) in zip(paths, identities, strict=True)
+                if phash is not None and seen.nearest_distance(phash) <= NEAR_DUPLICATE_BITS]
         result |= {"near_duplicates": len(near), "near_duplicate_bits": NEAR_DUPLICATE_BITS}
         if near:
             logger.warning("%d of the %d images to score (first %s) are near-duplicates (pHash "

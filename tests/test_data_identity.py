@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -98,6 +99,14 @@ def test_exclude_keeps_another_sets_images_out(synthetic_folder, tmp_path, caplo
                  lambda: build_raw_dataset(missing, tmp_path / "raw2", cache)):
         with pytest.raises(PipelineError, match=r"data.exclude: '.*missing' is not a folder"):
             step()
+    listed = tmp_path / "listed"  # a manifest.csv naming a pipe: one line, not a hang
+    (listed / "images").mkdir(parents=True)
+    os.mkfifo(listed / "images" / "pipe.jpg")
+    (listed / "manifest.csv").write_text("path,label\npipe.jpg,monocyte\n")
+    with pytest.raises(PipelineError, match="data.exclude: cannot read .*pipe.jpg .*not a "
+                                            "regular file"):
+        build_raw_dataset(replace(settings, exclude=(str(listed / "manifest.csv"),)),
+                          tmp_path / "raw2", cache)
     everything = replace(settings, exclude=(str(synthetic_folder),))
     with pytest.raises(PipelineError, match="all 80 files under .* are images of the "
                                             "data.exclude sets"):

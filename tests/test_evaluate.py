@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -394,6 +395,7 @@ def test_stage_settings_are_validated():
     with pytest.raises(TypeError, match="unexpected keyword argument 'tta_views'"):
         EvaluateConfig(tta_views=8)
     assert EvaluateConfig(external=["a", "b"]).external == ("a", "b")
+    assert EvaluateConfig(external="../pbc-external").external == ("../pbc-external",)  # not chars
     for adapt in (["TEST"], "TEST", {"TEST": 3}):
         with pytest.raises(ValueError, match="evaluate.adapt maps external set names to folders"):
             EvaluateConfig(adapt=adapt)
@@ -477,6 +479,18 @@ def test_images_a_model_has_seen_are_not_scored(trained, prepared, tmp_path, cap
     assert wbc(["evaluate", str(trained["first"]), str(lab), "-o", str(tmp_path / "r")]) == 2
     error = capsys.readouterr().err.strip()
     assert "byte-identical" in error and "\n" not in error and not (tmp_path / "r").exists()
+
+    listed = tmp_path / "listed"  # a manifest.csv may name a pipe: skipped, not a hang
+    (listed / "images").mkdir(parents=True)
+    tested = split["test"].iloc[:2]
+    for row in tested.itertuples():
+        shutil.copy(prepared / "raw" / "images" / row.path, listed / "images")
+    os.mkfifo(listed / "images" / "pipe.jpg")
+    names = [Path(path).name for path in tested["path"]]
+    manifest = pd.DataFrame({"path": [*names, "pipe.jpg"], "label": [*tested["label"], "ig"]})
+    manifest.to_csv(listed / "manifest.csv", index=False)
+    piped = score_checkpoint(trained["first"], external_set(listed / "manifest.csv"), SETTINGS)
+    assert piped.skipped_unreadable == 1 and piped.unseen_check["near_duplicates"] == 0
 
     bare, malformed = tmp_path / "bare.safetensors", tmp_path / "malformed.safetensors"
     save_checkpoint({k: v for k, v in checkpoint.items() if not k.startswith("trained_on")}, bare)

@@ -31,7 +31,7 @@ from PIL import Image
 from pipeline.cli import main as wbc
 from pipeline.data import Preprocess
 from pipeline.errors import SIGTERM_EXIT, USER_ERROR_EXIT, run_entry_point
-from pipeline.io import ImageDecodeError, decode_image
+from pipeline.io import ImageDecodeError, decode_image, sha256_file
 from pipeline.masks import MaskParams
 from pipeline.metrics import classification_metrics
 from pipeline.model_files import write_spec
@@ -662,3 +662,5 @@ def test_a_named_pipe_is_an_error_row_not_a_hang(tmp_path):
     os.mkfifo(pipe)
     with pytest.raises(ImageDecodeError, match="not a regular file"):
         decode_image(pipe)
+    with pytest.raises(OSError, match="not a regular file"):  # hashing it would block too
+        sha256_file(pipe)

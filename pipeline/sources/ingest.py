@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline.config import as_tuple
 from pipeline.errors import PipelineError, one_line
 from pipeline.io import (
     MAX_IMAGE_PIXELS,
@@ -104,9 +105,7 @@ class DataConfig:
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        exclude = self.exclude or ()
-        object.__setattr__(self, "exclude", (exclude,) if isinstance(exclude, str)
-                           else tuple(map(str, exclude)))
+        object.__setattr__(self, "exclude", tuple(map(str, as_tuple(self.exclude))))
 
     @property
     def image_limits(self) -> ImageLimits:
