@@ -183,6 +183,9 @@ def load_readable(data: EvalSet, prep: Preprocess, mask_params: MaskParams, desc
         logger.warning("skipped unreadable image: %s", reason)
     if not keep:
         raise PipelineError(f"none of the {len(prepared)} images to score could be read")
+    if len(keep) == 1:
+        raise PipelineError(f"only 1 of the {len(prepared)} images to score could be read: a "
+                            f"score and its interval need at least 2 (wbc predict labels one)")
     if len(keep) < len(prepared):
         logger.warning("%s: skipped %d unreadable of %d images", desc, len(prepared) - len(keep),
                        len(prepared))

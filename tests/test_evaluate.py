@@ -491,6 +491,11 @@ def test_images_a_model_has_seen_are_not_scored(trained, prepared, tmp_path, cap
     manifest.to_csv(listed / "manifest.csv", index=False)
     piped = score_checkpoint(trained["first"], external_set(listed / "manifest.csv"), SETTINGS)
     assert piped.skipped_unreadable == 1 and piped.unseen_check["near_duplicates"] == 0
+    manifest.iloc[1:].to_csv(listed / "manifest.csv", index=False)  # one image left to score
+    assert wbc(["evaluate", str(trained["first"]), str(listed / "manifest.csv"), "-o",
+                str(tmp_path / "one")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "only 1 of the 2 images to score could be read" in error and "\n" not in error
 
     bare, malformed = tmp_path / "bare.safetensors", tmp_path / "malformed.safetensors"
     save_checkpoint({k: v for k, v in checkpoint.items() if not k.startswith("trained_on")}, bare)
