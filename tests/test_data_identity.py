@@ -94,11 +94,14 @@ def test_exclude_keeps_another_sets_images_out(synthetic_folder, tmp_path, caplo
     assert source_fingerprint(settings, cache)["exclude"] != first["exclude"]
     assert "exclude" not in source_fingerprint(replace(settings, exclude=()), cache)
     assert DataConfig(exclude=str(external)).exclude == (str(external),)
-    missing = replace(settings, exclude=(str(tmp_path / "missing"),))
-    for step in (lambda: source_fingerprint(missing, cache),
-                 lambda: build_raw_dataset(missing, tmp_path / "raw2", cache)):
-        with pytest.raises(PipelineError, match=r"data.exclude: '.*missing' is not a folder"):
-            step()
+    os.mkfifo(tmp_path / "pipe.csv")
+    for wrong in (tmp_path / "missing", monocytes[0], tmp_path / "pipe.csv", ""):
+        bad = replace(settings, exclude=(str(wrong),))
+        for step in (lambda: source_fingerprint(bad, cache),  # noqa: B023 - called at once
+                     lambda: build_raw_dataset(bad, tmp_path / "raw2", cache)):  # noqa: B023
+            with pytest.raises(PipelineError, match=r"data.exclude: '.*' is not a folder or "
+                                                    r"manifest.csv"):
+                step()
     listed = tmp_path / "listed"  # a manifest.csv naming a pipe: one line, not a hang
     (listed / "images").mkdir(parents=True)
     os.mkfifo(listed / "images" / "pipe.jpg")

@@ -156,9 +156,10 @@ def draw_per_class(candidates: list[Candidate], per_class: int | None, seed: int
 
 
 def exclude_path(location: str) -> Path:
-    """A ``data.exclude`` entry as a path, which must exist."""
+    """A ``data.exclude`` entry as a path: an existing folder or ``.csv`` file (an empty entry,
+    a plain file, a pipe or a device is refused before anything reads it)."""
     path = Path(location).expanduser()
-    if not path.exists():
+    if not location.strip() or not (path.is_dir() or (path.suffix == ".csv" and path.is_file())):
         raise SourceError(f"data.exclude: {location!r} is not a folder or manifest.csv")
     return path
 
