@@ -43,7 +43,7 @@ from pipeline.data import (
     read_split,
     train_transform,
 )
-from pipeline.device import autocast, numeric_mode, select_device, use_bf16
+from pipeline.device import autocast, cpu_model, kernels, numeric_mode, select_device, use_bf16
 from pipeline.inference import predict_logits
 from pipeline.io import atomic_path, write_json
 from pipeline.leakage import seen_record
@@ -145,7 +145,7 @@ class TrainConfig:
 
 RANDOM_INIT_RECIPE = "random-init fallback"
 RESOURCE_KEYS = ("seconds", "train_seconds", "images_per_second", "peak_memory_mb", "device",
-                 "world_size", "distributed")
+                 "cpu", "world_size", "distributed")
 
 
 def recipe_for(config: TrainConfig, weight_source: str) -> tuple[TrainConfig, str]:
@@ -612,9 +612,11 @@ def _summary(name: str, model_config: ModelConfig, run: Run, best: EarlyStopping
         "train_seconds": clock.train_seconds,
         "images_per_second": clock.images / max(clock.train_seconds, 1e-9),
         "device": str(runtime.device),
+        "cpu": cpu_model(),
         "world_size": runtime.world_size,
         "distributed": runtime.distributed,
         "numeric_mode": numeric_mode(run.amp),
+        "kernels": kernels(runtime.device),
         "peak_memory_mb": peak_memory_mb(runtime.device),
     }
 

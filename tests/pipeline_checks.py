@@ -3,14 +3,15 @@
 A stage's script is the ``python -m stages.X`` (or ``python stages/X.py``) of its cmd. Its
 required deps are the script plus every ``pipeline`` module it imports, transitively
 (``import pipeline.x``, ``from pipeline.x import y``, ``from pipeline import x``, relative
-imports, imports inside functions, the ``__init__.py`` of each package on the way). A package
-whose ``__init__.py`` imports nothing at import time (a lazy ``__getattr__``, names listed in an
-``_EXPORTS`` literal) is not a dep itself; the modules its named attributes come from are. A
-folder dep (``pipeline/sources``) stands for every module below it and is exact only when the
-stage imports all of them. Its required params
-are the ``params.yaml`` keys subscripted on the result of ``load_params()``, directly
-(``load_params()["masks"]``) or through a variable (``params = load_params(); params["train"]``),
-with one more level where the first one is subscripted again (``params["models"][name]``).
+imports, imports inside functions, the ``__init__.py`` of each package on the way, the script's
+own included). A package ``__init__.py`` brings what it imports at import time, not the
+imports inside its functions; one that imports nothing at import time (a lazy ``__getattr__``,
+names listed in an ``_EXPORTS`` literal) is not a dep itself; the modules its named attributes
+come from are. A folder dep (``pipeline/sources``) stands for every module below it and is
+exact only when the stage imports all of them. Its required params are the ``params.yaml``
+keys subscripted on the result of ``load_params()``, directly (``load_params()["masks"]``) or
+through a variable (``params = load_params(); params["train"]``), with one more level where the
+first one is subscripted again (``params["models"][name]``).
 """
 
 from __future__ import annotations
@@ -136,11 +137,21 @@ def _bound_module(root: Path, module_file: str) -> set[str]:
     return {module_file}
 
 
+def _import_nodes(tree: ast.Module, path: str) -> list[ast.AST]:
+    """The nodes to look for imports in: all of a module; of a package ``__init__.py``, what
+    runs at import (a lazy ``__getattr__``'s imports are followed by name, where used)."""
+    if Path(path).name != "__init__.py":
+        return list(ast.walk(tree))
+    return [node for statement in tree.body
+            if not isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for node in ast.walk(statement)]
+
+
 def imported_modules(root: Path, path: str) -> set[str]:
     """Files of the ``pipeline`` modules that ``path`` imports directly (anywhere in the file)."""
     tree = ast.parse((root / path).read_text(), filename=path)
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in _import_nodes(tree, path):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 target = _module_file(root, alias.name)
@@ -171,7 +182,7 @@ def imported_modules(root: Path, path: str) -> set[str]:
 def module_closure(root: Path, script: str) -> set[str]:
     """The script and every ``pipeline`` module it imports, transitively."""
     seen: set[str] = set()
-    todo = [script]
+    todo = [script, *_parent_inits(root, script)]  # python -m stages.x runs stages/__init__.py
     while todo:
         path = todo.pop()
         if path in seen:

@@ -158,6 +158,28 @@ def test_packages_lazy_and_eager(tmp_path):
             "pipeline/lazy/a.py", "pipeline/lazy/b.py"}
 
 
+def test_an_eager_init_brings_its_import_time_imports_and_a_script_its_package_init(tmp_path):
+    """``pipeline/__init__`` that runs one module at import and names another lazily: only the
+    first is a dep of every stage; ``python -m stages.x`` also runs ``stages/__init__``."""
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "pipeline" / "__init__.py").write_text(
+        "from pipeline.pin import pin\npin()\n\n"
+        "def __getattr__(name):\n    from pipeline.heavy import predict\n    return predict\n")
+    for name in ("pin", "heavy", "config"):
+        (tmp_path / "pipeline" / f"{name}.py").write_text("")
+    (tmp_path / "stages" / "__init__.py").write_text("import pipeline  # noqa: F401\n")
+    (tmp_path / "stages" / "x.py").write_text("from pipeline.config import y\n")
+    assert not pc.is_lazy_init(tmp_path, "pipeline/__init__.py")
+    assert pc.module_closure(tmp_path, "stages/x.py") == {
+        "stages/x.py", "stages/__init__.py", "pipeline/__init__.py", "pipeline/pin.py",
+        "pipeline/config.py"}
+    stage = pc.StageInfo("x", "python -m stages.x", deps=["stages/x.py", "pipeline/config.py"])
+    assert pc.check_stage(tmp_path, stage) == [
+        f"stage x: missing dep {dep} (imported by stages/x.py)"
+        for dep in ("pipeline/__init__.py", "pipeline/pin.py", "stages/__init__.py")]
+
+
 def test_params_reads_are_found(tmp_path):
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "pipeline" / "__init__.py").write_text("")

@@ -102,6 +102,9 @@ def test_numeric_mode_is_fp32_on_cpu_by_default(prepared, tmp_path):
     summary = run(prepared, tmp_path)
     recorded = json.loads((tmp_path / "train.json").read_text())
     assert recorded["numeric_mode"] == summary["numeric_mode"] == "fp32"
+    # what else decides the figures is recorded with them: kernels and threads
+    assert recorded["kernels"].startswith("cpu ") and ", MKL " in recorded["kernels"]
+    assert recorded["kernels"].endswith(("thread", "threads"))
     assert "seconds" not in recorded and "peak_memory_mb" not in recorded  # not metrics
     assert json.loads((tmp_path / "train_resources.json").read_text())["train_seconds"] > 0
     with pytest.raises(ValueError, match="train.amp"):
