@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pipeline  # noqa: F401  (caps the CPU kernels before NumPy, OpenCV and torch load)
-from pipeline.cpu_kernels import MARKER, OPT_OUT, cpu_flags, cpu_kernel_pins, cpuinfo_field
+from pipeline.cpu_kernels import MARKER, OPT_OUT, cpu_flags, cpu_kernel_pins, cpu_model
 
 THREADS = "BENCH_KERNELS_THREADS"
 VARIANTS = {"pinned": {}, "native": {OPT_OUT: "1"}, "one-thread": {THREADS: "1"}}
@@ -119,7 +118,7 @@ def main() -> None:
         sys.exit(f"bench.kernels: unknown or no variant ({', '.join(unknown)}); "
                  f"choose from {', '.join(VARIANTS)}")
     flags = cpu_flags()
-    result = {"cpu": cpuinfo_field("model name") or platform.processor(),
+    result = {"cpu": cpu_model(),
               "cores": os.cpu_count(),
               "vector_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
               "variants": {}}

@@ -4,7 +4,7 @@ from typing import Any
 
 from pipeline.cpu_kernels import pin_cpu_kernels
 
-# Before torch computes anything: the same kernels on every x86-64 CPU (pipeline/cpu_kernels.py).
+# Before NumPy, OpenCV or torch loads: the same kernels on every x86-64 CPU (cpu_kernels.py).
 pin_cpu_kernels()
 
 __all__ = ["predict"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import MutableMapping
-from importlib import metadata
 from pathlib import Path
 
 OPT_OUT = "WBC_NATIVE_CPU_KERNELS"
@@ -66,8 +65,15 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
     return set(cpuinfo_field("flags", cpuinfo).split())
 
 
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
+    """The CPU's model name, recorded with a run's resources."""
+    return cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine()
+
+
 def numpy_features(version: str | None = None) -> str:
     """NumPy's names for its targets above AVX2, for ``version`` (default: the installed one)."""
+    from importlib import metadata  # 40-60 ms to import: only on CPUs that have such targets
+
     try:
         version = version or metadata.version("numpy")
         major, minor = (int(part) for part in version.split(".")[:2])
@@ -77,9 +83,11 @@ def numpy_features(version: str | None = None) -> str:
 
 
 def cpu_kernel_pins(flags: set[str]) -> dict[str, str]:
-    """The environment that caps every library at AVX2 on a CPU with these flags."""
+    """The environment that caps every library at AVX2 on a CPU with these flags (NumPy's and
+    OpenCV's paths above AVX2 are turned off only where the CPU has them)."""
     opencv = [name for name, needs in OPENCV_FEATURES.items() if needs <= flags]
-    return {**FIXED_PINS, "NPY_DISABLE_CPU_FEATURES": numpy_features(),
+    return {**FIXED_PINS,
+            **({"NPY_DISABLE_CPU_FEATURES": numpy_features()} if "avx512f" in flags else {}),
             **({"OPENCV_CPU_DISABLE": ",".join(opencv)} if opencv else {})}
 
 

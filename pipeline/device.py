@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
 
-from pipeline.cpu_kernels import cpuinfo_field
 from pipeline.errors import InputError
 
 
@@ -64,11 +62,6 @@ def mkl_branch() -> str:
     query.restype, query.argtypes = ctypes.c_int, [ctypes.c_int]
     code = query(1) & 0xFFFF  # MKL_CBWR_BRANCH, less the STRICT bit
     return _MKL_BRANCHES.get(code, str(code))
-
-
-def cpu_model() -> str:
-    """The CPU's model name, recorded with a run's resources."""
-    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def kernels(device: torch.device) -> str:

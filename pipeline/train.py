@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from pipeline.config import ConfigError
+from pipeline.cpu_kernels import cpu_model
 from pipeline.data import (
     CellDataset,
     Preprocess,
@@ -43,7 +44,7 @@ from pipeline.data import (
     read_split,
     train_transform,
 )
-from pipeline.device import autocast, cpu_model, kernels, numeric_mode, select_device, use_bf16
+from pipeline.device import autocast, kernels, numeric_mode, select_device, use_bf16
 from pipeline.inference import predict_logits
 from pipeline.io import atomic_path, write_json
 from pipeline.leakage import seen_record
