@@ -26,9 +26,10 @@ four): ``ci_level`` in the JSON, after the 95% interval in the table.
 
     python -m bench.cv_compare default=../cv-default/data/crossval/efficientnet_lite0_attention \\
         refit=../cv-refit/data/crossval/efficientnet_lite0_attention [--json /tmp/compare.json]
-    python -m bench.cv_compare both=bench/cv_runs/readme_lite0+../cv/data/crossval/lite1 ...
-    python -m bench.cv_compare base=bench/cv_runs/seed0,bench/cv_runs/seed1 \\
-        new=bench/cv_runs/new_seed0,bench/cv_runs/new_seed1 --level 0.9875
+    python -m bench.cv_compare lite0=../cv-lite0/data/crossval/efficientnet_lite0_attention \\
+        both=../cv-lite0/data/crossval/efficientnet_lite0_attention+../cv-lite1/data/crossval/...
+    python -m bench.cv_compare base=../seed0/data/crossval/M,../seed1/data/crossval/M \\
+        new=../new0/data/crossval/M,../new1/data/crossval/M --level 0.9875
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from pipeline.evaluate import (
     score_external_sets,
     write_evaluation,
 )
-from pipeline.io import load_params, read_json
+from pipeline.io import load_params, read_csv, read_json
 from pipeline.model_files import MODEL_FILE, write_fold_average, write_spec
 from pipeline.split import fold_count
 
@@ -124,7 +124,7 @@ def main(argv: list[str]) -> None:
     summary = aggregate_folds("ensemble of " + " + ".join(args.members),
                               [args.out / str(fold) for fold in range(folds)],
                               args.out / "aggregate", args.out / "cv.json")
-    pooled = correct_by_image(pd.read_csv(args.out / "aggregate" / "out_of_fold_predictions.csv"))
+    pooled = correct_by_image(read_csv(args.out / "aggregate" / "out_of_fold_predictions.csv"))
     summary |= {"fold_weights": weights, "paired": {  # first: the ensemble, second: the other
         name: paired_on_images(pooled, correct_by_image(frame), name)
         for name, frame in others.items()}}

@@ -81,8 +81,7 @@ def main() -> None:
     images, labels, calibration = prepare(checkpoint, args.external, args.data, 64)
     prep, device = Preprocess(**checkpoint["preprocess"]), torch.device("cpu")
     folder = Path(tempfile.mkdtemp(prefix="onnx-bench-"))
-    metadata = {key: checkpoint[key] for key in ("name", "classes", "preprocess", "mask_params",
-                                                  "temperature")}
+    metadata = {key: value for key, value in checkpoint.items() if key != "state_dict"}
     sample = images[:: max(1, len(images) // 128)]
     export_onnx([(model, 1.0, 1.0)], metadata, sample, folder / "fp32.onnx")
     quantized = export_onnx([(model, 1.0, 1.0)], metadata, sample, folder / "int8.onnx",

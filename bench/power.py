@@ -11,7 +11,8 @@ interval (width / 3.92, the normal approximation), and from it:
 
 It answers, before a rule is written, whether a candidate's plausible gain can pass it.
 
-    python -m bench.power bench/cv_compare_margin_seeds.json bench/cv_compare_readme.json
+    python -m bench.cv_compare a=... b=... --json /tmp/ab.json   # then:
+    python -m bench.power /tmp/ab.json [more cv_compare JSON files] [--set pbc-external]
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+from pipeline.io import read_csv
 
 MODEL = "efficientnet_lite0_attention"
 EXTERNAL = "pbc-external"
@@ -44,7 +44,7 @@ def read_json(path: Path) -> dict[str, Any]:
 def recalls(report: Path) -> dict[str, float | None]:
     """Per-class recall from an evaluation's ``report.csv``; None for a class with no images
     (a recall of 0 would read as every image of it missed)."""
-    rows = pd.read_csv(report)
+    rows = read_csv(report)
     return {name: round(float(recall), 4) if support else None
             for name, recall, support in zip(rows["class"], rows["recall"], rows["support"],
                                              strict=True)}

@@ -1,11 +1,10 @@
-"""White-blood-cell classification pipeline: the library behind the DVC stages and ``wbc``."""
+"""White-blood-cell classification pipeline: the library behind the DVC stages and ``wbc``.
+
+Importing it changes nothing outside the package: no environment variable, no library setting,
+no matplotlib backend. Process-wide settings belong to the entry points (``stages``, ``wbc``).
+"""
 
 from typing import Any
-
-from pipeline.cpu_kernels import pin_cpu_kernels
-
-# Before NumPy, OpenCV or torch loads: the same kernels on every x86-64 CPU (cpu_kernels.py).
-pin_cpu_kernels()
 
 __all__ = ["predict"]
 

@@ -14,7 +14,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import InputError
+from pipeline.figures import new_figure, plain_text, save_figure
 from pipeline.io import read_json
+from pipeline.onnx_runtime import OnnxClassifier
+from pipeline.scoring import evaluation_of, resolve_model
 
 REVIEW = "review"
 
@@ -67,17 +70,22 @@ def abstention_summary(val_probabilities: np.ndarray, val_labels: np.ndarray,
             "test": at_threshold(test_probabilities, test_labels, threshold)}
 
 
-def stored_threshold(model: str | Path, eval_dir: Path = Path("data/eval"),
+def stored_threshold(model: str | Path, eval_dir: Path | None = None,
                      missing_ok: bool = False) -> float | None:
-    """The threshold that travels with a model: in an ``.onnx`` export's metadata, else in the
-    ``summary.json`` of the model's evaluation (``eval_dir/<name>``)."""
+    """The threshold that travels with a model: an ``.onnx`` export's or an ensemble file's
+    own, else the one in its evaluation's ``summary.json``, found by the model's path
+    (:func:`pipeline.scoring.evaluation_of`), or in ``eval_dir/<name>`` when given."""
     path = Path(model)
-    if path.suffix == ".onnx":
-        from pipeline.onnx_runtime import OnnxClassifier
-
-        return OnnxClassifier(path).metadata.get("abstain_threshold")
-    name = path.parent.name if path.suffix in (".safetensors", ".json") else path.name
-    summary = eval_dir / name / "summary.json"
+    if eval_dir is not None:
+        name = path.parent.name if path.suffix in (".safetensors", ".json") else path.name
+        summary = eval_dir / name / "summary.json"
+    else:
+        tree = resolve_model(model)
+        if tree.path.suffix == ".onnx":
+            return OnnxClassifier(tree.path).model_file.abstain_threshold
+        if tree.abstain_threshold is not None:
+            return tree.abstain_threshold
+        name, summary = tree.path.parent.name, evaluation_of(tree.path)
     if not summary.is_file():
         if missing_ok:
             return None
@@ -100,12 +108,8 @@ def mark_review(rows: list[dict[str, Any]], threshold: float | None) -> list[dic
 def risk_coverage_png(curves: dict[str, pd.DataFrame], summary: dict[str, Any], title: str,
                       dest: Path) -> None:
     """Accuracy of kept predictions against coverage, per split, with the chosen operating point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6.4, 4.6))
+    figure = new_figure((6.4, 4.6))
+    axis = figure.subplots()
     for name, curve in curves.items():
         axis.step(curve["coverage"], curve["accuracy"], where="post", label=name)
     axis.axhline(summary["target_accuracy"], color="grey", linestyle=":",
@@ -116,11 +120,9 @@ def risk_coverage_png(curves: dict[str, pd.DataFrame], summary: dict[str, Any], 
                   label=f"test at p >= {summary['threshold']:.3f}: "
                         f"{test['coverage']:.1%} kept, acc. {test['accuracy']:.3f}")
     axis.set(xlabel="coverage (share of images given a class)",
-             ylabel="accuracy of the kept predictions", xlim=(0, 1.01), title=title)
+             ylabel="accuracy of the kept predictions", xlim=(0, 1.01), title=plain_text(title))
     low = min(float(c["accuracy"].min()) for c in curves.values())
     axis.set_ylim(max(0.0, low - 0.02), 1.005)
     axis.grid(alpha=0.3)
     axis.legend(loc="lower left", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(dest, dpi=120)
-    plt.close(figure)
+    save_figure(figure, dest, dpi=120)

@@ -18,6 +18,7 @@ folder, then score its TEST), or say that the adaptation saw the scored images.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from pipeline.device import select_device, use_bf16
 from pipeline.errors import InputError
 from pipeline.io import atomic_path
 from pipeline.masks import MaskParams
-from pipeline.models import load_checkpoint, reestimate_batchnorm, save_checkpoint
+from pipeline.model_file import write_model_file
+from pipeline.models import load_model_file, reestimate_batchnorm
+from pipeline.scoring import resolve_model
 from pipeline.sources import collect_inputs
 
 logger = logging.getLogger(__name__)
@@ -73,18 +76,15 @@ def adapt_checkpoint(model: str | Path, folder: Path, out_path: Path, device: st
     """``wbc adapt``: the checkpoint ``model`` (a model.safetensors, its folder or a model name
     in data/models) with its batch-norm statistics re-estimated on ``folder``, written to
     ``out_path`` (its metadata gains ``adapted_on``)."""
-    from pipeline.predict import resolve_model  # predict -> evaluate -> adapt: import here
-
     tree = resolve_model(model)
-    model_path = tree.path
-    if tree.members or model_path.suffix != ".safetensors":
+    if tree.members or tree.path.suffix != ".safetensors":
         raise InputError(f"{model}: adapt a model.safetensors (not an ensemble or an "
                          f"ONNX export; adapt each member, then export)")
     torch_device = select_device(device)
-    model, checkpoint = load_checkpoint(model_path, torch_device)
-    adapted_on = adapt_model(model, folder, Preprocess(**checkpoint["preprocess"]),
-                             MaskParams(**checkpoint["mask_params"]), torch_device, batch_size)
-    checkpoint |= {"state_dict": model.state_dict(), "adapted_on": adapted_on}
+    network, model_file = load_model_file(tree.path, torch_device)
+    adapted_on = adapt_model(network, folder, model_file.preprocess, model_file.mask_params,
+                             torch_device, batch_size)
     with atomic_path(out_path) as staging:
-        save_checkpoint(checkpoint, staging)
+        write_model_file(replace(model_file, adapted_on=adapted_on), network.state_dict(),
+                         staging)
     return adapted_on

@@ -46,10 +46,17 @@ def _right_of(labels: np.ndarray, predicted: np.ndarray) -> str:
     return f"{int((labels == predicted).sum())} of {len(labels)}"
 
 
-def _spread(table: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """The folds' mean and standard deviation of each of ``SPREAD_METRICS`` (a row per fold)."""
-    return {"mean": {m: float(table[m].mean()) for m in SPREAD_METRICS},
-            "std": {m: float(table[m].std(ddof=1)) for m in SPREAD_METRICS}}
+def _spread(table: pd.DataFrame) -> dict[str, dict[str, float | None]]:
+    """The folds' mean and standard deviation of each of ``SPREAD_METRICS`` (a row per fold)
+    over the folds that define it; None (JSON's null, never NaN) where none does, as for the
+    ROC-AUC of folds whose test images are all of one class."""
+    numbers = table[list(SPREAD_METRICS)].astype(float)
+    return {"mean": {m: _defined(numbers[m].mean()) for m in SPREAD_METRICS},
+            "std": {m: _defined(numbers[m].std(ddof=1)) for m in SPREAD_METRICS}}
+
+
+def _defined(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def probability_classes(predictions: pd.DataFrame) -> list[str]:

@@ -8,8 +8,6 @@ the data loader far ahead of CPU training.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +21,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError, one_line
-from pipeline.io import decode_image, opencv_threads
+from pipeline.errors import PipelineError, one_line, process_pool
+from pipeline.io import decode_image, opencv_threads, read_csv
 from pipeline.masks import MaskParams, compute_mask
 from pipeline.transfer import (
     HedJitter,
@@ -158,10 +156,11 @@ def prepare_file(job: tuple[Path, Path | None, Preprocess, MaskParams]) -> np.nd
 
 def prepare_or_reason(job: tuple[Path, Path | None, Preprocess, MaskParams]
                       ) -> np.ndarray | str:
-    """The model input for one file, or the one-line reason it cannot be read."""
+    """The model input for one file, or the one-line reason it cannot be read (OpenCV's errors
+    included: an image that one setting cannot process is skipped, the run goes on)."""
     try:
         return prepare_file(job)
-    except (PipelineError, OSError, ValueError, MemoryError) as error:
+    except (PipelineError, OSError, ValueError, MemoryError, cv2.error) as error:
         return one_line(error)
 
 
@@ -177,7 +176,7 @@ def prepare_all(paths: list[Path], prep: Preprocess, mask_files: list[Path] | No
     files = mask_files if prep.mask_mode != "none" and mask_files else [None] * len(paths)
     jobs = [(path, mask, prep, mask_params or MaskParams())
             for path, mask in zip(paths, files, strict=True)]
-    with opencv_threads(1), ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    with opencv_threads(1), process_pool(workers) as pool:
         return list(tqdm(pool.map(prepare_or_reason, jobs, chunksize=16), total=len(jobs),
                          desc=desc, unit="img", leave=False))
 
@@ -268,5 +267,4 @@ class CellDataset(Dataset):
 
 def read_split(split_dir: Path, part: str) -> pd.DataFrame:
     """One part (train/val/test) of the split, as manifest rows."""
-    return pd.read_csv(split_dir / f"{part}.csv", keep_default_na=False,
-                       dtype={"sha256": str, "phash": str})
+    return read_csv(split_dir / f"{part}.csv", dtype={"sha256": str, "phash": str})

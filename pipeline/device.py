@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
-import os
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 
 import torch
 
@@ -44,37 +41,6 @@ def use_bf16(device: torch.device, setting: bool | str = "auto") -> bool:
 def numeric_mode(bf16: bool) -> str:
     """The arithmetic a run used, as recorded beside its metrics."""
     return "bf16-autocast" if bf16 else "fp32"
-
-
-# MKL's conditional-numerical-reproducibility branches (mkl_cbwr.h), as mkl_serv_cbwr_get reports
-_MKL_BRANCHES = {0: "off", 1: "off", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3",
-                 7: "SSE4_1", 8: "SSE4_2", 9: "AVX", 10: "AVX2", 12: "AVX512", 14: "AVX512_E1"}
-
-
-def mkl_branch() -> str:
-    """The branch MKL really runs: ``MKL_CBWR`` asks for one, and MKL may run another (AUTO for
-    an AVX2 request on an AMD CPU); ``unknown`` where torch's MKL cannot be asked."""
-    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
-    try:
-        query = ctypes.CDLL(str(library)).mkl_serv_cbwr_get
-    except (OSError, AttributeError):
-        return "unknown"
-    query.restype, query.argtypes = ctypes.c_int, [ctypes.c_int]
-    code = query(1) & 0xFFFF  # MKL_CBWR_BRANCH, less the STRICT bit
-    return _MKL_BRANCHES.get(code, str(code))
-
-
-def kernels(device: torch.device) -> str:
-    """What, besides the code, the package versions and the seed, decides a run's figures: the
-    GPU, or the CPU kernels' instruction sets (capped by ``pipeline.cpu_kernels``) and threads."""
-    if device.type == "cuda":
-        return f"cuda {torch.cuda.get_device_name(device)}"
-    if device.type != "cpu":
-        return device.type
-    threads = torch.get_num_threads()
-    return (f"cpu {torch.backends.cpu.get_cpu_capability()}, "
-            f"oneDNN {os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}, MKL {mkl_branch()}, "
-            f"{threads} thread{'s' if threads != 1 else ''}")
 
 
 def amp_supported(device: torch.device) -> bool:

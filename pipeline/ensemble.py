@@ -18,17 +18,18 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.evaluate import (
+from pipeline.eval_sets import (
     EvalSet,
     EvaluateConfig,
     Scored,
     ScoredValidation,
     restrict_to_classes,
-    score_external_sets,
 )
+from pipeline.evaluate import score_external_sets
 from pipeline.io import read_json
 from pipeline.leakage import ensemble_check
 from pipeline.metrics import fit_temperature
+from pipeline.scoring import log_probabilities, temper
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +58,6 @@ def member_weights(config: EnsembleConfig, val_f1: dict[str, float]) -> dict[str
     raw = {m: (val_f1[m] if config.weighting == "val_f1" else 1.0) for m in config.members}
     total = sum(raw.values())
     return {m: w / total for m, w in raw.items()}
-
-
-def _log(probabilities: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.log(np.clip(probabilities, 1e-12, None)))
-
-
-def temper(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """Rescale averaged probabilities: ``softmax(log(p) / T)`` (T = 1 returns them as they are)."""
-    if temperature == 1.0:
-        return probabilities
-    return torch.softmax(_log(probabilities) / temperature, 1).numpy()
 
 
 def _load_members(eval_dirs: dict[str, Path]) -> dict[str, Any]:
@@ -109,7 +99,7 @@ def combine_evaluations(eval_dirs: dict[str, Path], weights: dict[str, float], d
     average = {key: sum(weights[name] * loaded[name][key] for name in loaded) for key in keys}
     if validation is not None:
         labels = torch.tensor([classes.index(label) for label in validation.labels])
-        temperature = fit_temperature(_log(average["val_calibrated"]), labels)
+        temperature = fit_temperature(log_probabilities(average["val_calibrated"]), labels)
     seconds_per_image = sum(1.0 / s["metrics"]["inference_images_per_second"]
                             for s in summaries.values())
     scored_validation = None if validation is None else ScoredValidation(

@@ -29,7 +29,20 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data import Preprocess, eval_transform, load_masks
+from pipeline.device import select_device
+from pipeline.figures import new_figure, plain_text, save_figure
+from pipeline.io import write_csv
 from pipeline.masks import MaskParams
+from pipeline.models import load_model_file
+from pipeline.scoring import (
+    calibrated,
+    infer,
+    prepare_inputs,
+    pytorch_checkpoint,
+    resolve_model,
+    warn_if_synthetic,
+)
+from pipeline.sources import collect_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -103,18 +116,13 @@ def explain_png(images: np.ndarray, masks: np.ndarray, attention: np.ndarray,
     Both maps are drawn as density relative to a uniform map, so a colour means the same in
     every panel and for both methods; the mask outline shows where the cell is.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     size = images.shape[1]
     densities = [(_density(a, size), _density(g, size)) for a, g in
                  zip(attention, gradcam, strict=True)]
     top = max([float(np.percentile(np.stack(d), 99)) for d in densities] + [2.0])
     rows = max(1, int(np.ceil(len(images) / per_row)))
-    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(2.0 * 3 * per_row, 2.35 * rows),
-                             squeeze=False)
+    fig = new_figure((2.0 * 3 * per_row, 2.35 * rows))
+    axes = fig.subplots(rows, 3 * per_row, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     shown = None
@@ -123,8 +131,8 @@ def explain_png(images: np.ndarray, masks: np.ndarray, attention: np.ndarray,
         crop_ax, *map_axes = axes[row, 3 * column: 3 * column + 3]
         colour = "red" if wrong[index] else "black"
         crop_ax.imshow(image)
-        crop_ax.set_title(("WRONG  " if wrong[index] else "") + titles[index], fontsize=7,
-                          color=colour)
+        crop_ax.set_title(plain_text(("WRONG  " if wrong[index] else "") + titles[index]),
+                          fontsize=7, color=colour)
         for ax, density, name in zip(map_axes, maps, ("attention", "Grad-CAM"), strict=True):
             ax.imshow(image, alpha=0.5)
             shown = ax.imshow(density, cmap="inferno", vmin=0, vmax=top, alpha=0.65)
@@ -136,10 +144,8 @@ def explain_png(images: np.ndarray, masks: np.ndarray, attention: np.ndarray,
     if shown is not None:
         bar = fig.colorbar(shown, ax=axes.ravel().tolist(), fraction=0.015, pad=0.01)
         bar.set_label("density relative to a uniform map (1 = chance)")
-    fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    fig.suptitle(plain_text(title))
+    save_figure(fig, path, tight=False)
 
 
 def sample_for_figure(labels: np.ndarray, predicted: np.ndarray, classes: list[str],
@@ -191,26 +197,22 @@ def explain_checkpoint(checkpoint_path: Path, files: list[Path], out_dir: Path,
                        device: torch.device, batch_size: int = 32,
                        per_page: int = 16) -> pd.DataFrame:
     """Scores, maps and ``explain*.png`` pages for one model over image files (bad ones skipped)."""
-    from pipeline.evaluate import infer
-    from pipeline.models import load_checkpoint
-    from pipeline.predict import prepare_inputs
-
-    model, checkpoint = load_checkpoint(checkpoint_path, device)
-    prep = Preprocess(**checkpoint["preprocess"])
-    mask_params = MaskParams(**checkpoint["mask_params"])
-    prepared = prepare_inputs(files, prep, mask_params)
+    model, model_file = load_model_file(checkpoint_path, device)
+    warn_if_synthetic([(checkpoint_path, model_file)])
+    prep = model_file.preprocess
+    prepared = prepare_inputs(files, prep, model_file.mask_params)
     good = [i for i, item in enumerate(prepared) if not isinstance(item, str)]
-    rows = pd.DataFrame({"path": [str(f) for f in files], "model": checkpoint["name"],
+    rows = pd.DataFrame({"path": [str(f) for f in files], "model": model_file.name,
                          "error": [item if isinstance(item, str) else "" for item in prepared]})
     if not good:
         return rows
     images = torch.from_numpy(np.stack([prepared[i] for i in good])).permute(0, 3, 1, 2)
     logits, attention, _ = infer(model, images, prep, device, batch_size, attention=True)
-    probabilities = torch.softmax(logits / checkpoint["temperature"], 1).numpy()
+    probabilities = calibrated(logits, model_file.temperature)
     predicted = probabilities.argmax(1)
     localised = localise(model, images, attention, [files[i] for i in good], None, prep,
-                         mask_params, device, batch_size, predicted)
-    names = [checkpoint["classes"][i] for i in predicted]
+                         model_file.mask_params, device, batch_size, predicted)
+    names = [model_file.classes[i] for i in predicted]
     rows.loc[good, "predicted"] = names
     rows.loc[good, "confidence"] = probabilities.max(1)
     for score, values in localised["scores"].items():
@@ -218,7 +220,7 @@ def explain_checkpoint(checkpoint_path: Path, files: list[Path], out_dir: Path,
     for page, start in enumerate(range(0, len(good), per_page), start=1):
         picks = list(range(start, min(start + per_page, len(good))))
         figure_for(images, localised, attention, picks, names, probabilities.max(1), None,
-                   f"{checkpoint['name']}: where the model looks (attention rollout, Grad-CAM)",
+                   f"{model_file.name}: where the model looks (attention rollout, Grad-CAM)",
                    out_dir / ("explain.png" if page == 1 else f"explain_{page}.png"))
     return rows
 
@@ -226,19 +228,16 @@ def explain_checkpoint(checkpoint_path: Path, files: list[Path], out_dir: Path,
 def explain_files(model: str | Path, inputs: list[str | Path], out_dir: Path,
                   device: str = "auto", batch_size: int = 32) -> pd.DataFrame:
     """``wbc explain``: panels and ``scores.csv`` for a model's (or each ensemble member's) view
-    of image files and folders; unreadable files get a row with the reason in ``error``."""
-    from pipeline.device import select_device
-    from pipeline.io import write_csv
-    from pipeline.predict import resolve_model
-    from pipeline.sources import collect_inputs
-
+    of image files and folders; unreadable files get a row with the reason in ``error``. An
+    ONNX export is refused in one line: Grad-CAM needs the PyTorch model."""
     tree = resolve_model(model)
+    checkpoints = [pytorch_checkpoint(path, "wbc explain") for path in tree.checkpoints()]
     files = collect_inputs(inputs)
     if not files:
         raise FileNotFoundError("no input files")
     torch_device = select_device(device)
     tables = []
-    for index, checkpoint_path in enumerate(tree.checkpoints()):  # each checkpoint once
+    for index, checkpoint_path in enumerate(checkpoints):  # each checkpoint once
         folder = out_dir / f"member{index + 1}" if tree.members else out_dir
         tables.append(explain_checkpoint(checkpoint_path, files, folder, torch_device,
                                          batch_size))

@@ -13,21 +13,25 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
+from pipeline.abstain import stored_threshold
+from pipeline.data import load_prepared
 from pipeline.errors import InputError, PipelineError
+from pipeline.eval_sets import external_set, held_out_set, restrict_to_classes
 from pipeline.io import atomic_path
+from pipeline.leakage import combined_seen
+from pipeline.model_file import ModelFile
+from pipeline.models import load_model_file
 from pipeline.onnx_runtime import METADATA_KEY, session
-
-if TYPE_CHECKING:
-    from pipeline.predict import ModelTree
+from pipeline.scoring import ModelTree, pytorch_checkpoint, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +136,7 @@ def check_parity(reference: np.ndarray, exported: np.ndarray) -> tuple[float, in
     """(max |difference|, top-1 mismatches); ParityError beyond the tolerance or on a mismatch."""
     difference = float(np.abs(reference - exported).max())
     mismatches = int((reference.argmax(1) != exported.argmax(1)).sum())
-    if mismatches or difference > PROB_TOLERANCE:
+    if mismatches or not difference <= PROB_TOLERANCE:  # NaN fails too
         raise ParityError(f"ONNX differs from PyTorch: {mismatches} top-1 mismatches, max "
                           f"probability difference {difference:.2e} > {PROB_TOLERANCE:g}")
     return difference, mismatches
@@ -216,12 +220,12 @@ def quantize_static_int8(source: Path, dest: Path, calibration: np.ndarray,
     prepared.unlink()
 
 
-def _same_setting(checkpoints: list[dict[str, Any]]) -> None:
-    keys = ("classes", "preprocess", "mask_params")
-    first = checkpoints[0]
-    for other in checkpoints[1:]:
-        if any(other[k] != first[k] for k in keys):
-            raise InputError(f"ensemble members {first['name']} and {other['name']} differ in "
+def _same_setting(model_files: list[ModelFile]) -> None:
+    first = model_files[0]
+    for other in model_files[1:]:
+        if (other.classes, other.preprocess, other.mask_params) != (
+                first.classes, first.preprocess, first.mask_params):
+            raise InputError(f"ensemble members {first.name} and {other.name} differ in "
                              "classes or preprocessing; export the members one by one")
 
 
@@ -233,28 +237,20 @@ def export_model(model: str | Path, dest: Path, quantize: bool = False,
     Parity (and the int8 accuracy change) is checked on the test split, or on the labelled
     folder ``images``; int8 calibration uses the validation split (or that folder).
     """
-    from pipeline.abstain import stored_threshold
-    from pipeline.data import Preprocess, load_prepared
-    from pipeline.evaluate import external_set, held_out_set, restrict_to_classes
-    from pipeline.leakage import combined_seen
-    from pipeline.masks import MaskParams
-    from pipeline.models import load_checkpoint
-    from pipeline.predict import resolve_model
-
     if dest.suffix != ".onnx":
         raise InputError(f"the export goes to a .onnx file, not {dest}")
     tree = resolve_model(model, data_dir / "models")
-    loaded = {path: load_checkpoint(path) for path in tree.checkpoints()}
-    checkpoints = [checkpoint for _, checkpoint in loaded.values()]
-    _same_setting(checkpoints)
-    first = checkpoints[0]
-    metadata = {key: first.get(key) for key in ("classes", "preprocess", "mask_params",
-                                                "model_config", "train_config", "summary")}
-    metadata |= {"name": "ensemble" if tree.members else first["name"],
-                 "temperature": tree.temperature if tree.members else first["temperature"],
-                 "abstain_threshold": stored_threshold(model, data_dir / "eval", missing_ok=True),
-                 **combined_seen([(path, checkpoint) for path, (_, checkpoint) in loaded.items()])}
-    prep, mask_params = Preprocess(**first["preprocess"]), MaskParams(**first["mask_params"])
+    loaded = {path: load_model_file(pytorch_checkpoint(path, "wbc export"))
+              for path in tree.checkpoints()}
+    model_files = [model_file for _, model_file in loaded.values()]
+    _same_setting(model_files)
+    first = model_files[0]
+    seen = combined_seen([(path, model_file.to_metadata())
+                          for path, (_, model_file) in loaded.items()])
+    exported = replace(first, name="ensemble" if tree.members else first.name,
+                       temperature=tree.temperature if tree.members else first.temperature,
+                       abstain_threshold=stored_threshold(tree.path, missing_ok=True), **seen)
+    prep, mask_params = first.preprocess, first.mask_params
 
     def prepared(part: str) -> tuple[torch.Tensor, np.ndarray]:
         if images is None and not (data_dir / "split" / f"{part}.csv").is_file():
@@ -263,17 +259,17 @@ def export_model(model: str | Path, dest: Path, quantize: bool = False,
         data = (external_set(images) if images is not None else
                 held_out_set(data_dir / "split", data_dir / "raw" / "images",
                              data_dir / "masks", part))
-        data = restrict_to_classes(data, first["classes"], ignore_unknown=True)
+        data = restrict_to_classes(data, first.classes, ignore_unknown=True)
         tensor = load_prepared(data.paths, prep, data.mask_files, mask_params, desc=part)
-        return tensor, np.array([first["classes"].index(label) for label in data.labels])
+        return tensor, np.array([first.classes.index(label) for label in data.labels])
 
     sample, labels = prepared("test")
     calibration = prepared("val")[0][:calibration_size] if quantize else None
-    return export_onnx(_graph_members(tree, loaded), metadata, sample, dest, quantize, labels,
-                       calibration)
+    return export_onnx(_graph_members(tree, loaded), exported.to_metadata(), sample, dest,
+                       quantize, labels, calibration)
 
 
-def _graph_members(tree: ModelTree, loaded: dict[Path, tuple[nn.Module, dict[str, Any]]]
+def _graph_members(tree: ModelTree, loaded: dict[Path, tuple[nn.Module, ModelFile]]
                    ) -> list[tuple[nn.Module, float, float]]:
     """``(module, weight, temperature)`` for the graph: a checkpoint's network and temperature,
     or a nested ensemble's CalibratedAverage and its own temperature."""
@@ -285,6 +281,6 @@ def _graph_members(tree: ModelTree, loaded: dict[Path, tuple[nn.Module, dict[str
             members.append((CalibratedAverage(_graph_members(member, loaded)), share,
                             member.temperature))
         else:
-            network, checkpoint = loaded[member.path]
-            members.append((network, share, checkpoint["temperature"]))
+            network, model_file = loaded[member.path]
+            members.append((network, share, model_file.temperature))
     return members

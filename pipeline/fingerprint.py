@@ -5,8 +5,10 @@ and writes a small JSON that the ``download`` stage depends on: when the data di
 JSON does not either, and nothing downstream reruns. The identity is
 
 - a local folder or archive: every file's relative path, size and sha256. Hashes are reused
-  from ``<cache_dir>/fingerprints.json`` while a file's size and modification time are the
-  same, so an unchanged folder costs a directory walk, not a read of every image;
+  from ``<cache_dir>/fingerprints.json`` while a file's size, modification time, change time
+  and inode are the same (the change time cannot be set back: a file replaced by another of
+  the same size with the old modification time put back is hashed again), so an unchanged
+  folder costs a directory walk, not a read of every image;
 - a remote archive: its URL and pinned sha256 (the download verifies it);
 - generated data: the generator's settings.
 """
@@ -21,30 +23,41 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.io import write_json
+from pipeline.io import read_json, write_json
 from pipeline.sources import (
     REMOTE_SOURCES,
     DataConfig,
-    SourceError,
     exclude_path,
+    local_source,
     sha256_file,
 )
 
 
 def _file_hashes(root: Path, cache_file: Path) -> dict[str, dict[str, Any]]:
     """``{relative path: {bytes, sha256}}`` of every file under ``root`` (or of ``root``)."""
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cache = _read_cache(cache_file)
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     found = {}
     for path in tqdm(files, desc="fingerprint", unit="file", leave=False):
         stat = path.stat()
-        key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
-        if cache.get(key, {}).get("stamp") != stamp:
+        key = str(path.resolve())
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+        entry = cache.get(key)
+        if not isinstance(entry, dict) or entry.get("stamp") != stamp or "sha256" not in entry:
             cache[key] = {"stamp": stamp, "sha256": sha256_file(path)}
         name = path.relative_to(root).as_posix() if root.is_dir() else path.name
         found[name] = {"bytes": stat.st_size, "sha256": cache[key]["sha256"]}
     write_json(cache_file, cache)
     return found
+
+
+def _read_cache(cache_file: Path) -> dict[str, Any]:
+    """The hash cache; an unreadable or damaged one is only a cache: start afresh."""
+    try:
+        cache = read_json(cache_file)
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
 
 
 def source_fingerprint(config: DataConfig, cache_dir: Path) -> dict[str, Any]:
@@ -57,10 +70,7 @@ def source_fingerprint(config: DataConfig, cache_dir: Path) -> dict[str, Any]:
     if source in REMOTE_SOURCES:
         remote = REMOTE_SOURCES[source]
         return {"source": source, "url": remote.url, "sha256": remote.sha256, **subset}
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise SourceError(f"data.source {source!r} is neither synthetic, "
-                          f"{', '.join(REMOTE_SOURCES)} nor an existing folder or archive")
+    path = local_source(source)
     return {"source": str(path.resolve()), **_content_identity(path, cache_dir), **subset}
 
 

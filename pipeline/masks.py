@@ -8,8 +8,6 @@ is re-seeded for every image so the masks are identical bit for bit between runs
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline.errors import process_pool
 from pipeline.io import atomic_path, decode_image, opencv_threads, write_csv
 
 logger = logging.getLogger(__name__)
@@ -185,8 +184,7 @@ def build_masks(manifest: pd.DataFrame, images_dir: Path, out_dir: Path, params:
     gallery to ``gallery`` (default: ``out_dir/gallery.png``)."""
     with atomic_path(out_dir) as tmp:
         jobs = [(rel, images_dir, tmp, params) for rel in manifest["path"]]
-        workers = workers or os.cpu_count() or 1
-        with opencv_threads(1), ProcessPoolExecutor(workers) as pool:
+        with opencv_threads(1), process_pool(workers) as pool:
             rows = list(tqdm(pool.map(_mask_one, jobs, chunksize=16), total=len(jobs),
                              desc="masks", unit="img"))
         stats = pd.DataFrame(rows).merge(manifest[["path", "label"]], on="path")
@@ -209,15 +207,18 @@ def gallery_sample(stats: pd.DataFrame, per_class: int, seed: int) -> dict[str, 
 
 def draw_gallery(stats: pd.DataFrame, images_dir: Path, masks_dir: Path, out_path: Path,
                  per_class: int = 6, seed: int = 0) -> None:
-    """Save a grid: one row per class (a seeded random sample), each mask outlined in green."""
-    import matplotlib
+    """Save a grid: one row per class (a seeded random sample), each mask outlined in green.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on its own figure and canvas (no pyplot state, no backend switch); class names are
+    plain text, never mathtext (a class folder named ``a$^^$`` is a name, not a formula).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     samples = gallery_sample(stats, per_class, seed)
-    fig, axes = plt.subplots(len(samples), per_class, figsize=(1.9 * per_class, 2.0 * len(samples)),
-                             squeeze=False)
+    fig = Figure(figsize=(1.9 * per_class, 2.0 * len(samples)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(samples), per_class, squeeze=False)
     for row, (label, picks) in zip(axes, samples.items(), strict=True):
         for ax, pick in zip(row, list(picks.itertuples()) + [None] * per_class, strict=False):
             ax.axis("off")
@@ -228,11 +229,11 @@ def draw_gallery(stats: pd.DataFrame, images_dir: Path, masks_dir: Path, out_pat
             contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
             cv2.drawContours(image, contours, -1, (0, 220, 0), max(2, image.shape[0] // 120))
             ax.imshow(image)
-            ax.set_title(pick.status, fontsize=8, color="black" if pick.status == "ok" else "red")
+            ax.set_title(pick.status, fontsize=8, color="black" if pick.status == "ok" else "red",
+                         parse_math=False)
         row[0].text(-0.08, 0.5, label, transform=row[0].transAxes, rotation=90, ha="right",
-                    va="center", fontsize=11, fontweight="bold")
+                    va="center", fontsize=11, fontweight="bold", parse_math=False)
     fig.suptitle(f"Cell masks (green outline) by class: {per_class} drawn at random (seed {seed})",
                  fontsize=13)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=90)
-    plt.close(fig)
+    fig.savefig(out_path, dpi=90, format="png")

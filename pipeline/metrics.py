@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -66,13 +67,19 @@ def _roc_auc_ovr(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
     return float(np.mean(scores[present]))
 
 
+def _cohen_kappa(labels: np.ndarray, predicted: np.ndarray, every: np.ndarray) -> float | None:
+    """Cohen's kappa; None where it is undefined (one class in labels and answers: 0 / 0)."""
+    kappa = float(cohen_kappa_score(labels, predicted, labels=every))
+    return kappa if math.isfinite(kappa) else None
+
+
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]
                            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Headline metrics and per-class rows for integer ``labels`` and class ``probabilities``.
 
     Macro and weighted averages are taken over the classes present in ``labels``; the model's
     classes absent from the data are named in ``absent_classes`` (and still have a per-class
-    row, with support 0).
+    row, with support 0). A score that is undefined for the data is None, never NaN.
     """
     predicted = probabilities.argmax(axis=1)
     every = np.arange(len(classes))
@@ -80,7 +87,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, classe
     headline: dict[str, Any] = {
         "accuracy": accuracy_score(labels, predicted),
         "balanced_accuracy": balanced_accuracy_score(labels, predicted),
-        "cohen_kappa": cohen_kappa_score(labels, predicted, labels=every),
+        "cohen_kappa": _cohen_kappa(labels, predicted, every),
         "roc_auc_ovr": _roc_auc_ovr(labels, probabilities),
         "ece": expected_calibration_error(probabilities, labels),
         "images": int(len(labels)),

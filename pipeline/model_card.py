@@ -7,8 +7,8 @@ facts evaluate stores there (data provenance, recipe, intervals, confusions, com
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,13 @@ import pandas as pd
 
 from pipeline.io import atomic_path, read_json
 from pipeline.metrics_ci import bootstrap_intervals
+from pipeline.model_file import training_record
 
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+SAFE_GIT = ("-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null", "--no-pager",
+            "--no-optional-locks")
+SYNTHETIC_WARNING = ("trained on **synthetic cells** (generated images, not blood smears): its "
+                     "scores say nothing about real cells")
 LIMITATIONS = (
     "Trained and tested on images with **one centred white cell per image**; whole smears or "
     "fields with several cells must be segmented into such crops first.",
@@ -31,30 +37,27 @@ LIMITATIONS = (
 )
 
 
-def data_fingerprint(manifest: pd.DataFrame) -> str:
-    """sha256 over the sorted (path, label, content sha256) rows of the training manifest."""
-    rows = sorted(zip(manifest["path"], manifest["label"], manifest["sha256"], strict=True))
-    return hashlib.sha256("\n".join(",".join(map(str, r)) for r in rows).encode()).hexdigest()
+def git_commit(project: Path = PROJECT_DIR) -> str:
+    """The project's checked-out commit (``-dirty`` with uncommitted changes), or ``unknown``.
 
+    Git runs only in the project's own folder (that of the ``pipeline`` package), never in the
+    user's working folder, whose configuration could name commands for git to run
+    (``core.fsmonitor``, hooks); and even there with those, the system config and the pager off.
+    """
+    if not (project / ".git").exists():
+        return "unknown"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")} | {
+        "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}
 
-def training_data(raw_dir: Path) -> dict[str, Any]:
-    """Source, images per class and fingerprint of the ingested data (``data/raw``)."""
-    source = read_json(raw_dir / "source.json")
-    manifest = pd.read_csv(raw_dir / "manifest.csv", keep_default_na=False, dtype=str)
-    return {"source": source.get("source"), "images": int(len(manifest)),
-            "per_class": {k: int(v) for k, v in manifest["label"].value_counts().sort_index()
-                          .items()},
-            "fingerprint": data_fingerprint(manifest)}
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *SAFE_GIT, "-C", str(project), *args], env=environment,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              check=True, timeout=60).stdout.strip()
 
-
-def git_commit(cwd: Path = Path(".")) -> str:
-    """The checked-out commit (with ``-dirty`` for uncommitted changes), or ``unknown``."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
 
@@ -114,10 +117,12 @@ def _recipe_lines(training: dict[str, Any], recipe: dict[str, Any]) -> list[str]
 
 def card_facts(classes: list[str], labels: np.ndarray, predicted: np.ndarray,
                per_class: list[dict[str, Any]], recipe: dict[str, Any],
-               raw_dir: Path | None) -> dict[str, Any]:
-    """What the card needs beyond the headline metrics, to be stored in ``summary.json``."""
+               raw_dir: Path | None, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the card needs beyond the headline metrics, to be stored in ``summary.json``: the
+    training data as ingested (``raw_dir``), else as the model file records it (``recorded``)."""
     has_data = raw_dir is not None and (raw_dir / "manifest.csv").is_file()
-    return {"classes": classes, "data": training_data(raw_dir) if has_data else {},
+    data = training_record(raw_dir).model_dump() if has_data else recorded or {}
+    return {"classes": classes, "data": data,
             "recipe": recipe, "intervals": bootstrap_intervals(labels, predicted),
             "per_class": per_class, "confusions": top_confusions(labels, predicted, classes),
             "commit": git_commit()}
@@ -149,8 +154,9 @@ def _abstention_lines(abstention: dict[str, Any] | None) -> list[str]:
             f"the lowest reaching {abstention['target_accuracy']:.3f} accuracy on the "
             f"validation split. On test it keeps **{test['coverage']:.1%}** of the images "
             f"({test['kept']}) at accuracy **{test['accuracy']:.4f}** and refers "
-            f"{test['referred']} to a person. `wbc predict --abstain` marks those `review`; "
-            "the threshold is stored with ONNX exports. Curve: `figures/risk_coverage.png`."]
+            f"{test['referred']} to a person. `wbc predict --abstain` marks those `review`, "
+            "wherever it runs: it finds this evaluation by the model's path, and ONNX exports "
+            "and ensemble files carry the threshold. Curve: `figures/risk_coverage.png`."]
 
 
 LOCALISATION_KEYS = ("attention_in_cell", "gradcam_in_cell", "cell_area")
@@ -204,6 +210,7 @@ def render_card(summary: dict[str, Any]) -> str:
              "must be reviewed by a qualified person.", "",
              "## Classes", ", ".join(f"`{c}`" for c in card.get("classes", [])), "",
              "## Training data",
+             *([f"- **Warning**: {SYNTHETIC_WARNING}"] if data.get("synthetic") else []),
              f"- source: `{data.get('source', 'unknown')}` ({data.get('images', '?')} images)",
              "- images per class: " + ", ".join(f"{k} {v}" for k, v in
                                                 data.get("per_class", {}).items()),

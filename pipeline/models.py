@@ -15,7 +15,6 @@ over the spatial tokens and renormalised to sum 1 (mass given to registers is dr
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import socket
@@ -32,42 +31,22 @@ from torch import nn
 
 from pipeline.device import autocast
 from pipeline.errors import PipelineError, one_line
-from pipeline.model_files import MODEL_FILE
+from pipeline.model_file import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    ModelConfig,
+    ModelFile,
+    read_model_file,
+    write_model_file,
+)
 
 logger = logging.getLogger(__name__)
 
 HUB_HOST = ("huggingface.co", 443)
-CHECKPOINT_FORMAT = 2  # 1 was a pickled model.pt, never loaded any more
-PICKLE_PROTOCOLS = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
-METADATA_KEY = "wbc_checkpoint"
-REQUIRED_KEYS = ("format", "name", "classes", "model_config", "preprocess", "mask_params",
-                 "temperature", "summary")
 
 
 class WeightsError(PipelineError, RuntimeError):
     """Pretrained weights were asked for and none could be found; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """One entry of ``params.yaml: models``."""
-
-    backbone: str
-    image_size: int
-    pretrained: bool | str = False
-    weights_file: str | None = None
-    embed_dim: int = 256
-    heads: int = 4
-    depth: int = 1
-    dropout: float = 0.1
-    drop_path: float = 0.0
-    output_stride: int = 32
-    registers: int = 0
-
-    def __post_init__(self) -> None:
-        if self.pretrained not in (True, False, "if_available"):
-            raise ValueError(f"pretrained must be true, false or if_available, "
-                             f"not {self.pretrained!r}")
 
 
 class AttentionBlock(nn.Module):
@@ -373,63 +352,32 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], devi
     model.eval()
 
 
-class CheckpointError(PipelineError, ValueError):
-    """A model file is not a readable checkpoint of this pipeline (one line naming the file)."""
-
-
 def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
-    """Write weights as safetensors with every other entry as JSON in the header metadata."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous().clone()
-               for k, v in checkpoint["state_dict"].items()}
-    metadata = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata)})
+    """Write a checkpoint given as one dict (``state_dict`` and the metadata's JSON keys),
+    validated as a :class:`~pipeline.model_file.ModelFile` first."""
+    metadata = {"format": CHECKPOINT_FORMAT} | {k: v for k, v in checkpoint.items()
+                                                if k != "state_dict"}
+    write_model_file(ModelFile.from_metadata(metadata, path), checkpoint["state_dict"], path)
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint stored at ``path``; CheckpointError for anything else. Never unpickles."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such model file")
-    try:  # safetensors parses a length and JSON only, so trying it first is safe
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = json.loads((handle.metadata() or {})[METADATA_KEY])
-            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
-        with open(path, "rb") as raw:
-            head = raw.read(4)
-        # torch.save's zip, or a pickle's PROTO opcode (0x80, protocol 2-5). A safetensors file
-        # may start with 0x80 too (its header length), so this is asked only of a file that is
-        # no safetensors file.
-        if head.startswith((b"PK\x03\x04", *PICKLE_PROTOCOLS)):
-            raise CheckpointError(f"{path}: old pickle format (model.pt), which is never loaded "
-                                  f"since it can run code; retrain or convert it to {MODEL_FILE}"
-                                  ) from error
-        raise CheckpointError(f"{path}: not a safetensors model file of this pipeline "
+def load_model_file(path: Path, device: torch.device | str = "cpu"
+                    ) -> tuple[AttentionClassifier, ModelFile]:
+    """Rebuild a trained model from its ``model.safetensors`` (no pretrained weights fetched):
+    the network, in eval mode on ``device``, and its record."""
+    model_file, state = read_model_file(path)
+    try:
+        model, _ = build_model(model_file.model_config, len(model_file.classes),
+                               load_weights=False)
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"{path}: weights do not fit its model config "
                               f"({one_line(error)})") from error
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: its metadata is not a JSON object")
-    missing = sorted(set(REQUIRED_KEYS) - set(metadata))
-    if missing:
-        raise CheckpointError(f"{path}: missing {', '.join(missing)}")
-    if metadata["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {metadata['format']!r}, expected "
-                              f"{CHECKPOINT_FORMAT}")
-    return {**metadata, "state_dict": state}
+    return model.to(device).eval(), model_file
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu"
                     ) -> tuple[AttentionClassifier, dict[str, Any]]:
-    """Rebuild a trained model from its ``model.safetensors`` (no pretrained weights fetched)."""
-    checkpoint = _read_checkpoint(path)
-    try:
-        model, _ = build_model(ModelConfig(**checkpoint["model_config"]),
-                               len(checkpoint["classes"]), load_weights=False)
-        model.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as error:
-        raise CheckpointError(f"{path}: weights do not fit its model config "
-                              f"({one_line(error)})") from error
-    return model.to(device).eval(), checkpoint
+    """:func:`load_model_file` with the record as one dict (its JSON form and ``state_dict``),
+    for code that edits and saves it again (:func:`save_checkpoint`)."""
+    model, model_file = load_model_file(path, device)
+    return model, model_file.to_metadata() | {"state_dict": model.state_dict()}

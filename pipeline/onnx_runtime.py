@@ -14,7 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
+from pipeline.model_file import ModelFile
 
 METADATA_KEY = "wbc"
 
@@ -45,7 +46,12 @@ class OnnxClassifier:
         props = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in props:
             raise InputError(f"{path} is an ONNX model but not one exported by wbc export")
-        self.metadata: dict[str, Any] = json.loads(props[METADATA_KEY])
+        try:
+            self.metadata: dict[str, Any] = json.loads(props[METADATA_KEY])
+        except ValueError as error:
+            raise InputError(f"{path}: its {METADATA_KEY} metadata is not JSON "
+                             f"({one_line(error)})") from error
+        self.model_file = ModelFile.from_metadata(self.metadata, path, checkpoint=False)
 
     def logits(self, images: torch.Tensor | np.ndarray, batch_size: int = 64,
                tta: bool = False) -> torch.Tensor:
@@ -59,7 +65,6 @@ class OnnxClassifier:
                         for v in views)
             outputs.append(total / len(views))
         return torch.from_numpy(np.concatenate(outputs).astype(np.float32))
-
 
     def infer(self, images: torch.Tensor, batch_size: int, tta: bool = False
               ) -> tuple[torch.Tensor, None, float]:

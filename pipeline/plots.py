@@ -1,34 +1,36 @@
-"""Figures a person would rather look at than read: matplotlib, saved as PNG."""
+"""Figures a person would rather look at than read: matplotlib (object-oriented, no pyplot),
+saved as PNG; names from the data are drawn as plain text (:mod:`pipeline.figures`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay, auc
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, auc  # noqa: E402
+from pipeline.figures import new_figure, plain_text, save_figure
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+def _save(fig: Figure, path: Path) -> None:
+    save_figure(fig, path)
 
 
 def confusion_matrix_png(labels: np.ndarray, predicted: np.ndarray, classes: list[str],
                          title: str, path: Path) -> None:
     """Row-normalised confusion matrix with class names and percentages."""
-    fig, ax = plt.subplots(figsize=(1.0 * len(classes) + 3, 1.0 * len(classes) + 2.5))
+    fig = new_figure((1.0 * len(classes) + 3, 1.0 * len(classes) + 2.5))
+    ax = fig.subplots()
     ConfusionMatrixDisplay.from_predictions(
-        labels, predicted, labels=np.arange(len(classes)), display_labels=classes,
+        labels, predicted, labels=np.arange(len(classes)),
+        display_labels=[plain_text(name) for name in classes],
         normalize="true", values_format=".0%", cmap="Blues", colorbar=False, ax=ax)
-    ax.set_title(f"{title}\nconfusion matrix (rows: true class, normalised)")
-    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    ax.set_title(plain_text(f"{title}\nconfusion matrix (rows: true class, normalised)"))
+    for label in ax.get_xticklabels():
+        label.set(rotation=45, ha="right")
     _save(fig, path)
 
 
@@ -36,24 +38,27 @@ def curves_png(roc: pd.DataFrame, pr: pd.DataFrame, classes: list[str], title: s
                path: Path) -> None:
     """One-vs-rest ROC and precision-recall curves per class, side by side, from the points
     ``evaluate`` writes (``class``, ``fpr``, ``tpr``; ``class``, ``recall``, ``precision``)."""
-    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(13, 5.5))
-    colours = plt.get_cmap("tab10")
+    fig = new_figure((13, 5.5))
+    roc_ax, pr_ax = fig.subplots(1, 2)
+    colours = matplotlib.colormaps["tab10"]
     for index, name in enumerate(classes):
         roc_points, pr_points = roc[roc["class"] == name], pr[pr["class"] == name]
         if roc_points.empty:
             continue
         colour = colours(index % 10)
         fpr, tpr = roc_points["fpr"].to_numpy(), roc_points["tpr"].to_numpy()
-        roc_ax.plot(fpr, tpr, color=colour, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+        roc_ax.plot(fpr, tpr, color=colour,
+                    label=plain_text(f"{name} (AUC {auc(fpr, tpr):.3f})"))
         recall, precision = pr_points["recall"].to_numpy(), pr_points["precision"].to_numpy()
         average_precision = max(0.0, -np.sum(np.diff(recall) * precision[:-1]))  # as sklearn's
-        pr_ax.plot(recall, precision, color=colour, label=f"{name} (AP {average_precision:.3f})")
+        pr_ax.plot(recall, precision, color=colour,
+                   label=plain_text(f"{name} (AP {average_precision:.3f})"))
     roc_ax.plot([0, 1], [0, 1], ls=":", color="grey")
     roc_ax.set(title="ROC, one vs rest", xlabel="false positive rate", ylabel="true positive rate")
     pr_ax.set(title="Precision-recall, one vs rest", xlabel="recall", ylabel="precision")
     for ax in (roc_ax, pr_ax):
         ax.legend(fontsize=8, loc="lower right" if ax is roc_ax else "lower left")
-    fig.suptitle(title)
+    fig.suptitle(plain_text(title))
     _save(fig, path)
 
 
@@ -61,12 +66,13 @@ def reliability_png(bins: pd.DataFrame, bin_count: int, ece: float, title: str, 
                     ) -> None:
     """Reliability diagram from ``metrics.calibration_bins`` (the ``bin_count`` bins the ECE is
     computed over), with the number of images in each bin below."""
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), height_ratios=(3, 1), sharex=True)
+    fig = new_figure((5.5, 6.5))
+    ax, hist = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect calibration")
     ax.plot(bins["confidence"], bins["accuracy"], marker="o",
             label=f"model (ECE {ece:.3f}, {bin_count} bins)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{title}\nreliability diagram")
+    ax.set_title(plain_text(f"{title}\nreliability diagram"))
     ax.legend(loc="upper left")
     hist.bar(bins["bin"] / bin_count, bins["images"], width=1 / bin_count, align="edge",
              color="tab:blue", alpha=0.7)
@@ -80,23 +86,24 @@ def image_grid_png(images: list[np.ndarray], captions: list[str], title: str, pa
                    columns: int = 6, caption_colours: list[str] | None = None) -> None:
     """A grid of RGB images with a caption under each."""
     rows = max(1, int(np.ceil(len(images) / columns)))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.6 * rows), squeeze=False)
+    fig = new_figure((2.3 * columns, 2.6 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     colours = caption_colours or ["black"] * len(images)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption, colour in zip(axes.flat, images, captions, colours, strict=False):
         ax.imshow(image)
-        ax.set_title(caption, fontsize=8, color=colour)
+        ax.set_title(plain_text(caption), fontsize=8, color=colour)
     if not images:
         axes.flat[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
-    fig.suptitle(title)
+    fig.suptitle(plain_text(title))
     _save(fig, path)
 
 
 Interval = tuple[float, float] | None  # a 95% interval (low, high); None: not computed
 
 
-def _interval_whiskers(ax: plt.Axes, positions: np.ndarray, intervals: list[Interval] | None
+def _interval_whiskers(ax: Axes, positions: np.ndarray, intervals: list[Interval] | None
                        ) -> None:
     """Black whiskers spanning each bar's interval (as computed, whether or not it holds the
     bar's value: a percentile bootstrap interval of macro-F1 need not)."""
@@ -114,19 +121,21 @@ def bar_chart_png(names: list[str], series: dict[str, list[float]], title: str, 
                   intervals: dict[str, list[Interval]] | None = None) -> None:
     """Grouped bars (one group per model), each with its 95% interval where ``intervals`` has
     one for it (same keys and order as ``series``), reference accuracies as dashed lines."""
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(names) + 3), 5))
+    fig = new_figure((max(7, 1.6 * len(names) + 3), 5))
+    ax = fig.subplots()
     width = 0.8 / max(len(series), 1)
     positions = np.arange(len(names))
     for offset, (metric, values) in enumerate(series.items()):
-        bars = ax.bar(positions + offset * width, values, width, label=metric)
+        bars = ax.bar(positions + offset * width, values, width, label=plain_text(metric))
         ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, label_type="center",
                      color="white")
         _interval_whiskers(ax, positions + offset * width, (intervals or {}).get(metric))
     for (label, value), style in zip((references or {}).items(), ("--", ":", "-."),
                                      strict=False):
-        ax.axhline(value, ls=style, color="grey", lw=1, label=f"{label}: {value:g}")
-    ax.set_xticks(positions + width * (len(series) - 1) / 2, names, rotation=20, ha="right")
+        ax.axhline(value, ls=style, color="grey", lw=1, label=plain_text(f"{label}: {value:g}"))
+    ax.set_xticks(positions + width * (len(series) - 1) / 2,
+                  [plain_text(name) for name in names], rotation=20, ha="right")
     ax.set_ylim(0, 1.12)
-    ax.set_title(title)
+    ax.set_title(plain_text(title))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     _save(fig, path)

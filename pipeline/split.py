@@ -9,9 +9,7 @@ the parts, class by class, so every part keeps the class proportions.
 from __future__ import annotations
 
 import logging
-import os
 import re
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, process_pool
 from pipeline.leakage import phash_hex
 
 logger = logging.getLogger(__name__)
@@ -57,7 +55,7 @@ def _phash(path: Path) -> int:
 
 def perceptual_hashes(paths: list[Path], workers: int | None = None) -> np.ndarray:
     """64-bit pHash of every image, as uint64."""
-    with ProcessPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    with process_pool(workers) as pool:
         hashes = list(tqdm(pool.map(_phash, paths, chunksize=64), total=len(paths),
                            desc="phash", unit="img"))
     return np.array(hashes, dtype=np.uint64)

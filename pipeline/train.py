@@ -5,7 +5,9 @@ then cosine decay (timm's scheduler), label smoothing, class-balanced loss or sa
 optional frozen-backbone first phase, gradient clipping, early stopping on validation macro-F1
 and the best weights kept. With ``refit``, a second run from the same start then trains on the
 training and validation images together for the epoch count validation chose. Outputs are
-written atomically by rank 0 only, so an interrupted run leaves the previous outputs intact.
+written atomically by rank 0 only, so an interrupted run leaves the previous outputs intact, and
+so does a diverged one: a loss, weight or temperature that is NaN or infinite stops the run with
+:class:`TrainingDiverged` (one line, exit code 2).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import math
 import os
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,6 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from pipeline.config import ConfigError
-from pipeline.cpu_kernels import cpu_model
 from pipeline.data import (
     CellDataset,
     Preprocess,
@@ -44,12 +47,15 @@ from pipeline.data import (
     read_split,
     train_transform,
 )
-from pipeline.device import autocast, kernels, numeric_mode, select_device, use_bf16
+from pipeline.device import autocast, numeric_mode, select_device, use_bf16
+from pipeline.environment import run_environment
+from pipeline.errors import PipelineError
 from pipeline.inference import predict_logits
 from pipeline.io import atomic_path, write_json
 from pipeline.leakage import seen_record
 from pipeline.masks import MaskParams, mask_path
 from pipeline.metrics import fit_temperature, macro_f1
+from pipeline.model_file import training_record
 from pipeline.model_files import MODEL_FILE
 from pipeline.models import (
     CHECKPOINT_FORMAT,
@@ -62,7 +68,6 @@ from pipeline.models import (
     save_checkpoint,
     token_cover,
 )
-from pipeline.transfer import transfer_preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +96,7 @@ class TrainConfig:
     balance: str = "loss_weights"
     mask_mode: str = "crop"
     mask_margin: float = 0.3
+    suppress_strength: float = 0.7  # mask_mode suppress: how far the background fades (0 to 1)
     # weight of the loss on the class token's attention outside the cell mask (0: off)
     mask_guidance: float = 0.3
     device: str = "auto"
@@ -101,7 +107,6 @@ class TrainConfig:
     seed: int = 0
     temperature_scaling: bool = True
     distributed: str | bool = "auto"
-    transfer: bool = False  # across laboratories: pipeline.transfer.TRANSFER_SETTINGS
     cell_fraction: float | None = None
     stain_normalise: bool = False
     stain_jitter: float = 0.0
@@ -112,8 +117,9 @@ class TrainConfig:
     # on train + validation for that many epochs and keep those weights (and the temperature
     # fitted on validation in the first run)
     refit: bool = False
-    # Overrides of this recipe for a backbone that starts from random weights (no pretrained
-    # weights found): a recipe tuned to fine-tune ImageNet features does not train one from scratch.
+    # The recipe's keys that a backbone starting from random weights (no pretrained weights
+    # found) trains with instead, as written: a recipe tuned to fine-tune ImageNet features does
+    # not train one from scratch. Nothing else in the recipe is ever changed in code.
     random_init: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -130,12 +136,10 @@ class TrainConfig:
         guidance = self.mask_guidance
         if not isinstance(guidance, int | float) or not 0 <= guidance < math.inf:
             raise ValueError(f"train.mask_guidance must be a number >= 0, not {guidance!r}")
-        for switch in ("transfer", "refit"):
-            if not isinstance(getattr(self, switch), bool):
-                raise ValueError(f"train.{switch} must be true or false, "
-                                 f"not {getattr(self, switch)!r}")
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"train.refit must be true or false, not {self.refit!r}")
         # the preprocessing knobs are checked where they live, now rather than after set-up
-        Preprocess(1, (0.0,) * 3, (1.0,) * 3, **transfer_preprocessing(self))
+        Preprocess(1, (0.0,) * 3, (1.0,) * 3, **self.preprocess_settings())
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, "
                              f"not {self.optimizer!r}")
@@ -143,10 +147,16 @@ class TrainConfig:
             raise ValueError(f"train.balance must be none, loss_weights or sampler, "
                              f"not {self.balance!r}")
 
+    def preprocess_settings(self) -> dict[str, Any]:
+        """The recipe's image preprocessing (its keys that are ``Preprocess`` fields), as
+        written."""
+        return {key.name: getattr(self, key.name) for key in dataclasses.fields(Preprocess)
+                if key.name in self.__dataclass_fields__}
+
 
 RANDOM_INIT_RECIPE = "random-init fallback"
 RESOURCE_KEYS = ("seconds", "train_seconds", "images_per_second", "peak_memory_mb", "device",
-                 "cpu", "world_size", "distributed")
+                 "environment", "world_size", "distributed")
 
 
 def recipe_for(config: TrainConfig, weight_source: str) -> tuple[TrainConfig, str]:
@@ -476,8 +486,7 @@ def set_up(name: str, model_config: ModelConfig, config: TrainConfig, mask_param
     if recipe != "default" and runtime.is_main:
         logger.warning("%s: %s, so training with the random-init recipe: %s", name,
                        weight_source, config.random_init)
-    prep = Preprocess(model_config.image_size, **data_config(model), mask_mode=config.mask_mode,
-                      mask_margin=config.mask_margin, **transfer_preprocessing(config))
+    prep = Preprocess(model_config.image_size, **data_config(model), **config.preprocess_settings())
     train_set, val_set = build_datasets(rows, classes, prep, images_dir, masks_dir, mask_params,
                                         with_masks=config.mask_guidance > 0)
     train_loader, val_loader = build_loaders(train_set, val_set, config, runtime)
@@ -504,26 +513,26 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
     clock = Throughput()
     rows = {part: read_split(split_dir, part) for part in ("train", "val")}
     run = set_up(name, model_config, config, mask_params, rows, images_dir, masks_dir, runtime)
-    live = _open_live(live_dir, runtime)
-    stopper, history = fit_with_early_stopping(name, run, runtime, clock, live)
-    run.model.load_state_dict(stopper.state)
-    temperature = fit_temperature(*stopper.val) if run.config.temperature_scaling else 1.0
-    epochs_run = len(history)
-    if config.refit:
-        _seed_everything(config.seed)  # the same start: initial head, shuffles, augmentations
-        both = {"train": pd.concat([rows["train"], rows["val"]]), "val": rows["val"]}
-        run = set_up(name, model_config, config, mask_params, both, images_dir, masks_dir,
-                     runtime)
-        history += refit(name, run, stopper.epoch, runtime, clock)
-    summary = _summary(name, model_config, run, stopper, epochs_run, temperature, clock,
-                       runtime)
-    if runtime.is_main:
-        # weights fitted on train, epoch and temperature chosen on val: both are seen images
-        seen = seen_record(pd.concat(rows.values()))
-        checkpoint = _checkpoint(name, model_config, mask_params, run, temperature, summary,
-                                 history, seen)
-        write_outputs(checkpoint, out_dir, metrics_path, resources_path)
-        _end_live(live, stopper.record)
+    with _live_logs(live_dir, runtime) as live:
+        stopper, history = fit_with_early_stopping(name, run, runtime, clock, live)
+        run.model.load_state_dict(stopper.state)
+        temperature = _temperature(name, run, stopper)
+        epochs_run = len(history)
+        if config.refit:
+            _seed_everything(config.seed)  # the same start: initial head, shuffles, augmentations
+            both = {"train": pd.concat([rows["train"], rows["val"]]), "val": rows["val"]}
+            run = set_up(name, model_config, config, mask_params, both, images_dir, masks_dir,
+                         runtime)
+            history += refit(name, run, stopper.epoch, runtime, clock)
+        summary = _summary(name, model_config, run, stopper, epochs_run, temperature, clock,
+                           runtime)
+        if runtime.is_main:
+            # weights fitted on train, epoch and temperature chosen on val: both are seen images
+            seen = seen_record(pd.concat(rows.values()))
+            checkpoint = _checkpoint(name, model_config, mask_params, run, temperature, summary,
+                                     history, seen, ingested_data(images_dir.parent))
+            write_outputs(checkpoint, out_dir, metrics_path, resources_path)
+            _end_live(live, stopper.record)
     if runtime.distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -548,6 +557,7 @@ def _epochs(name: str, run: Run, epochs: int, runtime: Runtime, clock: Throughpu
         if config.recompute_bn:  # from scratch, the running averages lag behind the weights
             reestimate_batchnorm(run.kept, (images for images, *_ in run.train_loader),
                                  runtime.device, run.amp, config.channels_last)
+        stop_if_diverged(f"{name} {phase} {epoch + 1}", config, train_scores, model, run.kept)
         yield epoch, train_scores
 
 
@@ -560,6 +570,7 @@ def fit_with_early_stopping(name: str, run: Run, runtime: Runtime, clock: Throug
     for epoch, train_scores in _epochs(name, run, config.epochs, runtime, clock):
         val_scores, val = validate(kept, run.val_loader, run.val_labels, runtime, run.amp,
                                    config.channels_last, len(run.classes))
+        stop_if_diverged(f"{name} epoch {epoch + 1}", config, val_scores)
         record = {"epoch": epoch + 1, **train_scores, **val_scores,
                   "lr": fit.optimizer.param_groups[-1]["lr"]}
         history.append(record)
@@ -570,6 +581,36 @@ def fit_with_early_stopping(name: str, run: Run, runtime: Runtime, clock: Throug
                             config.patience)
             break
     return stopper, history
+
+
+class TrainingDiverged(PipelineError):
+    """The loss, the weights or the temperature stopped being finite numbers."""
+
+
+def stop_if_diverged(where: str, config: TrainConfig, scores: dict[str, float],
+                     *modules: nn.Module) -> None:
+    """Raise :class:`TrainingDiverged` when a score or a floating-point tensor (weights and
+    buffers) of ``modules`` is NaN or infinite: such a run has nothing worth saving."""
+    problems = [f"{key} is {value}" for key, value in scores.items() if not math.isfinite(value)]
+    tensors = {id(t): t for module in modules for t in module.state_dict().values()
+               if t.is_floating_point()}  # the kept weights may be the model itself
+    finite = [torch.isfinite(t).all() for t in tensors.values()]
+    if finite and (broken := int((~torch.stack(finite)).sum())):  # one device sync
+        problems.append(f"{broken} weight tensor(s) hold NaN or infinity")
+    if problems:
+        raise TrainingDiverged(f"{where}: training diverged ({'; '.join(problems)}); nothing "
+                               f"was written: lower train.lr (now {config.lr}) or the recipe's "
+                               "other step sizes")
+
+
+def _temperature(name: str, run: Run, stopper: EarlyStopping) -> float:
+    """The kept epoch's fitted temperature (1 when ``temperature_scaling`` is off); a
+    non-finite fit is refused."""
+    if not run.config.temperature_scaling:
+        return 1.0
+    temperature = fit_temperature(*stopper.val)
+    stop_if_diverged(f"{name} temperature scaling", run.config, {"temperature": temperature})
+    return temperature
 
 
 def refit(name: str, run: Run, epochs: int, runtime: Runtime, clock: Throughput
@@ -613,20 +654,20 @@ def _summary(name: str, model_config: ModelConfig, run: Run, best: EarlyStopping
         "train_seconds": clock.train_seconds,
         "images_per_second": clock.images / max(clock.train_seconds, 1e-9),
         "device": str(runtime.device),
-        "cpu": cpu_model(),
+        "environment": run_environment(runtime.device),
         "world_size": runtime.world_size,
         "distributed": runtime.distributed,
         "numeric_mode": numeric_mode(run.amp),
-        "kernels": kernels(runtime.device),
         "peak_memory_mb": peak_memory_mb(runtime.device),
     }
 
 
 def _checkpoint(name: str, model_config: ModelConfig, mask_params: MaskParams, run: Run,
                 temperature: float, summary: dict[str, Any], history: list[dict[str, Any]],
-                seen: dict[str, list[str]]) -> dict[str, Any]:
-    """The trained model with everything needed to use and to reproduce it, and the digests of
-    the images it has seen (``pipeline.leakage``)."""
+                seen: dict[str, list[str]], training_data: dict[str, Any] | None
+                ) -> dict[str, Any]:
+    """The trained model with everything needed to use and to reproduce it, what it was trained
+    on, and the digests of the images it has seen (``pipeline.leakage``)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "name": name,
@@ -639,8 +680,17 @@ def _checkpoint(name: str, model_config: ModelConfig, mask_params: MaskParams, r
         "temperature": temperature,
         "summary": summary,
         "history": history,
+        "training_data": training_data,
         **seen,
     }
+
+
+def ingested_data(raw_dir: Path) -> dict[str, Any] | None:
+    """What the download stage ingested (source, synthetic or not, images per class), for the
+    model file; None when the images do not come from an ingested folder."""
+    if not (raw_dir / "source.json").is_file() or not (raw_dir / "manifest.csv").is_file():
+        return None
+    return training_record(raw_dir).model_dump()
 
 
 def write_outputs(checkpoint: dict[str, Any], out_dir: Path, metrics_path: Path,
@@ -655,13 +705,18 @@ def write_outputs(checkpoint: dict[str, Any], out_dir: Path, metrics_path: Path,
     write_json(resources_path or metrics_path.with_name("train_resources.json"),
                {k: summary[k] for k in RESOURCE_KEYS})
 
-def _open_live(live_dir: Path, runtime: Runtime):
-    """DVCLive logger on rank 0 (None elsewhere); its plots are declared in dvc.yaml."""
+@contextmanager
+def _live_logs(live_dir: Path, runtime: Runtime) -> Iterator[Any]:
+    """DVCLive logger on rank 0 (None elsewhere; its plots are declared in dvc.yaml), logging
+    into a temporary folder that replaces ``live_dir`` only when the run succeeds: a failed or
+    interrupted run leaves the previous logs, not half of its own."""
     if not runtime.is_main:
-        return None
+        yield None
+        return
     from dvclive import Live
 
-    return Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    with atomic_path(live_dir) as folder:
+        yield Live(dir=str(folder), dvcyaml=None, save_dvc_exp=False, report=None)
 
 
 def _log_epoch(live, record: dict[str, Any], name: str, epochs: int, runtime: Runtime) -> None:

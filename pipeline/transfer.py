@@ -42,12 +42,10 @@ STAIN_REFERENCE = ((255.0, 232.0, 205.0), (0.094, 0.145, 0.095))
 CELL_STAIN_REFERENCE = (1.30, 2.25, 0.46)
 CELL_PERCENTILE = 90
 _CELL_GAIN_LIMIT = 6.0  # BCCD's cells absorb a sixth of PBC's blue
-# What ``train.transfer: true`` turns on (each can also be set on its own in params.yaml: train).
+# The settings that transferred best across laboratories (BENCHMARKS.md, "Across laboratories"):
+# ``params.yaml: train`` keys, set as written by recipes/transfer.yaml; nothing sets them in code.
 TRANSFER_SETTINGS: dict[str, Any] = {"cell_fraction": 0.6, "stain_normalise": True,
                                      "stain_jitter": 0.3, "blur_sigma": 2.0}
-SCALE_SETTINGS = ("cell_fraction", "red_cell_crop")  # two ways to set the crop's scale: one at most
-# Every TrainConfig key that becomes a ``Preprocess`` setting of this module.
-PREPROCESS_SETTINGS = (*TRANSFER_SETTINGS, "red_cell_crop", "cell_stain_normalise")
 LIGHT = 255.0  # the lamp: the brightness of an empty field
 _BLACK_FILL = 20  # pixels darker than this in every channel are fill left by rotation, not stain
 # Red cells, the scale of ``red_cell_crop``: measured on the image shrunk to this short side,
@@ -58,19 +56,6 @@ _RED_CELL_WORKING_SIDE = 180
 _RED_CELL_FINE_RADIUS = 8
 _RED_CELL_COVER = (0.05, 0.9)
 WHITE_CELL_IN_RED_CELLS = 2.0
-
-
-def transfer_preprocessing(config: Any) -> dict[str, Any]:
-    """The ``Preprocess`` settings of a training recipe (``TrainConfig``): its own values, with
-    ``transfer: true`` filling those left at their off value from ``TRANSFER_SETTINGS``. A scale
-    the recipe sets itself (``cell_fraction`` or ``red_cell_crop``) is kept, not joined by the
-    other one."""
-    chosen = {key: getattr(config, key) for key in PREPROCESS_SETTINGS}
-    if config.transfer:
-        own_scale = any(chosen[key] for key in SCALE_SETTINGS)
-        chosen |= {key: value for key, value in TRANSFER_SETTINGS.items()
-                   if not chosen[key] and not (own_scale and key in SCALE_SETTINGS)}
-    return chosen
 
 
 def optical_density(rgb: np.ndarray, lamp: np.ndarray | float = LIGHT) -> np.ndarray:

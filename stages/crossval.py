@@ -2,6 +2,7 @@
 fold models as one ensemble (``data/crossval/<model>/ensemble.json``, equal weights) for
 ``wbc predict``: what the external sets' ``fold_average`` figures score."""
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -23,4 +24,6 @@ def main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_entry_point(main, sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", help="a model of params.yaml crossval.models")
+    sys.exit(run_entry_point(main, parser.parse_args().model))

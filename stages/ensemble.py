@@ -13,14 +13,10 @@ from pipeline.ensemble import (
     member_weights,
 )
 from pipeline.errors import run_entry_point
-from pipeline.evaluate import (
-    EvaluateConfig,
-    evaluation_set,
-    held_out_set,
-    write_evaluation,
-)
+from pipeline.eval_sets import EvaluateConfig, evaluation_set, held_out_set
 from pipeline.io import load_params, read_json
 from pipeline.model_files import MODEL_FILE, write_spec
+from pipeline.reports import write_evaluation
 
 
 def main() -> None:
@@ -39,12 +35,13 @@ def main() -> None:
     # external sets first: a member missing one fails the stage before anything is written
     external = evaluate_ensemble_external(Path("data/eval"), weights, scored.temperature,
                                           evaluate_config, Path("data/eval/ensemble/external"))
-    write_spec(Path("data/models/ensemble/ensemble.json"),
+    headline = write_evaluation(scored, Path("data/eval/ensemble"),
+                                Path("metrics/ensemble/eval.json"), evaluate_config,
+                                Path("resources/ensemble/eval.json"), raw_dir=Path("data/raw"),
+                                external=external)
+    write_spec(Path("data/models/ensemble/ensemble.json"),  # the threshold travels with it
                {m: Path("data/models") / m / MODEL_FILE for m in members}, weights,
-               scored.temperature)
-    write_evaluation(scored, Path("data/eval/ensemble"), Path("metrics/ensemble/eval.json"),
-                     evaluate_config, Path("resources/ensemble/eval.json"),
-                     raw_dir=Path("data/raw"), external=external)
+               scored.temperature, headline.get("abstain_threshold"))
 
 
 if __name__ == "__main__":

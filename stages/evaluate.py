@@ -11,16 +11,11 @@ from pathlib import Path
 
 from pipeline.config import from_params
 from pipeline.errors import run_entry_point
-from pipeline.evaluate import (
-    EvaluateConfig,
-    evaluate_external,
-    evaluation_set,
-    held_out_set,
-    score_checkpoint,
-    write_evaluation,
-)
+from pipeline.eval_sets import EvaluateConfig, evaluation_set, held_out_set
+from pipeline.evaluate import evaluate_external, score_checkpoint
 from pipeline.io import load_params
 from pipeline.model_files import MODEL_FILE
+from pipeline.reports import write_evaluation
 
 
 def main(name: str, fold: int | None = None) -> None:

@@ -3,17 +3,15 @@
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from pipeline.config import from_params
 from pipeline.errors import run_entry_point
-from pipeline.io import atomic_path, load_params, write_csv, write_json
+from pipeline.io import atomic_path, load_params, read_csv, write_csv, write_json
 from pipeline.split import SplitConfig, split_dataset
 
 
 def main() -> None:
     config = from_params(SplitConfig, load_params()["split"], "split")
-    manifest = pd.read_csv("data/raw/manifest.csv", keep_default_na=False)
+    manifest = read_csv("data/raw/manifest.csv")
     result = split_dataset(manifest, Path("data/raw/images"), config)
     with atomic_path("data/split") as out:
         for folder, parts in [(out, result.parts)] + [

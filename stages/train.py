@@ -32,9 +32,13 @@ def _outputs(name: str, fold: int | None) -> dict[str, Path]:
 def main(name: str, fold: int | None = None) -> None:
     params = load_params()
     try:
+        model = params["models"][name]
+    except KeyError:
+        raise PipelineError(f"train: no model {name!r} in params.yaml models") from None
+    try:
         train_model(
             name,
-            from_params(ModelConfig, params["models"][name], f"models.{name}"),
+            from_params(ModelConfig, model, f"models.{name}"),
             from_params(TrainConfig, params["train"], "train"),
             from_params(MaskParams, params["masks"], "masks"),
             images_dir=Path("data/raw/images"),

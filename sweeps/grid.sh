@@ -7,8 +7,8 @@
 #     MODES=crop,none bash sweeps/grid.sh
 #   dvc exp branch <experiment> best-model     # then promote the winner to a branch
 #
-# Comma-separated values make DVC queue one experiment per combination. Offline, only
-# efficientnet_lite0 has ImageNet weights (pretrained: true fails for other backbones).
+# Comma-separated values make DVC queue one experiment per combination. Offline, only the
+# efficientnet_lite0/1/2 backbones have ImageNet weights (pretrained: true fails for others).
 set -euo pipefail
 model="${MODEL:-efficientnet_lite0_attention}"
 dvc exp run --queue "evaluate@${model}" \

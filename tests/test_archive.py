@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.io import OUTPUT_MARKER
 from pipeline.sources.archive import ArchiveError, UnsafeArchiveError, safe_extract
 
 
@@ -75,9 +76,10 @@ def test_failure_keeps_the_previous_folder(tmp_path: Path) -> None:
     dest = tmp_path / "out"
     dest.mkdir()
     (dest / "old.txt").write_text("old")
+    (dest / OUTPUT_MARKER).touch()  # the pipeline's own: it may be replaced, but not on failure
     with pytest.raises(UnsafeArchiveError):
         safe_extract(make_zip(tmp_path / "evil.zip", {"../evil.txt": b"x"}), dest)
-    assert tree(dest) == {"old.txt": b"old"}
+    assert tree(dest) == {"old.txt": b"old", OUTPUT_MARKER: b""}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.zip", "out"]
 
 

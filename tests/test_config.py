@@ -14,6 +14,7 @@ import yaml
 from pipeline.compare import CompareConfig
 from pipeline.config import ConfigError, from_params
 from pipeline.ensemble import EnsembleConfig
+from pipeline.errors import PipelineError
 from pipeline.evaluate import EvaluateConfig
 from pipeline.masks import MaskParams
 from pipeline.models import ModelConfig
@@ -95,7 +96,7 @@ def test_bad_values_and_missing_keys_are_config_errors():
     ("mask_guidance", -1, "mask_guidance must be a number >= 0"),
     ("mask_guidance", float("nan"), "mask_guidance must be a number >= 0"),
     ("mask_guidance", "yes", "mask_guidance must be a number >= 0"),
-    ("transfer", "maybe", "transfer must be true or false"),
+    ("refit", "maybe", "refit must be true or false"),
     ("cell_fraction", 2, "cell_fraction must be in"),
     ("stain_jitter", -0.5, "stain_jitter must be in"),
     ("blur_sigma", -1, "blur_sigma must be a number >= 0"),
@@ -132,5 +133,17 @@ def test_a_bad_synthetic_size_stops_download_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "stages.download"], cwd=tmp_path,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
                             text=True)
-    assert (result.returncode, result.stderr) == (
-        2, "error: images_per_class must be at least 1, got 0\n")
+    assert (result.returncode, result.stderr) == (  # refused as params.yaml is read
+        2, "error: params.yaml data.synthetic.images_per_class: must be >= 1 (got 0)\n")
+
+
+def test_train_stage_for_a_model_params_yaml_lacks_is_one_line(tmp_path, monkeypatch):
+    """``python -m stages.train NAME`` for a name that is no ``models`` entry: one line."""
+    from stages import train as train_stage
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError) as error:
+        train_stage.main("resnet_attention")
+    assert str(error.value) == "train: no model 'resnet_attention' in params.yaml models"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]

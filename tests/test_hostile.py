@@ -544,7 +544,11 @@ def test_broken_ensemble_descriptions_are_refused_in_one_line(case, tmp_path, ch
                            f"error: {spec}: member a has no file at "
                            f"{tmp_path / 'gone.safetensors'}"),
     }[case]
-    write_spec(spec, members, weights, temperature)
+    if temperature == temperature:
+        write_spec(spec, members, weights, temperature)
+    else:  # the pipeline never writes NaN (invalid JSON): a hand-made file
+        write_spec(spec, members, weights, 1.5)
+        spec.write_text(spec.read_text().replace('"temperature": 1.5', '"temperature": NaN'))
     code, _, err = run_wbc(["predict", str(spec), str(cell_image(tmp_path / "cell.png"))],
                            capsys)
     assert code == USER_ERROR_EXIT and err.strip().splitlines() == [message], err

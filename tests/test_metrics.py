@@ -31,6 +31,15 @@ def test_metrics_with_a_class_never_predicted():
     assert 0 <= headline["cohen_kappa"] < 1 and headline["images"] == 6
 
 
+def test_undefined_scores_are_none_not_nan():
+    """One class in the labels and in the answers: kappa is 0 / 0, and JSON cannot hold NaN."""
+    labels = np.zeros(4, int)
+    headline, _ = classification_metrics(labels, np.eye(3)[labels], ["a", "b", "c"])
+    assert headline["cohen_kappa"] is None and headline["roc_auc_ovr"] is None
+    assert headline["accuracy"] == 1.0
+    assert all(not isinstance(v, float) or np.isfinite(v) for v in headline.values())
+
+
 def test_ece_known_case():
     # Two bins: 0.9-confident (4 images, 3 right) and 0.6-confident (2 images, 2 right).
     probabilities = np.array([[0.9, 0.1]] * 4 + [[0.6, 0.4]] * 2)

@@ -9,7 +9,8 @@ import pytest
 from pipeline.evaluate import EvalSet, EvaluateConfig, Scored, ScoredValidation, write_evaluation
 from pipeline.io import read_json
 from pipeline.metrics_ci import bootstrap_intervals
-from pipeline.model_card import data_fingerprint, render_card, reproduce_command
+from pipeline.model_card import render_card, reproduce_command
+from pipeline.model_file import data_fingerprint
 
 CLASSES = ["lymphocyte", "monocyte", "neutrophil"]
 SETTINGS = EvaluateConfig(tta=False, mistakes=2, abstain_target_accuracy=0.9)

@@ -3,16 +3,19 @@ two synthetic labs that differ in stain and magnification."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from dataclasses import replace
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from small_cnn import fit, small_cnn
 
 from pipeline.data import Preprocess, eval_transform, prepare_image, prepare_mask
 from pipeline.sources.synthetic import Lab, render_example
+from pipeline.train import TrainConfig
 from pipeline.transfer import (
     CELL_PERCENTILE,
     CELL_STAIN_REFERENCE,
@@ -28,8 +31,9 @@ from pipeline.transfer import (
     optical_density,
     red_cell_diameter,
     slide_statistics,
-    transfer_preprocessing,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CLASSES = ("eosinophil", "lymphocyte", "monocyte", "neutrophil")  # the classes BCCD holds
 HOME = Lab()
@@ -192,18 +196,19 @@ def test_hed_jitter_varies_the_stain_and_keeps_the_image():
     assert (jittered.float() - image.float()).abs().mean() > 2
 
 
-def test_the_transfer_switch_fills_in_what_is_left_off():
-    off = dict.fromkeys(TRANSFER_SETTINGS, 0.0) | {"cell_fraction": None, "red_cell_crop": None,
-                                                    "stain_normalise": False,
-                                                    "cell_stain_normalise": False}
-    assert transfer_preprocessing(SimpleNamespace(transfer=False, **off)) == off
-    assert transfer_preprocessing(SimpleNamespace(transfer=True, **off)) == off | TRANSFER_SETTINGS
-    mine = off | {"cell_fraction": 0.4}
-    assert transfer_preprocessing(SimpleNamespace(transfer=True, **mine))["cell_fraction"] == 0.4
-    for scale in ({"cell_fraction": 0.4}, {"red_cell_crop": 3.0}):  # a scale of one's own stays
-        chosen = transfer_preprocessing(SimpleNamespace(transfer=True, **off | scale))
-        assert {key: chosen[key] for key in scale} == scale
-        Preprocess(64, (0.5,) * 3, (0.5,) * 3, mask_mode="crop", **chosen)  # one scale only
+def test_the_transfer_settings_are_train_keys_used_as_written():
+    """No switch rewrites the recipe (issue 42): the transfer settings are ``train`` keys that
+    recipes/transfer.yaml sets, and each is used as written, ``stain_jitter: 0`` beside the
+    others too."""
+    recipe = yaml.safe_load((ROOT / "recipes" / "transfer.yaml").read_text())
+    assert recipe["params"]["train"] == TRANSFER_SETTINGS
+    config = TrainConfig(epochs=1, batch_size=8, lr=1e-3, **TRANSFER_SETTINGS)
+    assert config.preprocess_settings().items() >= TRANSFER_SETTINGS.items()
+    without_jitter = replace(config, stain_jitter=0.0).preprocess_settings()
+    assert without_jitter == config.preprocess_settings() | {"stain_jitter": 0.0}
+    assert set(TrainConfig.__dataclass_fields__) >= set(TRANSFER_SETTINGS)
+    Preprocess(64, (0.5,) * 3, (0.5,) * 3, **config.preprocess_settings())
+    assert "transfer" not in TrainConfig.__dataclass_fields__
 
 
 @pytest.mark.parametrize("settings", [{"cell_fraction": 0.0, "mask_mode": "crop"},

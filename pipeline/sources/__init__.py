@@ -26,7 +26,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "layout": ("collect_inputs", "is_image_file", "labelled_files", "scan_layout"),
     "synthetic": ("generate_dataset", "render_example"),
     "ingest": ("REMOTE_SOURCES", "DataConfig", "SourceError", "build_raw_dataset",
-               "exclude_path"),
+               "exclude_path", "local_source"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -10,6 +10,7 @@ dropped, and archives nested inside the archive are unpacked in place.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
 import lzma
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, ensure_inside
+from pipeline.io import UnsafePathError, atomic_path, ensure_inside
 from pipeline.sources.labels import UnsafeNameError, safe_name
 
 logger = logging.getLogger(__name__)
@@ -90,27 +91,28 @@ def safe_extract(archive: Path, dest: Path, limits: ArchiveLimits = ArchiveLimit
     """
     archive, dest = Path(archive), Path(dest)
     budget = _Budget(limits, limits.max_total_bytes, limits.max_entries)
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest, mark_folder=False) as tmp:  # a data set, not an output
         tmp.mkdir()
-        _extract(archive, tmp, 0, budget)
+        _extract(archive, tmp, 0, budget, tmp)
     return dest
 
 
-def _extract(archive: Path, root: Path, depth: int, budget: _Budget) -> None:
-    """Extract ``archive`` into the existing folder ``root``, then any archives nested in it."""
+def _extract(archive: Path, root: Path, depth: int, budget: _Budget, top: Path) -> None:
+    """Extract ``archive`` into the existing folder ``root`` (inside ``top``, the extraction's
+    folder), then any archives nested in it."""
     try:
         if tarfile.is_tarfile(archive):  # first: a tar ending in a zip member also looks like a zip
             with tarfile.open(archive) as tar:
-                _write_entries(archive, list(_tar_entries(tar)), root, budget)
+                _write_entries(archive, list(_tar_entries(tar)), root, budget, top)
         elif zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                _write_entries(archive, list(_zip_entries(archive, zf)), root, budget)
+                _write_entries(archive, list(_zip_entries(archive, zf)), root, budget, top)
         else:
             raise ArchiveError(f"not a zip or tar archive: {archive}")
     except _CORRUPT_ERRORS as error:
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise ArchiveError(f"corrupt archive {archive}: {reason}") from error
-    _extract_nested(root, depth, budget)
+    _extract_nested(root, depth, budget, top)
 
 
 def _zip_entries(archive: Path, zf: zipfile.ZipFile) -> Iterator[_Entry]:
@@ -149,8 +151,9 @@ def _check_declared(archive: Path, entries: list[_Entry], budget: _Budget) -> No
     budget.entries_left -= len(entries)
 
 
-def _write_entries(archive: Path, entries: list[_Entry], root: Path, budget: _Budget) -> None:
-    """Check every entry, then write the files and folders below ``root``."""
+def _write_entries(archive: Path, entries: list[_Entry], root: Path, budget: _Budget,
+                   top: Path) -> None:
+    """Check every entry, then write the files and folders below ``root`` (inside ``top``)."""
     parts_of = {entry.name: _safe_parts(archive, entry.name) for entry in entries}
     _check_declared(archive, entries, budget)
     skipped: Counter[str] = Counter()
@@ -170,8 +173,7 @@ def _write_entries(archive: Path, entries: list[_Entry], root: Path, budget: _Bu
             skipped["duplicate names (the first was kept)"] += 1
         else:
             seen.add(key)
-            reason = _write_entry(archive, entry, ensure_inside(root.joinpath(*parts), root),
-                                  budget)
+            reason = _write_entry(archive, entry, _inside(root.joinpath(*parts), top), budget)
             if reason:
                 logger.warning("skipped %r in %s: %s", entry.name, archive, reason)
                 skipped[reason.split(" (")[0]] += 1
@@ -204,6 +206,10 @@ def _write_entry(archive: Path, entry: _Entry, target: Path, budget: _Budget) ->
                 out.write(chunk)
     except (FileExistsError, NotADirectoryError, IsADirectoryError):
         return "a file and a folder of the same name (conflicting entries)"
+    except OSError as error:
+        if error.errno not in (errno.ENAMETOOLONG, errno.EILSEQ):
+            raise
+        return "a name the file system cannot hold (too long or badly encoded)"
     if written > limit:
         target.unlink()
         return f"inflates past the limit of {limit} bytes (data.archive_max_entry_bytes)"
@@ -228,17 +234,33 @@ def _is_macos_metadata(parts: tuple[str, ...]) -> bool:
     )
 
 
-def _extract_nested(root: Path, depth: int, budget: _Budget) -> None:
-    """Replace every archive below ``root`` by a folder of its contents, named without suffix."""
-    nested = sorted(path for path in root.rglob("*") if path.is_file() and _nested_stem(path))
+def _inside(path: Path, top: Path) -> Path:
+    """``path`` if it lies inside ``top`` (the whole extraction's folder, never a nested one)."""
+    try:
+        return ensure_inside(path, top)
+    except UnsafePathError as error:
+        raise UnsafeArchiveError(str(error)) from None
+
+
+def _extract_nested(root: Path, depth: int, budget: _Budget, top: Path) -> None:
+    """Replace every archive below ``root`` by a folder of its contents, named without suffix
+    (a name made safe like every entry's: ``...zip`` or ``..zip`` aborts the extraction)."""
+    nested = sorted(path for path in root.rglob("*")
+                    if path.is_file() and not path.is_symlink() and _nested_stem(path))
     for inner in nested:
         if depth >= MAX_NESTING:
             logger.warning("not extracting %s: archives nested deeper than %d levels",
                            inner, MAX_NESTING)
             continue
-        target = inner.with_name(_nested_stem(inner))
+        try:
+            target = _inside(inner.with_name(safe_name(_nested_stem(inner))), top)
+        except UnsafeNameError as error:
+            raise UnsafeArchiveError(f"unsafe nested archive {inner.name!r}: {error}") from error
+        if target.exists() and not target.is_dir():
+            logger.warning("not extracting %s: a file named %s is beside it", inner, target.name)
+            continue
         target.mkdir(exist_ok=True)
-        _extract(inner, target, depth + 1, budget)
+        _extract(inner, target, depth + 1, budget, top)
         inner.unlink()
 
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,14 +19,17 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import as_tuple
-from pipeline.errors import PipelineError, one_line
+from pipeline.errors import PipelineError, one_line, process_pool
 from pipeline.io import (
+    MAX_FILE_BYTES,
     MAX_IMAGE_PIXELS,
     MIN_IMAGE_SIDE,
     ImageDecodeError,
     atomic_path,
+    check_output,
     decode_image,
     ensure_inside,
+    read_regular_file,
     write_csv,
     write_json,
 )
@@ -74,6 +75,7 @@ class ImageLimits:
 
     max_pixels: int = MAX_IMAGE_PIXELS
     min_side: int = MIN_IMAGE_SIDE
+    max_bytes: int = MAX_FILE_BYTES
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class DataConfig:
     retries: int = 5
     max_image_pixels: int = ImageLimits.max_pixels
     min_image_side: int = ImageLimits.min_side
+    max_file_bytes: int = ImageLimits.max_bytes  # larger files are skipped unread
     archive_max_total_bytes: int = ArchiveLimits.max_total_bytes
     archive_max_entries: int = ArchiveLimits.max_entries
     archive_max_entry_bytes: int = ArchiveLimits.max_entry_bytes
@@ -109,7 +112,7 @@ class DataConfig:
 
     @property
     def image_limits(self) -> ImageLimits:
-        return ImageLimits(self.max_image_pixels, self.min_image_side)
+        return ImageLimits(self.max_image_pixels, self.min_image_side, self.max_file_bytes)
 
     @property
     def archive_limits(self) -> ArchiveLimits:
@@ -122,8 +125,8 @@ def _ingest_one(job: tuple[Candidate, Path, Path, ImageLimits]) -> dict[str, Any
     cand, root, images_dir, limits = job
     shown = cand.source.relative_to(root).as_posix()
     try:
-        data = cand.source.read_bytes()
-        pixels = decode_image(data, limits.max_pixels, limits.min_side)
+        data = read_regular_file(cand.source, limits.max_bytes)
+        pixels = decode_image(data, limits.max_pixels, limits.min_side, limits.max_bytes)
     except (ImageDecodeError, OSError) as error:
         reason = one_line(error).removeprefix("cannot decode <bytes>: ")
         return {"file": shown, "reason": reason}
@@ -233,9 +236,8 @@ def ingest(root: Path, out_dir: Path, provenance: dict[str, Any], workers: int |
     with atomic_path(out_dir) as tmp:
         images_dir = tmp / "images"
         images_dir.mkdir(parents=True)
-        workers = workers or os.cpu_count() or 1
         jobs = [(c, root, images_dir, limits) for c in candidates]
-        with ProcessPoolExecutor(workers) as pool:
+        with process_pool(workers) as pool:
             results = list(tqdm(pool.map(_ingest_one, jobs, chunksize=32),
                                 total=len(candidates), desc="ingest", unit="img"))
         rows = [r for r in results if "path" in r]
@@ -288,6 +290,29 @@ def _fetch_remote(name: str, config: DataConfig, cache_dir: Path
     return extracted, {"source": name, "url": remote.url, "sha256": digest}
 
 
+def local_source(source: str) -> Path:
+    """``data.source`` naming a local folder or archive, as a path; SourceError, before anything
+    is read, for an empty setting (an unset ``$DATA`` in ``-S data.source=$DATA``), the project
+    folder itself or one holding it, and anything but a folder or a regular file (a pipe
+    would block forever)."""
+    if not source.strip():
+        raise SourceError("data.source is empty (an unset variable in -S data.source=$DATA?): "
+                          f"name synthetic, {', '.join(REMOTE_SOURCES)}, a folder or an archive")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SourceError(
+            f"data.source {source!r} is neither synthetic, {', '.join(REMOTE_SOURCES)} "
+            "nor an existing folder or archive"
+        )
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise SourceError(f"data.source {source!r} is the project folder or holds it: its data, "
+                          "figures and reports are no data set; name the images' own folder")
+    if not (path.is_dir() or path.is_file()):
+        raise SourceError(f"data.source {source!r} is neither a folder nor an archive file "
+                          "(a pipe, socket or device)")
+    return path
+
+
 def build_raw_dataset(config: DataConfig, out_dir: Path, cache_dir: Path) -> pd.DataFrame:
     """Resolve ``data.source`` to images and ingest them into ``out_dir`` (the download stage)."""
     source = str(config.source)
@@ -305,12 +330,8 @@ def build_raw_dataset(config: DataConfig, out_dir: Path, cache_dir: Path) -> pd.
     if source in REMOTE_SOURCES:
         root, provenance = _fetch_remote(source, config, cache_dir)
         return ingest(root, out_dir, provenance, limits=limits, **which)
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise SourceError(
-            f"data.source {source!r} is neither synthetic, {', '.join(REMOTE_SOURCES)} "
-            "nor an existing folder or archive"
-        )
+    path = local_source(source)
+    check_output(out_dir, [path], folder=True)
     if path.is_dir():
         return ingest(path, out_dir, {"source": str(path.resolve())}, limits=limits, **which)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:

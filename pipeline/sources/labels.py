@@ -52,12 +52,22 @@ def safe_name(name: str) -> str:
     ``.``, ``..``, or holds a separator, a drive colon or a control character is refused.
     """
     clean = unicodedata.normalize("NFKC", name).strip()
+    if not clean.isascii() and not _is_text(clean):
+        raise UnsafeNameError(f"unsafe name {name!r}: its bytes are not UTF-8 text")
     if clean in ("", ".", ".."):
         raise UnsafeNameError(f"unsafe name {name!r}: it is {clean!r} once normalised")
     if _UNSAFE_CHARACTERS.search(clean):
         raise UnsafeNameError(f"unsafe name {name!r}: it holds a path separator, colon or "
                               "control character once normalised")
     return clean
+
+
+def _is_text(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of a file name (surrogate escapes)
+        return False
+    return True
 
 
 def normalize_label(name: str) -> str:

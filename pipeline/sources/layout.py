@@ -8,11 +8,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from pipeline.errors import PipelineError
-from pipeline.io import IMAGE_SUFFIXES
-from pipeline.sources.labels import UnsafeNameError, closest_known_class, normalize_label, safe_name
+from pipeline.io import IMAGE_SUFFIXES, read_csv
+from pipeline.sources.labels import (
+    PBC_CLASSES,
+    UnsafeNameError,
+    closest_known_class,
+    normalize_label,
+    safe_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +65,16 @@ class Candidate:
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
+    """The visible sub-folders of ``folder``; a symbolic link to a folder is never followed (a
+    link to an ancestor would make the walk endless)."""
     return sorted(
-        p for p in folder.iterdir() if p.is_dir() and p.name not in IGNORED_NAMES
-        and not p.name.startswith(".")
+        p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()
+        and p.name not in IGNORED_NAMES and not p.name.startswith(".")
     )
+
+
+def _linked_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_symlink() and p.is_dir())
 
 
 def _has_images(folder: Path) -> bool:
@@ -72,12 +82,29 @@ def _has_images(folder: Path) -> bool:
     return any(is_image_file(p) for p in folder.iterdir())
 
 
+def _holds_image_folders(folder: Path) -> bool:
+    """Whether a visible sub-folder of ``folder`` directly holds images."""
+    return any(_has_images(child) for child in _visible_dirs(folder))
+
+
+def _known_share(folders: list[Path]) -> float:
+    """The share of ``folders`` named like a known white-cell class (aliases included)."""
+    def known(name: str) -> bool:
+        try:
+            return normalize_label(name) in PBC_CLASSES
+        except UnsafeNameError:
+            return False
+    return sum(known(folder.name) for folder in folders) / max(len(folders), 1)
+
+
 def find_layout(root: Path) -> tuple[Path, str]:
     """Find the shallowest folder holding a known layout below ``root``.
 
-    Returns ``(folder, "split")`` for ``TRAIN|TEST/<CLASS>/*`` and ``(folder, "class")`` for
+    Returns ``(folder, "split")`` for ``TRAIN|TEST/<CLASS>/*``, ``(folder, "class")`` for
     ``<class>/*`` (at least two folders holding images; stray folders and files beside them are
-    ignored with a warning); raises LayoutError when neither is found.
+    ignored with a warning) and ``(folder, "nested")`` for ``<class>/<group>/*`` (patients,
+    slides: every image below a class folder is of that class); raises LayoutError when none is
+    found, or when images sit two levels down and neither level is named like classes.
     """
     queue = [root]
     while queue:
@@ -87,7 +114,7 @@ def find_layout(root: Path) -> tuple[Path, str]:
         if {"train", "test"} <= names:
             return folder, "split"
         if sum(_has_images(child) for child in children) >= 2:
-            return folder, "class"
+            return _class_level(folder, root)
         queue.extend(children)
     raise LayoutError(
         f"no dataset layout found under {root}: expected <class>/<image> folders "
@@ -95,18 +122,48 @@ def find_layout(root: Path) -> tuple[Path, str]:
     )
 
 
+def _class_level(folder: Path, root: Path) -> tuple[Path, str]:
+    """``folder`` holds folders of images: its own are the classes, unless its siblings hold
+    folders of images too (``<class>/<patient>/<image>``), when the level above is."""
+    if folder == root:
+        return folder, "class"
+    parent = folder.parent
+    groups = [child for child in _visible_dirs(parent) if _holds_image_folders(child)]
+    if len(groups) < 2:
+        return folder, "class"
+    inner, outer = _known_share(_visible_dirs(folder)), _known_share(groups)
+    if outer > inner:
+        return parent, "nested"
+    if inner > outer:
+        others = ", ".join(g.name for g in groups if g != folder)
+        logger.warning("ignoring %s in %s: only %s holds folders named like cell classes; give "
+                       "another folder as the data source to read it", others, parent, folder.name)
+        return folder, "class"
+    raise LayoutError(
+        f"ambiguous layout under {parent}: {', '.join(g.name for g in groups)} each hold "
+        "folders of images, and neither level is named like cell classes; arrange the images "
+        "as <class>/<image>")
+
+
 def _is_outside_link(path: Path, root: Path) -> bool:
     return path.is_symlink() and not path.resolve().is_relative_to(root.resolve())
 
 
-def _class_candidates(folder: Path, source_split: str, root: Path) -> Iterator[Candidate]:
+def _class_candidates(folder: Path, source_split: str, root: Path, nested: bool = False
+                      ) -> Iterator[Candidate]:
     prefix = f"{source_split}/" if source_split else ""
+    holds = _holds_image_folders if nested else _has_images
     stray = sorted(p.name for p in folder.iterdir()
-                   if p.is_file() or (p.is_dir() and not _has_images(p)))
+                   if p.is_file() or (p.is_dir() and not p.is_symlink() and not holds(p)))
     if stray:
         logger.warning("ignoring %s in %s: not class folders of images", ", ".join(stray), folder)
+    for link in _linked_dirs(folder):
+        if _is_outside_link(link, root):
+            logger.warning("skipping %s: a symbolic link pointing outside %s", link, root)
+        else:
+            logger.warning("skipping %s: a symbolic link to a folder (never followed)", link)
     for class_dir in _visible_dirs(folder):
-        if not _has_images(class_dir):
+        if not holds(class_dir):
             continue
         label = _checked_name(class_dir, root, normalize_label, "class folder ")
         if label is None:
@@ -144,8 +201,8 @@ def _file_candidates(class_dir: Path, label: str, source_split: str, prefix: str
 def scan_layout(root: Path) -> tuple[list[Candidate], str]:
     """List every candidate image of the layout found under ``root`` and the layout's kind."""
     folder, layout = find_layout(root)
-    if layout == "class":
-        candidates = list(_class_candidates(folder, "", root))
+    if layout != "split":
+        candidates = list(_class_candidates(folder, "", root, nested=layout == "nested"))
     else:
         candidates = []
         for split_dir in _visible_dirs(folder):
@@ -161,7 +218,7 @@ def labelled_files(location: Path) -> list[Candidate]:
     """The images of a labelled set: a folder in either layout, or a ``manifest.csv`` beside its
     ``images/`` folder (what ``evaluate.external`` scores and ``data.exclude`` holds out)."""
     if location.suffix == ".csv":
-        rows = pd.read_csv(location, keep_default_na=False, dtype=str)
+        rows = read_csv(location, dtype=str)
         root = location.parent / "images"
         return [Candidate(root / path, normalize_label(label), "", path)
                 for path, label in zip(rows["path"], rows["label"], strict=True)]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, process_pool
 from pipeline.io import atomic_path, opencv_threads
 from pipeline.sources.labels import PBC_CLASSES
 
@@ -663,7 +662,7 @@ def generate_dataset(out_dir: Path, images_per_class: int, seed: int = 0,
         raise InputError(f"images_per_class must be at least 1, got {images_per_class}")
     out_dir = Path(out_dir)
     workers = workers or os.cpu_count() or 1
-    with atomic_path(out_dir) as staging:
+    with atomic_path(out_dir, mark_folder=False) as staging:  # a data set, not an output
         for label in classes:
             (staging / label).mkdir(parents=True)
         jobs = [(staging, label, index, seed, size)
@@ -675,7 +674,7 @@ def generate_dataset(out_dir: Path, images_per_class: int, seed: int = 0,
                     progress.update()
             else:
                 # One OpenCV thread per process: the processes already occupy every core.
-                with opencv_threads(1), ProcessPoolExecutor(workers) as pool:
+                with opencv_threads(1), process_pool(workers) as pool:
                     for _ in pool.map(_write_example, jobs, chunksize=8):
                         progress.update()
     return sorted(out_dir / _relative_path(label, index)

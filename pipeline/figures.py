@@ -1,0 +1,33 @@
+"""Matplotlib without global state: figures drawn on their own Agg canvas, never through pyplot.
+
+No backend is chosen and no rcParam is set, so importing the library changes nothing in the
+host's matplotlib; text that comes from data (class and model names) is escaped so that a ``$``
+in it is printed, not parsed as mathtext.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def new_figure(size: tuple[float, float]) -> Figure:
+    """An empty figure of ``size`` inches, with its own Agg canvas (no pyplot, no backend)."""
+    figure = Figure(figsize=size)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def plain_text(text: str) -> str:
+    """``text`` shown as it is: every ``$`` escaped, so none starts mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+def save_figure(figure: Figure, path: Path, dpi: int = 110, tight: bool = True) -> None:
+    """Write ``figure`` as PNG to ``path`` (its folder created), laid out tightly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if tight:
+        figure.tight_layout()
+    figure.savefig(path, dpi=dpi, bbox_inches="tight")

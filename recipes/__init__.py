@@ -1,0 +1,1 @@
+"""Recipe files (``recipes/<name>.yaml``) and the command that applies them (``recipes.apply``)."""
