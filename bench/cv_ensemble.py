@@ -50,7 +50,7 @@ from pipeline.io import load_params, read_csv, read_json
 from pipeline.model_files import MODEL_FILE, write_fold_average, write_spec
 from pipeline.split import fold_count
 
-CV, SPLIT = Path("data/cv"), Path("data/split/folds")
+CV, SPLIT = Path("data/cv"), Path("data/folds")
 IMAGES, MASKS = Path("data/raw/images"), Path("data/masks")
 
 

@@ -114,7 +114,8 @@ def training_record(root: Path) -> dict[str, Any]:
 
 def test_record(root: Path) -> dict[str, Any]:
     """The evaluate stage's test metrics, with their 95% bootstrap intervals."""
-    metrics = read_json(root / "metrics" / MODEL / "eval.json")
+    metrics = read_json(root / "metrics" / MODEL / "eval.json")  # quality figures
+    metrics |= read_json(root / "resources" / MODEL / "eval.json")  # intervals, counts, settings
     keys = ("accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "balanced_accuracy",
             "macro_f1", "images", "tta", "attention_in_cell")
     return {k: metrics.get(k) for k in keys}

@@ -53,7 +53,7 @@ def recalls(report: Path) -> dict[str, float | None]:
 def collect(root: Path = Path(".")) -> dict[str, Any]:
     """The figures one evaluated experiment left in the workspace."""
     test = read_json(root / "metrics" / MODEL / "eval.json")
-    external = read_json(root / "metrics" / MODEL / "external.json")[EXTERNAL]
+    external = test["external"][EXTERNAL]
     train = read_json(root / "metrics" / MODEL / "train.json")
     return {
         "backbone": train["backbone"], "image_size": train["image_size"],

@@ -50,13 +50,14 @@ def pick_threshold(probabilities: np.ndarray, labels: np.ndarray, target_accurac
 
 
 def at_threshold(probabilities: np.ndarray, labels: np.ndarray, threshold: float | None
-                 ) -> dict[str, float]:
-    """Coverage and accuracy of the predictions kept at ``threshold`` (None keeps nothing)."""
+                 ) -> dict[str, Any]:
+    """Coverage and accuracy of the predictions kept at ``threshold`` (None keeps nothing);
+    the accuracy of no kept prediction is None (undefined), not NaN."""
     kept = (probabilities.max(1) >= threshold if threshold is not None
             else np.zeros(len(labels), bool))
     correct = probabilities.argmax(1) == labels
     return {"coverage": float(kept.mean()),
-            "accuracy": float(correct[kept].mean()) if kept.any() else float("nan"),
+            "accuracy": float(correct[kept].mean()) if kept.any() else None,
             "kept": int(kept.sum()), "referred": int((~kept).sum())}
 
 
@@ -114,8 +115,8 @@ def risk_coverage_png(curves: dict[str, pd.DataFrame], summary: dict[str, Any], 
         axis.step(curve["coverage"], curve["accuracy"], where="post", label=name)
     axis.axhline(summary["target_accuracy"], color="grey", linestyle=":",
                  label=f"target {summary['target_accuracy']:.3f}")
-    if summary["threshold"] is not None:
-        test = summary["test"]
+    test = summary["test"] if summary["threshold"] is not None else {"accuracy": None}
+    if test["accuracy"] is not None:
         axis.plot([test["coverage"]], [test["accuracy"]], "o", color="red",
                   label=f"test at p >= {summary['threshold']:.3f}: "
                         f"{test['coverage']:.1%} kept, acc. {test['accuracy']:.3f}")

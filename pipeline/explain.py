@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from pipeline.data import Preprocess, eval_transform, load_masks
 from pipeline.device import select_device
-from pipeline.figures import new_figure, plain_text, save_figure
+from pipeline.figures import model_title, new_figure, plain_text, save_figure
 from pipeline.io import write_csv
 from pipeline.masks import MaskParams
 from pipeline.models import load_model_file
@@ -220,7 +220,8 @@ def explain_checkpoint(checkpoint_path: Path, files: list[Path], out_dir: Path,
     for page, start in enumerate(range(0, len(good), per_page), start=1):
         picks = list(range(start, min(start + per_page, len(good))))
         figure_for(images, localised, attention, picks, names, probabilities.max(1), None,
-                   f"{model_file.name}: where the model looks (attention rollout, Grad-CAM)",
+                   f"{model_title(model_file.name, model_file.summary)}: where the model looks "
+                   "(attention rollout, Grad-CAM)",
                    out_dir / ("explain.png" if page == 1 else f"explain_{page}.png"))
     return rows
 

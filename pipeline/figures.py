@@ -7,7 +7,9 @@ in it is printed, not parsed as mathtext.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -23,6 +25,14 @@ def new_figure(size: tuple[float, float]) -> Figure:
 def plain_text(text: str) -> str:
     """``text`` shown as it is: every ``$`` escaped, so none starts mathtext."""
     return str(text).replace("$", r"\$")
+
+
+def model_title(name: str, training: Mapping[str, Any]) -> str:
+    """A model's name as figure titles show it: marked when its training record (``weight_source``)
+    says it was trained from random weights, so that no figure of it passes for a pretrained
+    model's."""
+    random_init = str(training.get("weight_source", "")).startswith("random-init")
+    return f"{name} (random init)" if random_init else name
 
 
 def save_figure(figure: Figure, path: Path, dpi: int = 110, tight: bool = True) -> None:

@@ -11,18 +11,24 @@ JSON does not either, and nothing downstream reruns. The identity is
   folder costs a directory walk, not a read of every image;
 - a remote archive: its URL and pinned sha256 (the download verifies it);
 - generated data: the generator's settings.
+
+The ``external`` stage does the same for the sets that evaluations score (``evaluate.external``,
+``evaluate.dataset`` and the folders of ``evaluate.adapt``): an edited set reruns the evaluations
+and nothing upstream of them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
 from pipeline.io import read_json, write_json
 from pipeline.sources import (
     REMOTE_SOURCES,
@@ -31,6 +37,10 @@ from pipeline.sources import (
     local_source,
     sha256_file,
 )
+
+
+class EvaluationSetError(PipelineError, ValueError):
+    """An evaluation set's location that cannot be fingerprinted (it holds the project)."""
 
 
 def _file_hashes(root: Path, cache_file: Path) -> dict[str, dict[str, Any]]:
@@ -82,12 +92,42 @@ def _content_identity(path: Path, cache_dir: Path) -> dict[str, Any]:
             "sha256": digest}
 
 
+def _set_identity(path: Path, cache_dir: Path) -> dict[str, Any]:
+    """The content of a set: a folder's, or a ``manifest.csv``'s folder's (its ``images/``)."""
+    return _content_identity(path.parent if path.suffix == ".csv" else path, cache_dir)
+
+
 def _exclude_identity(locations: tuple[str, ...], cache_dir: Path) -> dict[str, Any]:
     """The content of the ``data.exclude`` sets (a manifest's: its folder's), nothing when there
     are none."""
     if not locations:
         return {}
-    folders = {location: exclude_path(location) for location in locations}
-    return {"exclude": {location: _content_identity(
-        path.parent if path.suffix == ".csv" else path, cache_dir)
-        for location, path in folders.items()}}
+    return {"exclude": {location: _set_identity(exclude_path(location), cache_dir)
+                        for location in locations}}
+
+
+def _evaluation_set_identity(key: str, location: str, cache_dir: Path) -> dict[str, Any]:
+    """A set's content, or ``{"found": false}`` for anything but a folder or a ``.csv`` file
+    (the evaluation that reads it says what is wrong; a pipe is never opened)."""
+    path = Path(location).expanduser()
+    if location.strip() and Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise EvaluationSetError(f"{key} {location!r} is the project folder or holds it: its "
+                                 "outputs are no data set; name the images' own folder")
+    if not location.strip() or not (path.is_dir() or (path.suffix == ".csv" and path.is_file())):
+        return {"found": False}
+    return _set_identity(path, cache_dir)
+
+
+def evaluation_sets_fingerprint(external: Iterable[str], dataset: str | None,
+                                adapt: Mapping[str, str], cache_dir: Path) -> dict[str, Any]:
+    """What identifies the content of every set an evaluation reads besides the pipeline's own
+    split: ``evaluate.external``, ``evaluate.dataset`` and ``evaluate.adapt``'s folders, hashed
+    as ``data.source`` is (see the module docstring)."""
+    return {
+        "external": {location: _evaluation_set_identity("evaluate.external", location, cache_dir)
+                     for location in external},
+        "dataset": (_evaluation_set_identity("evaluate.dataset", dataset, cache_dir)
+                    if dataset else None),
+        "adapt": {name: _evaluation_set_identity(f"evaluate.adapt.{name}", folder, cache_dir)
+                  for name, folder in adapt.items()},
+    }

@@ -24,6 +24,8 @@ from pipeline.io import atomic_path, decode_image, opencv_threads, write_csv
 logger = logging.getLogger(__name__)
 
 STATUSES = ("ok", "fallback", "whole-image", "empty")
+CHECKS = ("area", "solidity", "border", "red-cell", "nucleus-only")  # what stats.csv flags
+FLAGGED_ROW = "flagged / any class"  # the gallery's row of failing masks (no folder's name)
 
 
 @dataclass(frozen=True)
@@ -48,13 +50,30 @@ class MaskParams:
 
 
 @dataclass(frozen=True)
+class MaskChecks:
+    """Bounds of the quality checks a mask is flagged by (``CHECKS``); a flagged mask is kept as
+    it is (training reads it unchanged), named in ``stats.csv`` and drawn red in the gallery."""
+
+    min_area: float = 0.01            # of the image: less is not even a platelet clump
+    max_area: float = 0.6             # more: the mask holds much beside the cell
+    min_solidity: float = 0.85        # mask / convex hull area: ragged, or grown into a neighbour
+    max_red_cell_share: float = 0.05  # of the mask, red cells' colour beyond the cytoplasm's reach
+    max_nucleus_share: float = 0.9    # of the mask, nucleus prior: no cytoplasm around it
+
+
+@dataclass(frozen=True)
 class MaskInfo:
-    """What happened to one image's mask, as recorded in ``stats.csv``."""
+    """What happened to one image's mask and how it fares in the checks, as in ``stats.csv``."""
 
     status: str
     area_fraction: float
     centroid_offset: float
     components: int
+    solidity: float = float("nan")
+    touches_border: bool = False
+    red_cell_share: float = 0.0
+    nucleus_share: float = float("nan")
+    failed_checks: str = ""   # the ``CHECKS`` it fails, joined by ";" ("" when none)
 
 
 def disk(radius: int) -> np.ndarray:
@@ -123,6 +142,68 @@ def _status(mask: np.ndarray, params: MaskParams) -> str:
     return "ok"
 
 
+def _solidity(mask: np.ndarray) -> float:
+    """The mask's pixels over its convex hull's (NaN when empty)."""
+    points = cv2.findNonZero(mask.astype(np.uint8))
+    if points is None:
+        return float("nan")
+    hull = np.zeros(mask.shape, np.uint8)
+    cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
+    return float(min(1.0, mask.sum() / max(int(hull.sum()), 1)))
+
+
+def _touches_border(mask: np.ndarray, border_px: int) -> bool:
+    """Whether the mask reaches the band GrabCut keeps as background (or the edge itself)."""
+    band = max(border_px, 0) + 1
+    return bool(mask[:band].any() or mask[-band:].any() or mask[:, :band].any()
+                or mask[:, -band:].any())
+
+
+def red_cell_share(rgb: np.ndarray, mask: np.ndarray, prior: np.ndarray, reach_px: int
+                   ) -> float:
+    """Share of the mask farther than ``reach_px`` from the nucleus prior (beyond the
+    cytoplasm GrabCut was seeded with) in the red cells' colour, learnt from the image itself:
+    outside the (dilated) mask, the pixels more saturated than Otsu's split of that region are
+    red cells (the rest is the pale background); a mask pixel within two standard deviations of
+    their mean Lab colour, on every channel, counts. 0 without red cells around. (Pale pink
+    cytoplasm has red cells' colour too: only its distance from the nucleus tells them apart.)
+    """
+    outside = ~cv2.dilate(mask.astype(np.uint8), disk(3)).astype(bool) & ~prior
+    if not mask.any() or outside.sum() < 50:
+        return 0.0
+    saturation = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+    split, _ = cv2.threshold(saturation[outside].reshape(-1, 1), 0, 255,
+                             cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    red_cells = outside & (saturation > split)
+    far = cv2.distanceTransform((~prior).astype(np.uint8), cv2.DIST_L2, 3) > reach_px
+    body = mask & far
+    if red_cells.sum() < 0.02 * outside.sum() or not body.any():
+        return 0.0
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    reference, spread = lab[red_cells].mean(0), np.maximum(lab[red_cells].std(0), 4.0)
+    alike = (np.abs(lab[body] - reference) / spread).max(1) < 2.0
+    return float(alike.sum() / mask.sum())
+
+
+def check_mask(rgb: np.ndarray, mask: np.ndarray, prior: np.ndarray, params: MaskParams,
+               checks: MaskChecks = MaskChecks()) -> dict[str, Any]:
+    """The measures behind ``CHECKS`` for a boolean ``mask`` of ``rgb`` at the size it was
+    computed (``prior``: its nucleus prior), and the checks it fails (``failed_checks``, joined
+    by ";")."""
+    area = float(mask.mean())
+    measures = {"solidity": _solidity(mask),
+                "touches_border": _touches_border(mask, params.border_px),
+                "red_cell_share": red_cell_share(rgb, mask, prior, params.cytoplasm_px),
+                "nucleus_share": (float((prior & mask).sum() / mask.sum()) if mask.any()
+                                  else float("nan"))}
+    failed = {"area": not checks.min_area <= area <= checks.max_area,
+              "solidity": measures["solidity"] < checks.min_solidity,
+              "border": measures["touches_border"],
+              "red-cell": measures["red_cell_share"] > checks.max_red_cell_share,
+              "nucleus-only": measures["nucleus_share"] > checks.max_nucleus_share}
+    return measures | {"failed_checks": ";".join(name for name in CHECKS if failed[name])}
+
+
 def compute_mask(rgb: np.ndarray, params: MaskParams) -> tuple[np.ndarray, MaskInfo]:
     """Return the uint8 0/255 mask of the central white cell (same size as ``rgb``) and its info.
 
@@ -150,17 +231,19 @@ def compute_mask(rgb: np.ndarray, params: MaskParams) -> tuple[np.ndarray, MaskI
     full = cv2.resize(mask.astype(np.uint8) * 255, (width, height),
                       interpolation=cv2.INTER_LINEAR)
     full = np.where(full >= 128, 255, 0).astype(np.uint8)
-    return full, _describe(full, status, components)
+    checked = check_mask(small, mask.astype(bool), prior, params)
+    return full, _describe(full, status, components, checked)
 
 
-def _describe(mask: np.ndarray, status: str, components: int) -> MaskInfo:
+def _describe(mask: np.ndarray, status: str, components: int, checked: dict[str, Any]
+              ) -> MaskInfo:
     height, width = mask.shape
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
-        return MaskInfo(status, 0.0, float("nan"), components)
+        return MaskInfo(status, 0.0, float("nan"), components, **checked)
     offset = np.hypot(xs.mean() - (width - 1) / 2, ys.mean() - (height - 1) / 2)
     return MaskInfo(status, float(len(xs) / mask.size), float(offset / np.hypot(width, height)),
-                    components)
+                    components, **checked)
 
 
 def mask_path(masks_dir: Path, image_relative: str) -> Path:
@@ -188,6 +271,7 @@ def build_masks(manifest: pd.DataFrame, images_dir: Path, out_dir: Path, params:
             rows = list(tqdm(pool.map(_mask_one, jobs, chunksize=16), total=len(jobs),
                              desc="masks", unit="img"))
         stats = pd.DataFrame(rows).merge(manifest[["path", "label"]], on="path")
+        stats["failed_checks"] = stats["failed_checks"].fillna("")
         write_csv(tmp / "stats.csv", stats)
         picture = nullcontext(tmp / "gallery.png") if gallery is None else atomic_path(gallery)
         with picture as picture_path:
@@ -196,18 +280,47 @@ def build_masks(manifest: pd.DataFrame, images_dir: Path, out_dir: Path, params:
     logger.info("masks: %s", ", ".join(f"{n} {s}" for s, n in counts.items()))
     if counts["empty"]:
         logger.warning("%d images have an empty mask (listed in stats.csv)", counts["empty"])
+    log_flagged(stats)
     return stats
 
 
+def log_flagged(stats: pd.DataFrame) -> None:
+    """Log the share of masks failing a check (``stats.csv``'s ``failed_checks``), and by check."""
+    failed = stats["failed_checks"].fillna("").astype(str)
+    by_check = {name: int(failed.str.split(";").map(lambda names, n=name: n in names).sum())
+                for name in CHECKS}
+    logger.info("mask checks: %d of %d masks flagged (%.1f%%): %s", (failed != "").sum(),
+                len(stats), 100 * (failed != "").mean() if len(stats) else 0.0,
+                ", ".join(f"{n} {name}" for name, n in by_check.items()))
+
+
 def gallery_sample(stats: pd.DataFrame, per_class: int, seed: int) -> dict[str, pd.DataFrame]:
-    """A seeded random sample of up to ``per_class`` rows of each class, in path order."""
-    return {label: rows.sample(min(per_class, len(rows)), random_state=seed).sort_values("path")
-            for label, rows in stats.groupby("label", sort=True)}
+    """A seeded random sample of up to ``per_class`` rows of each class, in path order, and
+    (as ``FLAGGED_ROW``) of the masks failing a check, when any does."""
+    samples = {label: rows.sample(min(per_class, len(rows)), random_state=seed)
+               .sort_values("path") for label, rows in stats.groupby("label", sort=True)}
+    if "failed_checks" in stats:
+        flagged = stats[stats["failed_checks"].fillna("").astype(str) != ""]
+        if len(flagged):
+            samples[FLAGGED_ROW] = flagged.sample(min(per_class, len(flagged)),
+                                                random_state=seed).sort_values("path")
+    return samples
+
+
+def tile_label(row: Any) -> tuple[str, bool]:
+    """A gallery tile's caption (the mask's status, or the checks it fails) and whether it shows
+    a failure (drawn red)."""
+    failed = str(getattr(row, "failed_checks", "") or "")
+    failed = "" if failed == "nan" else failed
+    words = ([] if row.status == "ok" and failed else [row.status]) + (
+        [f"flagged: {failed.replace(';', ', ')}"] if failed else [])
+    return "\n".join(words), bool(failed) or row.status != "ok"
 
 
 def draw_gallery(stats: pd.DataFrame, images_dir: Path, masks_dir: Path, out_path: Path,
                  per_class: int = 6, seed: int = 0) -> None:
-    """Save a grid: one row per class (a seeded random sample), each mask outlined in green.
+    """Save a grid: one row per class (a seeded random sample) and one of masks failing a
+    check, each mask outlined in green and captioned with its status and failed checks (red).
 
     Drawn on its own figure and canvas (no pyplot state, no backend switch); class names are
     plain text, never mathtext (a class folder named ``a$^^$`` is a name, not a formula).
@@ -229,11 +342,16 @@ def draw_gallery(stats: pd.DataFrame, images_dir: Path, masks_dir: Path, out_pat
             contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
             cv2.drawContours(image, contours, -1, (0, 220, 0), max(2, image.shape[0] // 120))
             ax.imshow(image)
-            ax.set_title(pick.status, fontsize=8, color="black" if pick.status == "ok" else "red",
+            caption, failing = tile_label(pick)
+            if label == FLAGGED_ROW:
+                caption = f"{pick.label}: {caption}"
+            ax.set_title(caption, fontsize=7, color="red" if failing else "black",
                          parse_math=False)
         row[0].text(-0.08, 0.5, label, transform=row[0].transAxes, rotation=90, ha="right",
                     va="center", fontsize=11, fontweight="bold", parse_math=False)
-    fig.suptitle(f"Cell masks (green outline) by class: {per_class} drawn at random (seed {seed})",
-                 fontsize=13)
+    fig.suptitle(f"Cell masks (green outline) by class: {per_class} drawn at random (seed {seed});"
+                 f"\nred: fails a check ({', '.join(CHECKS)}); the masks failing one in the "
+                 f"row '{FLAGGED_ROW}'",
+                 fontsize=12)
     fig.tight_layout()
     fig.savefig(out_path, dpi=90, format="png")

@@ -153,7 +153,7 @@ def _abstention_lines(abstention: dict[str, Any] | None) -> list[str]:
     return [f"Threshold **p >= {abstention['threshold']:.4f}** (calibrated top-1 probability), "
             f"the lowest reaching {abstention['target_accuracy']:.3f} accuracy on the "
             f"validation split. On test it keeps **{test['coverage']:.1%}** of the images "
-            f"({test['kept']}) at accuracy **{test['accuracy']:.4f}** and refers "
+            f"({test['kept']}) at accuracy **{_accuracy(test['accuracy'])}** and refers "
             f"{test['referred']} to a person. `wbc predict --abstain` marks those `review`, "
             "wherever it runs: it finds this evaluation by the model's path, and ONNX exports "
             "and ensemble files carry the threshold. Curve: `figures/risk_coverage.png`."]
@@ -248,3 +248,8 @@ def write_model_card(summary_path: Path, dest: Path) -> None:
     """Render ``MODEL_CARD.md`` from a ``summary.json``."""
     with atomic_path(dest) as tmp:
         tmp.write_text(render_card(read_json(summary_path)), encoding="utf-8")
+
+
+def _accuracy(value: float | None) -> str:
+    """An accuracy to four places; "undefined" where no image was kept."""
+    return "undefined (no image kept)" if value is None else f"{value:.4f}"

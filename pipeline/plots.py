@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from sklearn.metrics import ConfusionMatrixDisplay, auc
+from sklearn.metrics import auc, confusion_matrix
 
 from pipeline.figures import new_figure, plain_text, save_figure
 
@@ -21,16 +21,22 @@ def _save(fig: Figure, path: Path) -> None:
 
 def confusion_matrix_png(labels: np.ndarray, predicted: np.ndarray, classes: list[str],
                          title: str, path: Path) -> None:
-    """Row-normalised confusion matrix with class names and percentages."""
+    """Confusion matrix with class names: each cell holds its count of images and its share of
+    the row (the true class), shaded by that share."""
+    counts = confusion_matrix(labels, predicted, labels=np.arange(len(classes)))
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     fig = new_figure((1.0 * len(classes) + 3, 1.0 * len(classes) + 2.5))
     ax = fig.subplots()
-    ConfusionMatrixDisplay.from_predictions(
-        labels, predicted, labels=np.arange(len(classes)),
-        display_labels=[plain_text(name) for name in classes],
-        normalize="true", values_format=".0%", cmap="Blues", colorbar=False, ax=ax)
-    ax.set_title(plain_text(f"{title}\nconfusion matrix (rows: true class, normalised)"))
-    for label in ax.get_xticklabels():
-        label.set(rotation=45, ha="right")
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (row, column), count in np.ndenumerate(counts):
+        ax.text(column, row, f"{count}\n{shares[row, column]:.0%}", ha="center", va="center",
+                fontsize=8, color="white" if shares[row, column] > 0.5 else "black")
+    names = [plain_text(name) for name in classes]
+    ax.set_xticks(np.arange(len(classes)), names, rotation=45, ha="right")
+    ax.set_yticks(np.arange(len(classes)), names)
+    ax.set(xlabel="predicted class", ylabel="true class")
+    ax.set_title(plain_text(f"{title}\nconfusion matrix: images and share of the true class"))
     _save(fig, path)
 
 

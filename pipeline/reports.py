@@ -2,9 +2,11 @@
 
 Writes, into one evaluation folder: ``report.csv`` (per class), ``predictions.csv`` (probability
 of every class per image), ``summary.json`` (the row of the comparison table), DVC plot data
-(``roc.csv``, ``precision_recall.csv``, ``reliability.csv``) and PNG figures (``figures/``); and the
-headline numbers to ``metrics/<model>/eval.json`` for ``dvc metrics diff``. Nothing here scores a
-model: it writes out a :class:`~pipeline.eval_sets.Scored`.
+(``roc.csv``, ``precision_recall.csv``, ``reliability.csv``) and PNG figures (``figures/``); the
+quality figures a reviewer compares (``QUALITY_KEYS``, external sets nested by name) to
+``metrics/<model>/eval.json`` for ``dvc metrics show/diff``, and everything else the evaluation
+records (intervals, counts, temperature, throughput, device) to a plain record file beside it.
+Nothing here scores a model: it writes out a :class:`~pipeline.eval_sets.Scored`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_
 
 from pipeline import abstain, explain, plots
 from pipeline.eval_sets import EvaluateConfig, Scored, ScoredValidation
+from pipeline.figures import model_title
 from pipeline.io import atomic_path, decode_image, write_csv, write_json
 from pipeline.metrics import (
     CALIBRATION_BINS,
@@ -34,19 +37,31 @@ from pipeline.model_card import card_facts, write_model_card
 logger = logging.getLogger(__name__)
 
 
-RESOURCE_KEYS = ("inference_images_per_second", "device")
+# What ``dvc metrics show`` compares, per model and per external set (at most 15 columns):
+# quality figures only; intervals, counts and settings go to the record file.
+QUALITY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "cohen_kappa",
+                "roc_auc_ovr", "ece", "attention_in_cell", "gradcam_in_cell", "abstain_coverage",
+                "abstain_accuracy", "restricted_accuracy", "restricted_balanced_accuracy",
+                "restricted_macro_f1")
+
+
+def quality_metrics(headline: dict[str, Any]) -> dict[str, Any]:
+    """The ``QUALITY_KEYS`` that ``headline`` holds, in that order (a DVC metrics file's)."""
+    return {key: headline[key] for key in QUALITY_KEYS if key in headline}
 
 
 def write_evaluation(scored: Scored, out_dir: Path, metrics_path: Path, config: EvaluateConfig,
-                     resources_path: Path | None = None, raw_dir: Path | None = None,
+                     record_path: Path | None = None, raw_dir: Path | None = None,
                      external: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compute metrics and write every evaluation output (see the module docstring).
 
-    Throughput and device go to ``resources_path`` (default: ``eval_resources.json`` beside the
-    metrics), not to the metrics, so that metric diffs show quality only; with ``raw_dir`` (the
-    ingested training data) the model card names its provenance; ``external`` (summaries of
-    other data sets, by name) goes beside the test results in ``summary.json`` and the card, and
-    their metrics to ``external.json`` beside ``metrics_path``."""
+    ``metrics_path`` gets the quality figures only (``quality_metrics``), with ``external``'s
+    (summaries of other data sets, by name) under ``"external"`` by set name; the rest of the
+    headline (intervals, counts, temperature, throughput, device) goes to ``record_path``
+    (default: ``eval_record.json`` beside the metrics), so that metric diffs show quality only.
+    With ``raw_dir`` (the ingested training data) the model card names its provenance;
+    ``external`` goes beside the test results in ``summary.json`` and the card too. Returns the
+    whole headline."""
     classes, data = scored.classes, scored.data
     index = {label: i for i, label in enumerate(classes)}
     labels = np.array([index[label] for label in data.labels])
@@ -61,9 +76,12 @@ def write_evaluation(scored: Scored, out_dir: Path, metrics_path: Path, config: 
         _write_figures(scored, labels, predicted, headline, plot_data, figures, config)
         if abstention:
             write_csv(out_dir / "risk_coverage.csv", curves["test"])
-            abstain.risk_coverage_png(curves, abstention, scored.name,
-                                      figures / "risk_coverage.png")
-            headline |= {f"abstain_{k}": abstention["test"][k] for k in ("coverage", "accuracy")}
+            abstain.risk_coverage_png(
+                curves, abstention,
+                f"{figure_name(scored)}: accuracy vs share classified automatically",
+                figures / "risk_coverage.png")
+            headline |= {f"abstain_{k}": abstention["test"][k] for k in ("coverage", "accuracy")
+                         if abstention["test"][k] is not None}
             headline["abstain_threshold"] = abstention["threshold"]
     write_json(out_dir / "summary.json", {
         "model": scored.name, "metrics": headline, "training": scored.training,
@@ -73,12 +91,13 @@ def write_evaluation(scored: Scored, out_dir: Path, metrics_path: Path, config: 
                            scored.training_data),
         "external": external or {}})
     write_model_card(out_dir / "summary.json", out_dir / "MODEL_CARD.md")
-    write_json(metrics_path, {k: v for k, v in headline.items() if k not in RESOURCE_KEYS})
-    if external is not None:
-        write_json(metrics_path.with_name("external.json"),
-                   {set_name: summary["metrics"] for set_name, summary in external.items()})
-    write_json(resources_path or metrics_path.with_name("eval_resources.json"),
-               {k: headline[k] for k in RESOURCE_KEYS})
+    quality = quality_metrics(headline)
+    if external:
+        quality["external"] = {set_name: quality_metrics(summary["metrics"])
+                               for set_name, summary in external.items()}
+    write_json(metrics_path, quality)
+    write_json(record_path or metrics_path.with_name("eval_record.json"),
+               {k: v for k, v in headline.items() if k not in QUALITY_KEYS})
     logger.info("%s: accuracy %.4f, macro-F1 %.4f, ECE %.4f (uncalibrated %.4f) on %d images",
                 scored.name, headline["accuracy"], headline["macro_f1"], headline["ece"],
                 headline["ece_uncalibrated"], len(labels))
@@ -187,12 +206,17 @@ def _restricted_confusion_png(scored: Scored, labels: np.ndarray, headline: dict
     only (the ``restricted_*`` scores)."""
     present = np.unique(labels)
     predicted = restricted_predictions(labels, scored.probabilities)
-    title = (f"{scored.name}, answering among the {len(present)} classes present\n"
+    title = (f"{figure_name(scored)}, answering among the {len(present)} classes present\n"
              f"accuracy {headline['restricted_accuracy']:.3f}, macro-F1 "
              f"{headline['restricted_macro_f1']:.3f} ({len(labels)} images)")
     plots.confusion_matrix_png(np.searchsorted(present, labels),
                                np.searchsorted(present, predicted),
                                [scored.classes[i] for i in present], title, path)
+
+
+def figure_name(scored: Scored) -> str:
+    """The model's name as figure titles show it (``(random init)`` when it is)."""
+    return model_title(scored.name, scored.training)
 
 
 def _thumbnail(path: Path, size: int = 200) -> np.ndarray:
@@ -204,7 +228,7 @@ def _thumbnail(path: Path, size: int = 200) -> np.ndarray:
 def _write_figures(scored: Scored, labels: np.ndarray, predicted: np.ndarray,
                    headline: dict[str, Any], plot_data: dict[str, pd.DataFrame], figures: Path,
                    config: EvaluateConfig) -> None:
-    classes, data, name = scored.classes, scored.data, scored.name
+    classes, data, name = scored.classes, scored.data, figure_name(scored)
     probabilities = scored.probabilities
     title = (f"{name}: accuracy {headline['accuracy']:.3f}, macro-F1 {headline['macro_f1']:.3f}"
              f" ({len(labels)} images)")
@@ -213,7 +237,8 @@ def _write_figures(scored: Scored, labels: np.ndarray, predicted: np.ndarray,
         _restricted_confusion_png(scored, labels, headline, figures / "confusion_restricted.png")
     plots.curves_png(plot_data["roc"], plot_data["precision_recall"], classes, title,
                      figures / "roc_pr.png")
-    plots.reliability_png(plot_data["reliability"], CALIBRATION_BINS, headline["ece"], name,
+    plots.reliability_png(plot_data["reliability"], CALIBRATION_BINS, headline["ece"],
+                          f"{name}, temperature {scored.temperature:.3g}",
                           figures / "reliability.png")
     wrong = np.nonzero(predicted != labels)[0]
     worst = wrong[np.argsort(-probabilities[wrong].max(1))][: config.mistakes]

@@ -183,10 +183,9 @@ def _check_every_part(manifest: pd.DataFrame, part: pd.Series, context: str = ""
 
 @dataclass(frozen=True)
 class SplitResult:
-    """The split's parts, its cross-validation folds (empty when off) and a summary."""
+    """The split's parts (each image with its leakage ``group``) and a summary."""
 
     parts: dict[str, pd.DataFrame]
-    folds: list[dict[str, pd.DataFrame]]
     summary: dict[str, Any]
 
 
@@ -212,7 +211,7 @@ def _counts(parts: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
 class SplitConfig:
     """How to split (``params.yaml: split``)."""
 
-    folds: tuple[int, ...] = ()  # cross-validation fold ids 0..K-1; () off
+    folds: tuple[int, ...] = ()  # cross-validation fold ids 0..K-1; () off (fold_dataset's)
     val: float = 0.15
     test: float = 0.15
     seed: int = 42
@@ -225,20 +224,18 @@ class SplitConfig:
 
 
 def split_dataset(manifest: pd.DataFrame, images_dir: Path, config: SplitConfig) -> SplitResult:
-    """Split a manifest as ``config`` says, and into folds when it asks for them."""
-    folds = len(config.folds)  # checked by SplitConfig
+    """Split a manifest as ``config`` says (its ``folds`` are :func:`fold_dataset`'s). Every row
+    keeps its leakage group, in a ``group`` column, so that folds deal out the same groups."""
     max_distance = int(config.near_duplicate_distance)
     hashes = None
     if max_distance >= 0:
         hashes = perceptual_hashes([images_dir / p for p in manifest["path"]])
     groups, links = find_groups(manifest, hashes, max_distance, config.original_id_pattern)
+    manifest = manifest.reset_index(drop=True).assign(group=groups)
     if hashes is not None:  # a trained model records them (pipeline.leakage)
         manifest = manifest.assign(phash=[phash_hex(h) for h in hashes])
     part = assign_parts(manifest, groups, config.val, config.test, config.seed)
     parts = {name: manifest[part == name].sort_values("path") for name in PARTS}
-    fold_parts = [{name: manifest[fold_part == name].sort_values("path") for name in PARTS}
-                  for fold_part in (assign_folds(manifest, groups, folds, config.val,
-                                                 config.seed) if folds else [])]
     group_sizes = pd.Series(groups).value_counts()
     summary = {
         "images": len(manifest),
@@ -246,8 +243,34 @@ def split_dataset(manifest: pd.DataFrame, images_dir: Path, config: SplitConfig)
         "groups_of_several": int((group_sizes > 1).sum()),
         "links": links,
         "counts": _counts(parts),
-        "folds": [_counts(fold) for fold in fold_parts],
     }
-    logger.info("split: %s%s", {name: len(frame) for name, frame in parts.items()},
-                f", {folds} cross-validation folds" if folds else "")
-    return SplitResult(parts, fold_parts, summary)
+    logger.info("split: %s", {name: len(frame) for name, frame in parts.items()})
+    return SplitResult(parts, summary)
+
+
+def fold_dataset(parts: dict[str, pd.DataFrame], config: SplitConfig
+                 ) -> list[dict[str, pd.DataFrame]]:
+    """The cross-validation folds that ``config.folds`` asks for (none when off) of the split's
+    images: ``parts`` as :func:`split_dataset` made them, whose ``group`` column keeps every
+    group of duplicates, near-duplicates and augmentations inside one part of each fold.
+
+    Its own stage (``folds``, into data/folds), so that turning cross-validation on or off
+    leaves data/split, and every model trained on it, untouched."""
+    folds = len(config.folds)  # checked by SplitConfig
+    if not folds:
+        return []
+    rows = pd.concat(parts.values(), ignore_index=True)
+    if "group" not in rows.columns or rows["group"].isna().any():
+        raise SplitError("the split has no leakage group for every image (a split made before "
+                         "folds were a stage of their own?): run the split stage again")
+    rows = rows.sort_values("path", ignore_index=True)
+    groups = rows["group"].to_numpy(dtype=np.int64)
+    fold_parts = [{name: rows[fold_part == name] for name in PARTS}
+                  for fold_part in assign_folds(rows, groups, folds, config.val, config.seed)]
+    logger.info("%d cross-validation folds", folds)
+    return fold_parts
+
+
+def fold_summary(fold_parts: list[dict[str, pd.DataFrame]]) -> dict[str, Any]:
+    """Images per class in each part of each fold."""
+    return {"folds": [_counts(fold) for fold in fold_parts]}

@@ -695,8 +695,10 @@ def ingested_data(raw_dir: Path) -> dict[str, Any] | None:
 
 def write_outputs(checkpoint: dict[str, Any], out_dir: Path, metrics_path: Path,
                   resources_path: Path | None = None) -> None:
-    """The checkpoint (the folder replaced atomically), the quality metrics and, apart, the
-    resources used (default: ``train_resources.json`` beside the metrics)."""
+    """The checkpoint (the folder replaced atomically), the training record (``metrics_path``:
+    epochs, validation scores, temperature, weight source, kernels; a plain output, not a DVC
+    metric, so ``dvc metrics show`` holds evaluation figures only) and, apart, the resources
+    used (default: ``train_resources.json`` beside the record)."""
     summary = checkpoint["summary"]
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)

@@ -1,8 +1,10 @@
 """Stage evaluate@<model>: score a trained model on the test split (or evaluate.dataset).
 
 ``--fold K`` (stage cv_evaluate@<model>-<K>) scores cross-validation fold K's model on that
-fold's test part, into data/cv/MODEL/K/eval. Either way every set of evaluate.external is scored
-too (``external/`` beside the test results, ``external.json`` beside ``eval.json``).
+fold's test part (data/folds/K), into data/cv/MODEL/K/eval. Either way every set of
+evaluate.external is scored too (``external/`` beside the test results; their quality figures
+nested by set name under ``external`` in ``eval.json``); the ``external`` stage's fingerprint of
+those sets reruns this stage when one changes.
 """
 
 import argparse
@@ -27,7 +29,7 @@ def main(name: str, fold: int | None = None) -> None:
         resources = Path("resources") / name / "eval.json"
         data = evaluation_set(config, split, images, masks)
     else:
-        split = Path("data/split/folds") / str(fold)
+        split = Path("data/folds") / str(fold)
         model_dir = Path("data/cv") / name / str(fold) / "train" / "model"
         out = Path("data/cv") / name / str(fold) / "eval"
         data = held_out_set(split, images, masks)

@@ -1,4 +1,8 @@
-"""Stage split: leakage-safe stratified train/val/test lists in data/split."""
+"""Stage split: leakage-safe stratified train/val/test lists in data/split.
+
+It reads every ``split`` key but ``folds``: cross-validation folds are the ``folds`` stage's, so
+that turning them on or off leaves data/split, and every model trained on it, untouched.
+"""
 
 import sys
 from pathlib import Path
@@ -10,14 +14,17 @@ from pipeline.split import SplitConfig, split_dataset
 
 
 def main() -> None:
-    config = from_params(SplitConfig, load_params()["split"], "split")
+    params = load_params()  # each key by name: dvc.yaml lists exactly these (DVC checks them)
+    config = from_params(SplitConfig, {
+        "val": params["split"]["val"], "test": params["split"]["test"],
+        "seed": params["split"]["seed"],
+        "near_duplicate_distance": params["split"]["near_duplicate_distance"],
+        "original_id_pattern": params["split"]["original_id_pattern"]}, "split")
     manifest = read_csv("data/raw/manifest.csv")
     result = split_dataset(manifest, Path("data/raw/images"), config)
     with atomic_path("data/split") as out:
-        for folder, parts in [(out, result.parts)] + [
-                (out / "folds" / str(fold), parts) for fold, parts in enumerate(result.folds)]:
-            for name, rows in parts.items():
-                write_csv(folder / f"{name}.csv", rows)
+        for name, rows in result.parts.items():
+            write_csv(out / f"{name}.csv", rows)
         write_json(out / "summary.json", result.summary)
 
 

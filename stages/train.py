@@ -1,7 +1,7 @@
 """Stage train@<model> (and cv_train@<model>-<fold>): train one attention classifier.
 
 ``python -m stages.train MODEL`` trains on the split in data/split; ``--fold K`` trains on
-cross-validation fold K (data/split/folds/K) into data/cv/MODEL/K/train.
+cross-validation fold K (data/folds/K) into data/cv/MODEL/K/train.
 """
 
 import argparse
@@ -24,7 +24,7 @@ def _outputs(name: str, fold: int | None) -> dict[str, Path]:
                 "live_dir": Path("dvclive") / name,
                 "resources_path": Path("resources") / name / "train.json"}
     run = Path("data/cv") / name / str(fold) / "train"
-    return {"split_dir": Path("data/split/folds") / str(fold), "out_dir": run / "model",
+    return {"split_dir": Path("data/folds") / str(fold), "out_dir": run / "model",
             "metrics_path": run / "train.json", "live_dir": run / "dvclive",
             "resources_path": run / "resources.json"}
 

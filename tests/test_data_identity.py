@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.fingerprint import source_fingerprint
+from pipeline.fingerprint import (
+    EvaluationSetError,
+    evaluation_sets_fingerprint,
+    source_fingerprint,
+)
 from pipeline.io import read_json
 from pipeline.sources import DataConfig, SourceError, build_raw_dataset
 from pipeline.sources.download import sha256_file
@@ -115,3 +122,75 @@ def test_exclude_keeps_another_sets_images_out(synthetic_folder, tmp_path, caplo
                                             "data.exclude sets"):
         build_raw_dataset(everything, tmp_path / "raw2", cache)
     assert not (tmp_path / "raw2").exists()
+
+
+def test_evaluation_sets_fingerprint_follows_each_sets_content(synthetic_folder, tmp_path):
+    """The external stage's identity of evaluate.external, .dataset and .adapt: the same for an
+    untouched set, changed by an edited image in any of them; a manifest is its folder."""
+    external, unlabelled = tmp_path / "external", tmp_path / "unlabelled"
+    shutil.copytree(synthetic_folder, external)
+    shutil.copytree(synthetic_folder / "monocyte", unlabelled)
+    manifest = tmp_path / "listed" / "manifest.csv"
+    (manifest.parent / "images").mkdir(parents=True)
+    shutil.copy(next(unlabelled.iterdir()), manifest.parent / "images" / "a.png")
+    manifest.write_text("path,label\na.png,monocyte\n")
+    cache = tmp_path / "cache"
+
+    def fingerprint() -> dict:
+        return evaluation_sets_fingerprint((str(external),), str(manifest),
+                                           {"lab": str(unlabelled)}, cache)
+
+    first = fingerprint()
+    assert first["external"][str(external)]["files"] == 80 and fingerprint() == first
+    assert first["dataset"]["files"] == 2  # the manifest and its images/
+    donor = sorted((synthetic_folder / "platelet").iterdir())[0].read_bytes()
+    for edited_set, image in (("external", sorted((external / "monocyte").iterdir())[0]),
+                              ("adapt", sorted(unlabelled.iterdir())[0]),
+                              ("dataset", manifest.parent / "images" / "a.png")):
+        before = fingerprint()
+        image.write_bytes(donor)  # same name, other bytes
+        after = fingerprint()
+        assert after[edited_set] != before[edited_set], edited_set
+        assert {k: v for k, v in after.items() if k != edited_set} == {
+            k: v for k, v in before.items() if k != edited_set}
+    assert evaluation_sets_fingerprint((), None, {}, cache) == {
+        "external": {}, "dataset": None, "adapt": {}}
+
+
+def test_evaluation_sets_fingerprint_of_bad_locations(tmp_path, monkeypatch):
+    """A missing set, a pipe or a plain file are recorded as not found (never opened: the
+    evaluation names the problem); the project folder or one holding it is refused."""
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "notes.txt").write_text("not a set")
+    odd = (str(tmp_path / "nowhere"), str(tmp_path / "pipe"), str(tmp_path / "notes.txt"), " ")
+    found = evaluation_sets_fingerprint(odd, str(tmp_path / "pipe"), {"lab": ""}, tmp_path / "c")
+    assert found == {"external": dict.fromkeys(odd, {"found": False}),
+                     "dataset": {"found": False}, "adapt": {"lab": {"found": False}}}
+    for location in (".", str(tmp_path), str(project)):
+        with pytest.raises(EvaluationSetError, match=r"^evaluate.adapt.lab .* holds it"):
+            evaluation_sets_fingerprint((), None, {"lab": location}, tmp_path / "c")
+
+
+def test_external_stage_writes_the_fingerprint_or_one_line(synthetic_folder, tmp_path):
+    """``python -m stages.external``: data/external_fingerprint.json for a set; for the project
+    folder as a set, exit 2 with one line and nothing written."""
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+
+    def external_stage(sets: list[str]) -> subprocess.CompletedProcess:
+        params["evaluate"]["external"] = sets
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        return subprocess.run([sys.executable, "-m", "stages.external"], cwd=tmp_path,
+                              env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True,
+                              text=True, timeout=300)
+
+    refused = external_stage(["."])
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith("error: evaluate.external '.' is the project folder")
+    assert not (tmp_path / "data").exists()
+    assert external_stage([str(synthetic_folder)]).returncode == 0
+    written = read_json(tmp_path / "data" / "external_fingerprint.json")
+    assert written["external"][str(synthetic_folder)]["files"] == 80

@@ -560,7 +560,7 @@ def test_evaluate_skips_and_counts_unreadable_images(tmp_path, checkpoint, capsy
     code, out, _ = run_wbc(["evaluate", str(checkpoint.parent), str(data), "-o",
                             str(tmp_path / "report")], capsys)
     assert code == 0 and "(8 images)" in out
-    metrics = __import__("json").loads((tmp_path / "report" / "eval.json").read_text())
+    metrics = __import__("json").loads((tmp_path / "report" / "eval_record.json").read_text())
     assert metrics["skipped_unreadable"] == 1 and metrics["images"] == 8
     code, _, err = run_wbc(["evaluate", "--strict", str(checkpoint), str(data), "-o",
                             str(tmp_path / "strict")], capsys)

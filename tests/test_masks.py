@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from pipeline import masks
 from pipeline.masks import MaskParams, compute_mask
@@ -90,3 +91,88 @@ def test_gallery_sample_is_seeded_and_random():
     other = masks.gallery_sample(stats, 6, seed=1)
     assert other["a"]["path"].tolist() != first["a"]["path"].tolist()
     assert len(masks.gallery_sample(stats.head(3), 6, seed=0)["a"]) == 3
+
+
+BACKGROUND, RED_CELL = (240, 228, 220), (215, 150, 160)
+CYTOPLASM, NUCLEUS = (225, 200, 225), (80, 40, 130)
+
+
+def _smear() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 128 px smear: pale background, red cells (one touching the white cell's right side),
+    a white cell (lilac cytoplasm, purple nucleus) in the centre; its true mask and a red cell's."""
+    image = np.full((128, 128, 3), BACKGROUND, np.uint8)
+    for centre in ((20, 20), (108, 20), (20, 108), (64, 112)):
+        cv2.circle(image, centre, 12, RED_CELL, -1)
+    cv2.circle(image, (104, 64), 12, RED_CELL, -1)
+    cv2.circle(image, (64, 64), 28, CYTOPLASM, -1)
+    cv2.circle(image, (64, 64), 14, NUCLEUS, -1)
+    cell, red_cell = (np.zeros((128, 128), np.uint8) for _ in range(2))
+    cv2.circle(cell, (64, 64), 28, 1, -1)
+    cv2.circle(red_cell, (104, 64), 12, 1, -1)
+    return image, cell.astype(bool), red_cell.astype(bool)
+
+
+def test_mask_checks_flag_each_failure_and_pass_the_true_cell():
+    image, cell, red_cell = _smear()
+    prior = masks.nucleus_prior(image, MaskParams())
+    nucleus = np.zeros_like(cell)
+    nucleus[50:79, 50:79] = True
+    nucleus &= prior
+    corner = np.zeros((128, 128), np.uint8)
+    cv2.circle(corner, (20, 64), 28, 1, -1)  # reaches past the left edge
+    corner = corner.astype(bool)
+    cross = np.zeros_like(cell)
+    cross[60:68, 30:98] = cross[30:98, 60:68] = True
+    cases = {"true cell": (cell, ""), "leak into a red cell": (cell | red_cell, "red-cell"),
+             "nucleus only": (nucleus, "nucleus-only"), "at the border": (corner, "border"),
+             "ragged": (cross, "solidity"), "empty": (np.zeros_like(cell), "area"),
+             "whole image": (np.ones_like(cell), "area;border")}
+    for name, (mask, expected) in cases.items():
+        checked = masks.check_mask(image, mask, prior, MaskParams())
+        assert checked["failed_checks"] == expected, (name, checked)
+    leak = masks.check_mask(image, cell | red_cell, prior, MaskParams())
+    assert leak["red_cell_share"] > 0.1 and leak["solidity"] < 1
+    assert masks.check_mask(image, cell, prior, MaskParams())["red_cell_share"] == 0.0
+
+
+def test_no_red_cells_in_the_image_is_no_red_cell_overlap():
+    image, cell, _ = _smear()
+    image[~cell] = BACKGROUND
+    prior = masks.nucleus_prior(image, MaskParams())
+    assert masks.red_cell_share(image, np.ones_like(cell), prior, 14) == 0.0
+
+
+def test_flagged_masks_are_named_in_stats_and_drawn_red(prepared, tmp_path, monkeypatch, caplog):
+    stats = pd.read_csv(prepared / "masks" / "stats.csv", keep_default_na=False)
+    for column in ("solidity", "touches_border", "red_cell_share", "nucleus_share",
+                   "failed_checks"):
+        assert column in stats
+    named = {name for failed in stats["failed_checks"] for name in failed.split(";") if name}
+    assert named <= set(masks.CHECKS)
+    stats["failed_checks"] = ""
+    stats.loc[0, "failed_checks"] = "border;red-cell"
+    captions: list[tuple[str, str]] = []
+    original = Figure.savefig
+
+    def recording(figure, *args, **kwargs):
+        captions.extend((ax.get_title(), ax.title.get_color()) for ax in figure.axes)
+        return original(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
+    masks.draw_gallery(stats, prepared / "raw" / "images", prepared / "masks",
+                       tmp_path / "gallery.png", per_class=2)
+    flagged = [(text, colour) for text, colour in captions if "flagged: border, red-cell" in text]
+    assert flagged and all(colour == "red" for _, colour in flagged)
+    assert any(text.startswith(f"{stats.loc[0, 'label']}: flagged") for text, _ in flagged)
+    assert all(colour == "black" for text, colour in captions if text == "ok")
+    with caplog.at_level("INFO", logger="pipeline.masks"):
+        masks.log_flagged(stats)
+    assert f"of {len(stats)} masks flagged" in caplog.text and "red-cell" in caplog.text
+
+
+def test_tile_label_names_the_status_or_the_failed_checks():
+    row = pd.DataFrame({"status": ["ok", "empty", "ok"],
+                        "failed_checks": ["", "area", "nucleus-only;border"]})
+    labels = [masks.tile_label(r) for r in row.itertuples()]
+    assert labels == [("ok", False), ("empty\nflagged: area", True),
+                      ("flagged: nucleus-only, border", True)]

@@ -274,17 +274,22 @@ def _dvc(cwd: Path, *args: str) -> str:
     return result.stdout + result.stderr
 
 
+ALWAYS_RUN = ("source", "external")  # fingerprints of folders outside the repository
+
+
 def _status(cwd: Path) -> dict:
-    """``dvc status``, less the ``source`` stage, which is always changed by design."""
+    """``dvc status``, less the fingerprint stages, which are always changed by design."""
     status = json.loads(_run([*DVC, "status", "--json"], cwd).stdout or "{}")
-    assert status.pop("source", ["always changed"]) == ["always changed"], status
+    for stage in ALWAYS_RUN:
+        assert status.pop(stage, ["always changed"]) == ["always changed"], status
     return status
 
 
 def _ran(output: str) -> set[str]:
-    """The stages a ``dvc repro`` ran, less ``source``, which runs every time by design."""
+    """The stages a ``dvc repro`` ran, less the fingerprint stages, which run every time by
+    design."""
     return {line.split("'")[1] for line in output.splitlines()
-            if line.startswith("Running stage")} - {"source"}
+            if line.startswith("Running stage")} - set(ALWAYS_RUN)
 
 
 def _edit_params(path: Path, edit) -> None:
@@ -419,6 +424,50 @@ def test_local_data_changes_rerun_download_and_after(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_cross_validation_leaves_the_main_models_alone(tiny_run, tmp_path):
+    """Turning folds on makes only the folds stage and the cross-validation stages stale:
+    data/split, the main models, their evaluations and the ensemble stay as they are."""
+    repo, model = _copy_run(tiny_run, tmp_path), "mobilenet_attention"
+    split = (repo / "data" / "split" / "train.csv").read_bytes()
+    _edit_params(repo / "params.yaml", lambda p: (p["split"].update(folds=[0, 1]),
+                                                  p["crossval"].update(models=[model])))
+    stale = set(_status(repo))
+    assert "folds" in stale and f"cv_train@{model}-1" in stale, stale
+    assert all(name.startswith(("folds", "cv_", "crossval@")) for name in stale), stale
+    assert _ran(_dvc(repo, "repro", "folds")) == {"folds"}
+    assert sorted(p.name for p in (repo / "data" / "folds").iterdir() if p.is_dir()) == ["0", "1"]
+    assert (repo / "data" / "split" / "train.csv").read_bytes() == split
+    assert all(name.startswith(("cv_", "crossval@")) for name in _status(repo))
+    assert _ran(_dvc(repo, "repro", f"crossval@{model}")) == {
+        f"{stage}@{model}-{fold}" for stage in ("cv_train", "cv_evaluate") for fold in (0, 1)
+    } | {f"crossval@{model}"}
+    pooled = (repo / "data" / "crossval" / model / "out_of_fold_predictions.csv").read_text()
+    split_images = sum(len((repo / "data" / "split" / f"{part}.csv").read_text().splitlines()) - 1
+                       for part in ("train", "val", "test"))
+    assert len(pooled.splitlines()) - 1 == split_images  # every image tested once
+    assert _status(repo) == {}
+    _edit_params(repo / "params.yaml", lambda p: (p["split"].update(folds=[]),  # off again
+                                                  p["crossval"].update(models=[])))
+    assert set(_status(repo)) == {"folds"}
+
+
+@pytest.mark.slow
+def test_edited_external_set_reruns_its_evaluation_only(tiny_run, tmp_path):
+    """An external set is a dependency the way data.source is: an untouched one reruns nothing,
+    an edited image reruns the evaluation that scores it, never training."""
+    repo, cells = _copy_run(tiny_run, tmp_path), _cells(tmp_path / "cells")
+    _edit_params(repo / "params.yaml", lambda p: p["evaluate"].update(external=[str(cells)]))
+    evaluation = "evaluate@mobilenet_attention"
+    assert _ran(_dvc(repo, "repro", evaluation)) == {evaluation}  # a new param: expected
+    assert _ran(_dvc(repo, "repro", evaluation)) == set()  # untouched set: nothing reruns
+    edited = sorted((cells / "monocyte").iterdir())[0]
+    edited.write_bytes(sorted((cells / "platelet").iterdir())[0].read_bytes())  # same name
+    assert _ran(_dvc(repo, "repro", evaluation)) == {evaluation}
+    assert not any(name.startswith(("train@", "download", "masks", "split", "folds"))
+                   for name in _status(repo))
+
+
+@pytest.mark.slow
 def test_fresh_clone_without_cache(tiny_run, tmp_path):
     """A git clone has no DVC cache and no remote: plot diffs and one-stage experiments work."""
     clone = tmp_path / "clone"
@@ -463,14 +512,14 @@ def test_queued_sweep_runs_both_points(tiny_run, tmp_path):
     for experiment in experiments:
         evaluation = experiment["metrics"]["metrics/mobilenet_attention/eval.json"]
         assert 0.0 <= evaluation["macro_f1"] <= 1.0
-        assert "mobilenet_attention" in experiment["metrics"]["metrics/summary.json"]
-    trainings = [e["metrics"]["metrics/mobilenet_attention/train.json"] for e in experiments]
-    assert trainings[0]["image_size"] != trainings[1]["image_size"]
+        assert "macro_f1" in experiment["metrics"]["metrics/ensemble/eval.json"]
+        # training records are plain outputs, not metrics: the metrics are quality figures
+        assert "metrics/mobilenet_attention/train.json" not in experiment["metrics"]
     # the untouched models' results are reused from the baseline, not retrained
-    baseline = json.loads((repo / "metrics/xception_attention/train.json").read_text())
+    baseline = json.loads((repo / "metrics/xception_attention/eval.json").read_text())
     for experiment in experiments:
-        assert experiment["metrics"]["metrics/xception_attention/train.json"] == baseline
+        assert experiment["metrics"]["metrics/xception_attention/eval.json"] == baseline
 
     table = _run([*DVC, "exp", "show", "--csv", "--sort-by",
-                  "metrics/summary.json:ensemble.macro_f1", "--sort-order", "desc"], repo).stdout
+                  "metrics/ensemble/eval.json:macro_f1", "--sort-order", "desc"], repo).stdout
     assert all(e["name"] in table for e in experiments), table

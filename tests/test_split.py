@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from pipeline.split import SplitError, assign_folds, assign_parts, find_groups, fold_count
+from pipeline.data import read_split
+from pipeline.errors import USER_ERROR_EXIT, run_entry_point
+from pipeline.io import write_csv
+from pipeline.split import (
+    PARTS,
+    SplitConfig,
+    SplitError,
+    assign_folds,
+    assign_parts,
+    find_groups,
+    fold_count,
+    fold_dataset,
+    split_dataset,
+)
 
 
 def _manifest(per_class: int = 20, classes=("a", "b", "c"), source_split: str = "") -> pd.DataFrame:
@@ -98,3 +114,73 @@ def test_one_fold_is_refused():
     groups, _ = find_groups(manifest, None, -1, None)
     with pytest.raises(SplitError, match="at least 2 folds"):
         assign_folds(manifest, groups, 1, val=0.1, seed=0)
+
+
+def _split_parts(tmp_path, manifest: pd.DataFrame, config: SplitConfig) -> dict[str, pd.DataFrame]:
+    """``manifest`` split, written and read back as the split and folds stages do."""
+    for name, rows in split_dataset(manifest, tmp_path / "images", config).parts.items():
+        write_csv(tmp_path / "split" / f"{name}.csv", rows)
+    return {name: read_split(tmp_path / "split", name) for name in PARTS}
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_folds_come_from_the_split_and_leave_it_alone(tmp_path, seed):
+    """The split is the same with folds on or off; the folds stage deals its images out by the
+    groups it recorded (identical bytes stay in one part of every fold)."""
+    manifest = _manifest(25)
+    manifest.loc[3, "sha256"] = manifest.loc[9, "sha256"]
+    off = SplitConfig(seed=seed, near_duplicate_distance=-1)
+    on = SplitConfig(folds=(0, 1, 2, 3, 4), seed=seed, near_duplicate_distance=-1)
+    parts = _split_parts(tmp_path, manifest, off)
+    assert all(parts[name].equals(_split_parts(tmp_path / "on", manifest, on)[name])
+               for name in PARTS)
+    assert fold_dataset(parts, off) == []
+    folds = fold_dataset(parts, on)
+    assert len(folds) == 5
+    tested = pd.concat([fold["test"] for fold in folds])
+    assert sorted(tested["path"]) == sorted(manifest["path"])  # each image tested exactly once
+    twins = set(manifest.loc[[3, 9], "path"])
+    for fold in folds:
+        assert [name for name in PARTS if twins & set(fold[name]["path"])] in (
+            ["train"], ["val"], ["test"])
+        assert all((fold[name]["label"].value_counts() > 0).all() for name in PARTS)
+    again = fold_dataset(parts, on)
+    assert all(a[name].equals(b[name]) for a, b in zip(folds, again, strict=True)
+               for name in PARTS)
+
+
+def test_folds_of_a_split_without_groups_are_refused(tmp_path):
+    parts = _split_parts(tmp_path, _manifest(), SplitConfig(near_duplicate_distance=-1))
+    config = SplitConfig(folds=(0, 1, 2), near_duplicate_distance=-1)
+    for damaged in ({name: rows.drop(columns="group") for name, rows in parts.items()},
+                    {**parts, "val": parts["val"].assign(group=None)}):
+        with pytest.raises(SplitError, match="run the split stage again"):
+            fold_dataset(damaged, config)
+
+
+def test_folds_stage_on_a_split_without_groups_exits_2_with_one_line(tmp_path, monkeypatch,
+                                                                    capsys):
+    """The folds stage on a split made before groups were recorded: one line, exit 2, nothing
+    written; on the split as the split stage now writes it, the folds and a summary."""
+    from stages import folds as folds_stage
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["split"]["folds"] = [0, 1, 2]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    parts = _split_parts(tmp_path / "data", _manifest(), SplitConfig(near_duplicate_distance=-1))
+    for name, rows in parts.items():
+        write_csv(tmp_path / "data" / "split" / f"{name}.csv", rows.drop(columns="group"))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert run_entry_point(folds_stage.main) == USER_ERROR_EXIT
+    refused = capsys.readouterr().err
+    assert refused.count("\n") == 1 and refused.startswith("error: "), refused
+    assert "run the split stage again" in refused
+    assert not (tmp_path / "data" / "folds").exists()
+
+    for name, rows in parts.items():
+        write_csv(tmp_path / "data" / "split" / f"{name}.csv", rows)
+    assert run_entry_point(folds_stage.main) == 0
+    written = sorted(p.relative_to(tmp_path / "data" / "folds").as_posix()
+                     for p in (tmp_path / "data" / "folds").rglob("*.csv"))
+    assert written == [f"{fold}/{name}.csv" for fold in range(3) for name in sorted(PARTS)]
