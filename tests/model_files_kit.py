@@ -7,18 +7,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
-from PIL import Image
 from safetensors.torch import save_file
+from test_hostile import CLASSES, cell_image, class_tree  # noqa: F401 - shared builders
 
 from pipeline.data import Preprocess
 from pipeline.masks import MaskParams
 from pipeline.model_file import CHECKPOINT_FORMAT, METADATA_KEY
 from pipeline.models import ModelConfig, build_model, save_checkpoint
 
-CLASSES = ["eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 TINY = ModelConfig("mobilenetv2_100", image_size=48, embed_dim=32, heads=2)
 
 
@@ -60,19 +58,3 @@ def crafted_onnx(path: Path, metadata: Any) -> Path:
     onnx.helper.set_model_props(model, {"wbc": json.dumps(metadata)})
     onnx.save(model, str(path))
     return path
-
-
-def cell_image(path: Path, seed: int = 0) -> Path:
-    """A small, valid, non-blank RGB image."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
-    return path
-
-
-def class_tree(root: Path, per_class: int = 2) -> Path:
-    """``per_class`` images in a folder per class of CLASSES."""
-    for c, label in enumerate(CLASSES):
-        for i in range(per_class):
-            cell_image(root / label / f"{label}_{i}.png", seed=10 * c + i)
-    return root
