@@ -131,7 +131,7 @@ def _score(model: str, data: Any, config: Any) -> Any:
 
     from pipeline.evaluate import score_checkpoint
     from pipeline.leakage import ensemble_check
-    from pipeline.predict import resolve_model
+    from pipeline.scoring import resolve_model
 
     tree = resolve_model(model)
     scored = {path: score_checkpoint(path, data, config, localise=not tree.members)
@@ -153,7 +153,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.data.suffix == ".csv":
         inputs.append(args.data.parent / "images")
     check_output(args.output, inputs, folder=True)
-    from pipeline.evaluate import EvaluateConfig, external_set, write_evaluation
+    from pipeline.eval_sets import EvaluateConfig, external_set
+    from pipeline.reports import write_evaluation
 
     config = EvaluateConfig(batch_size=args.batch_size, tta=args.tta, device=args.device,
                             ignore_unknown_classes=args.ignore_unknown, mistakes=18,
