@@ -21,7 +21,7 @@ COLUMNS = {
     "ece": "ECE",
     "ece_uncalibrated": "ECE (uncal.)",
     "attention_in_cell": "attention in cell",
-    "gradcam_in_cell": "Grad-CAM in cell",
+    "gradcam_in_cell": "Grad-CAM (HiResCAM) in cell",
     "cell_area": "cell area (chance)",
 }
 CHARTED = ("accuracy", "balanced_accuracy", "macro_f1")  # in summary.png, with their intervals

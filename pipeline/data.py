@@ -1,13 +1,15 @@
 """Images as the models see them: mask modes, resizing, caching and augmentation.
 
 Every image is decoded, masked (``mask_mode``) and resized once per run into a uint8 tensor held
-in memory; augmentation (torchvision transforms v2) then runs on those small tensors, which keeps
-the data loader far ahead of CPU training.
+in memory (memory-mapped past a size: ``load_prepared``); augmentation (torchvision transforms
+v2) then runs on those small tensors, which keeps the data loader far ahead of CPU training.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -164,11 +166,11 @@ def prepare_or_reason(job: tuple[Path, Path | None, Preprocess, MaskParams]
         return one_line(error)
 
 
-def prepare_all(paths: list[Path], prep: Preprocess, mask_files: list[Path] | None = None,
-                mask_params: MaskParams | None = None, desc: str = "load",
-                workers: int | None = None) -> list[np.ndarray | str]:
-    """Decode, mask and resize every file in parallel: its ``image_size`` uint8 RGB array, or
-    the one-line reason it cannot be read.
+def prepare_each(paths: list[Path], prep: Preprocess, mask_files: list[Path] | None = None,
+                 mask_params: MaskParams | None = None, desc: str = "load",
+                 workers: int | None = None) -> Iterator[np.ndarray | str]:
+    """Decode, mask and resize every file in parallel, yielding in order each one's
+    ``image_size`` uint8 RGB array or the one-line reason it cannot be read.
 
     Masks come from ``mask_files`` (the mask stage's output) or, without them, are computed on
     the fly with ``mask_params`` (images from outside the pipeline).
@@ -177,8 +179,15 @@ def prepare_all(paths: list[Path], prep: Preprocess, mask_files: list[Path] | No
     jobs = [(path, mask, prep, mask_params or MaskParams())
             for path, mask in zip(paths, files, strict=True)]
     with opencv_threads(1), process_pool(workers) as pool:
-        return list(tqdm(pool.map(prepare_or_reason, jobs, chunksize=16), total=len(jobs),
-                         desc=desc, unit="img", leave=False))
+        yield from tqdm(pool.map(prepare_or_reason, jobs, chunksize=16), total=len(jobs),
+                        desc=desc, unit="img", leave=False)
+
+
+def prepare_all(paths: list[Path], prep: Preprocess, mask_files: list[Path] | None = None,
+                mask_params: MaskParams | None = None, desc: str = "load",
+                workers: int | None = None) -> list[np.ndarray | str]:
+    """Every result of :func:`prepare_each`, as a list."""
+    return list(prepare_each(paths, prep, mask_files, mask_params, desc, workers))
 
 
 def stack_images(arrays: list[np.ndarray]) -> torch.Tensor:
@@ -186,15 +195,34 @@ def stack_images(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def image_store(count: int, side: int, in_memory_max_mb: float) -> np.ndarray:
+    """An empty uint8 array (count, 3, side, side): in memory up to ``in_memory_max_mb``, else
+    mapped onto a temporary file (in ``TMPDIR``) that the system deletes once it is released."""
+    shape = (count, 3, side, side)
+    if math.prod(shape) <= in_memory_max_mb * 2**20:
+        return np.empty(shape, np.uint8)
+    with tempfile.NamedTemporaryFile(prefix="wbc-images-", suffix=".u8") as backing:
+        # the mapping outlives the name: nothing is left on disk, whatever ends the process
+        return np.memmap(backing, np.uint8, "w+", shape=shape)
+
+
 def load_prepared(paths: list[Path], prep: Preprocess, mask_files: list[Path] | None = None,
                   mask_params: MaskParams | None = None, workers: int | None = None,
-                  desc: str = "load") -> torch.Tensor:
-    """Every one of ``paths`` prepared (see ``prepare_all``), as one uint8 tensor (N, 3, S, S);
-    an unreadable file is an error naming it."""
-    prepared = prepare_all(paths, prep, mask_files, mask_params, desc, workers)
-    if reasons := [item for item in prepared if isinstance(item, str)]:
+                  desc: str = "load", in_memory_max_mb: float = math.inf) -> torch.Tensor:
+    """Every one of ``paths`` prepared (see ``prepare_each``), as one uint8 tensor (N, 3, S, S)
+    filled as the images arrive (memory-mapped past ``in_memory_max_mb``); an unreadable file is
+    an error naming it."""
+    store = image_store(len(paths), prep.image_size, in_memory_max_mb)
+    reasons = []
+    for index, item in enumerate(prepare_each(paths, prep, mask_files, mask_params, desc,
+                                              workers)):
+        if isinstance(item, str):
+            reasons.append(item)
+        else:
+            store[index] = item.transpose(2, 0, 1)
+    if reasons:
         raise PipelineError(f"{reasons[0]} ({len(reasons)} of {len(paths)} images unreadable)")
-    return stack_images(prepared)
+    return torch.from_numpy(store)
 
 
 def prepare_mask(mask: np.ndarray, prep: Preprocess, image: np.ndarray | None = None

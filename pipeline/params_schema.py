@@ -189,6 +189,7 @@ class Recipe(TypedDict, total=False):
     channels_last: bool
     compile: bool
     num_workers: Annotated[int, _between(0, 256)] | Literal["auto"]
+    in_memory_max_mb: Annotated[float, _between(0, 2**30)]
     seed: Seed
     temperature_scaling: bool
     distributed: Switch
@@ -199,6 +200,7 @@ class Recipe(TypedDict, total=False):
     red_cell_crop: Annotated[float, _between(0, 100, low_open=True)] | None
     cell_stain_normalise: bool
     refit: bool
+    resume: bool
 
 
 @with_config(_STRICT)

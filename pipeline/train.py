@@ -68,6 +68,14 @@ from pipeline.models import (
     save_checkpoint,
     token_cover,
 )
+from pipeline.resume import (
+    clear_state,
+    load_state,
+    random_state,
+    restore_random_state,
+    run_key,
+    save_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +112,9 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     num_workers: int | str = "auto"
+    # the decoded training and validation images are held in memory up to this size, beyond it
+    # in a memory-mapped temporary file (100,000 images at 160 px: 7.7 GB)
+    in_memory_max_mb: float = 8192
     seed: int = 0
     temperature_scaling: bool = True
     distributed: str | bool = "auto"
@@ -117,6 +128,9 @@ class TrainConfig:
     # on train + validation for that many epochs and keep those weights (and the temperature
     # fitted on validation in the first run)
     refit: bool = False
+    # continue an interrupted run after its last finished epoch (same params, split and code):
+    # the state is saved after every validated epoch (``pipeline.resume``)
+    resume: bool = True
     # The recipe's keys that a backbone starting from random weights (no pretrained weights
     # found) trains with instead, as written: a recipe tuned to fine-tune ImageNet features does
     # not train one from scratch. Nothing else in the recipe is ever changed in code.
@@ -130,7 +144,7 @@ class TrainConfig:
                              f"not {self.distributed!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), not {self.ema_decay}")
-        keys = {f.name for f in dataclasses.fields(self)} - {"random_init"}
+        keys = {f.name for f in dataclasses.fields(self)} - {"random_init", "resume"}
         if unknown := sorted(set(self.random_init) - keys):
             raise ValueError(f"train.random_init may set recipe keys only, not {unknown}")
         guidance = self.mask_guidance
@@ -281,16 +295,18 @@ def _seed_everything(seed: int) -> None:
 
 def build_datasets(rows: dict[str, pd.DataFrame], classes: list[str], prep: Preprocess,
                    images_dir: Path, masks_dir: Path, mask_params: MaskParams,
-                   with_masks: bool = False) -> tuple[CellDataset, CellDataset]:
+                   with_masks: bool = False, in_memory_max_mb: float = math.inf
+                   ) -> tuple[CellDataset, CellDataset]:
     """The training images (augmented on access; with their cell masks if ``with_masks``) and
-    the validation images, prepared once."""
+    the validation images, prepared once (memory-mapped past ``in_memory_max_mb`` a part)."""
     index = {label: i for i, label in enumerate(classes)}
     datasets = []
     for part, transform in (("train", train_transform(prep)), ("val", eval_transform(prep))):
         paths = list(rows[part]["path"])
         images = [images_dir / p for p in paths]
         mask_files = [mask_path(masks_dir, p) for p in paths]
-        prepared = load_prepared(images, prep, mask_files, mask_params)
+        prepared = load_prepared(images, prep, mask_files, mask_params, desc=f"load {part}",
+                                 in_memory_max_mb=in_memory_max_mb)
         labels = torch.tensor(rows[part]["label"].map(index).to_numpy())
         masks = None
         if with_masks and part == "train":
@@ -488,7 +504,8 @@ def set_up(name: str, model_config: ModelConfig, config: TrainConfig, mask_param
                        weight_source, config.random_init)
     prep = Preprocess(model_config.image_size, **data_config(model), **config.preprocess_settings())
     train_set, val_set = build_datasets(rows, classes, prep, images_dir, masks_dir, mask_params,
-                                        with_masks=config.mask_guidance > 0)
+                                        with_masks=config.mask_guidance > 0,
+                                        in_memory_max_mb=config.in_memory_max_mb)
     train_loader, val_loader = build_loaders(train_set, val_set, config, runtime)
     model.to(runtime.device)
     if config.channels_last:
@@ -502,19 +519,29 @@ def set_up(name: str, model_config: ModelConfig, config: TrainConfig, mask_param
 
 def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_params: MaskParams,
                 split_dir: Path, images_dir: Path, masks_dir: Path, out_dir: Path,
-                metrics_path: Path, live_dir: Path, resources_path: Path | None = None
-                ) -> dict[str, Any]:
+                metrics_path: Path, live_dir: Path, resources_path: Path | None = None,
+                resume_path: Path | None = None) -> dict[str, Any]:
     """Train one model end to end and write its checkpoint, metrics and DVCLive logs.
 
     Timings, throughput and memory go to ``resources_path`` (default: beside the metrics, as
-    ``train_resources.json``), not to the metrics, so that metric diffs show quality only."""
+    ``train_resources.json``), not to the metrics, so that metric diffs show quality only. With
+    ``resume_path`` (and ``config.resume``), the state saved there after each epoch lets an
+    interrupted run continue where it stopped."""
     runtime = start_runtime(config)
     _seed_everything(config.seed)
     clock = Throughput()
     rows = {part: read_split(split_dir, part) for part in ("train", "val")}
     run = set_up(name, model_config, config, mask_params, rows, images_dir, masks_dir, runtime)
+    saving = None
+    if resume_path is not None and config.resume:
+        settings = [name, asdict(model_config), {**asdict(config), "resume": True},
+                    asdict(mask_params), runtime.world_size]
+        files = [split_dir / f"{part}.csv" for part in rows]
+        masks = {mask_path(masks_dir, path) for part in rows.values() for path in part["path"]}
+        files += sorted(mask for mask in masks if mask.is_file())
+        saving = Saving(resume_path, run_key(settings, files))
     with _live_logs(live_dir, runtime) as live:
-        stopper, history = fit_with_early_stopping(name, run, runtime, clock, live)
+        stopper, history = fit_with_early_stopping(name, run, runtime, clock, live, saving)
         run.model.load_state_dict(stopper.state)
         temperature = _temperature(name, run, stopper)
         epochs_run = len(history)
@@ -533,6 +560,8 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
                                      history, seen, ingested_data(images_dir.parent))
             write_outputs(checkpoint, out_dir, metrics_path, resources_path)
             _end_live(live, stopper.record)
+            if saving is not None:
+                clear_state(saving.path)
     if runtime.distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -540,12 +569,13 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
 
 
 def _epochs(name: str, run: Run, epochs: int, runtime: Runtime, clock: Throughput,
-            phase: str = "epoch"):
-    """Train ``run`` epoch after epoch (at most ``epochs``); yield each epoch's number (from 0)
-    and training scores, its kept weights (the moving average when on) up to date."""
+            phase: str = "epoch", first: int = 0):
+    """Train ``run`` epoch after epoch (from ``first``, at most ``epochs``); yield each epoch's
+    number (from 0) and training scores, its kept weights (the moving average when on) up to
+    date."""
     config, model, fit = run.config, run.model, run.fit
-    for epoch in range(epochs):
-        if epoch in (0, config.freeze_epochs):
+    for epoch in range(first, epochs):
+        if epoch in (first, config.freeze_epochs):
             set_backbone_frozen(model, epoch < config.freeze_epochs)
             network = _wrap(model, config, runtime)
         epoch_start = time.perf_counter()
@@ -561,13 +591,27 @@ def _epochs(name: str, run: Run, epochs: int, runtime: Runtime, clock: Throughpu
         yield epoch, train_scores
 
 
-def fit_with_early_stopping(name: str, run: Run, runtime: Runtime, clock: Throughput, live
+@dataclass(frozen=True)
+class Saving:
+    """Where a run saves its state after each epoch, and the key of the run (``run_key``)."""
+
+    path: Path
+    key: str
+
+
+def fit_with_early_stopping(name: str, run: Run, runtime: Runtime, clock: Throughput, live,
+                            saving: Saving | None = None
                             ) -> tuple[EarlyStopping, list[dict[str, Any]]]:
     """Train, validating each epoch; return the best epoch (its weights and validation logits)
-    and every epoch's record."""
+    and every epoch's record. With ``saving``, the state is saved after each epoch, and a saved
+    state of the same run is picked up where it stopped."""
     config, fit, kept = run.config, run.fit, run.kept
     stopper, history = EarlyStopping(config.patience), []
-    for epoch, train_scores in _epochs(name, run, config.epochs, runtime, clock):
+    stopped = resume_run(saving, run, stopper, history, clock) if saving else False
+    for record in history:  # the epochs of the interrupted run, in the logs again
+        _log_epoch(live, record, name, config.epochs, runtime)
+    epochs = _epochs(name, run, config.epochs, runtime, clock, first=len(history))
+    for epoch, train_scores in () if stopped else epochs:
         val_scores, val = validate(kept, run.val_loader, run.val_labels, runtime, run.amp,
                                    config.channels_last, len(run.classes))
         stop_if_diverged(f"{name} epoch {epoch + 1}", config, val_scores)
@@ -575,12 +619,55 @@ def fit_with_early_stopping(name: str, run: Run, runtime: Runtime, clock: Throug
                   "lr": fit.optimizer.param_groups[-1]["lr"]}
         history.append(record)
         _log_epoch(live, record, name, config.epochs, runtime)
-        if stopper.should_stop(record, kept, val):
+        stopped = stopper.should_stop(record, kept, val)
+        if saving and runtime.is_main:
+            save_state(saving.path, saving.key, training_state(run, stopper, history, clock,
+                                                               stopped))
+        if stopped:
             if runtime.is_main:
                 logger.info("%s: early stop, no val macro-F1 gain for %d epochs", name,
                             config.patience)
             break
     return stopper, history
+
+
+def training_state(run: Run, stopper: EarlyStopping, history: list[dict[str, Any]],
+                   clock: Throughput, stopped: bool) -> dict[str, Any]:
+    """Everything the next epoch depends on, for ``pipeline.resume.save_state``."""
+    fit = run.fit
+    return {"model": run.model.state_dict(), "optimizer": fit.optimizer.state_dict(),
+            "ema": fit.ema.state_dict() if fit.ema is not None else None, "step": fit.step,
+            "best": {"epoch": stopper.epoch, "score": stopper.score, "record": stopper.record,
+                     "state": stopper.state, "val": stopper.val},
+            "history": history, "stopped": stopped,
+            "clock": [time.perf_counter() - clock.started, clock.train_seconds, clock.images],
+            "random": random_state(run.train_loader.generator)}
+
+
+def resume_run(saving: Saving, run: Run, stopper: EarlyStopping, history: list[dict[str, Any]],
+               clock: Throughput) -> bool:
+    """Load the saved state of this run, if any, into ``run``, ``stopper``, ``history`` and
+    ``clock``; return whether that run had already stopped early."""
+    state = load_state(saving.path, saving.key)
+    if state is None:
+        return False
+    fit = run.fit
+    run.model.load_state_dict(state["model"])
+    fit.optimizer.load_state_dict(state["optimizer"])
+    if fit.ema is not None:
+        fit.ema.load_state_dict(state["ema"])
+    fit.step = state["step"]
+    fit.scheduler.step_update(fit.step)
+    best = state["best"]
+    stopper.epoch, stopper.score, stopper.record = best["epoch"], best["score"], best["record"]
+    stopper.state, stopper.val = best["state"], best["val"]
+    history.extend(state["history"])
+    elapsed, clock.train_seconds, clock.images = state["clock"]
+    clock.started = time.perf_counter() - elapsed
+    restore_random_state(state["random"], run.train_loader.generator)
+    logger.info("%s: resuming after epoch %d of %d (%s)", saving.path, len(history),
+                run.config.epochs, "stopped early" if state["stopped"] else "continuing")
+    return state["stopped"]
 
 
 class TrainingDiverged(PipelineError):

@@ -15,6 +15,9 @@ from pipeline.masks import MaskParams
 from pipeline.models import ModelConfig, WeightsError
 from pipeline.train import TrainConfig, train_model
 
+# An interrupted run's state, outside DVC's outputs (which ``dvc repro`` deletes before a rerun)
+RESUME_DIR = Path(".cache/resume")
+
 
 def _outputs(name: str, fold: int | None) -> dict[str, Path]:
     """Where a model (or one fold's model) and its records go."""
@@ -22,11 +25,13 @@ def _outputs(name: str, fold: int | None) -> dict[str, Path]:
         return {"split_dir": Path("data/split"), "out_dir": Path("data/models") / name,
                 "metrics_path": Path("metrics") / name / "train.json",
                 "live_dir": Path("dvclive") / name,
-                "resources_path": Path("resources") / name / "train.json"}
+                "resources_path": Path("resources") / name / "train.json",
+                "resume_path": RESUME_DIR / name / "state.pt"}
     run = Path("data/cv") / name / str(fold) / "train"
     return {"split_dir": Path("data/folds") / str(fold), "out_dir": run / "model",
             "metrics_path": run / "train.json", "live_dir": run / "dvclive",
-            "resources_path": run / "resources.json"}
+            "resources_path": run / "resources.json",
+            "resume_path": RESUME_DIR / f"{name}-fold{fold}" / "state.pt"}
 
 
 def main(name: str, fold: int | None = None) -> None:

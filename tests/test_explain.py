@@ -168,3 +168,31 @@ def test_wbc_explain_single_model_and_ensemble(checkpoint, synthetic_folder, tmp
     assert not (tmp_path / "ens" / "member2").exists()
     assert wbc(["explain", str(checkpoint), str(tmp_path / "nothing"), "-o",
                 str(tmp_path / "x")]) == 1  # nothing readable
+
+
+class ReadsOneLocation(torch.nn.Module):
+    """A classifier whose scores read the feature map at its top-left location only, as an
+    attention head that attends to one token does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1),
+                                            torch.nn.ReLU())
+        self.backbone.feature_info = [{"module": "1"}]
+        self.head = torch.nn.Linear(8, 3)
+        with torch.no_grad():
+            self.head.weight.abs_()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images)[:, :, 0, 0])
+
+
+def test_the_gradient_map_shows_only_what_the_score_reads():
+    """Grad-CAM's averaged gradient spread such a model's map over the whole image (its mass in
+    the read block was chance, 1/16); the map must sit on the one location the score reads."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
+    maps = gradcam_maps(ReadsOneLocation(), images, PREP, targets=np.zeros(4, int))
+    read = np.zeros((32, 32), bool)
+    read[:8, :8] = True  # the read token's block (4 x 4 px), and the upsampling's reach
+    assert all(mass_in_mask(heat, read) > 0.95 for heat in maps)

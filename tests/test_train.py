@@ -8,15 +8,18 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from pipeline import data as data_module
 from pipeline import train as training
 from pipeline.config import ConfigError
 from pipeline.data import (
@@ -327,3 +330,27 @@ def test_masks_follow_the_augmentation(stain, contrast):
         assert moved.dtype == torch.uint8 and moved.shape == (1, 48, 48)
         assert brightness[moved[0] == 1].mean() > brightness[moved[0] == 0].mean() + contrast
         assert 0.5 < moved.float().sum() / mask.float().sum() < 1.5
+
+
+def test_memory_mapped_images_train_the_same_weights(prepared, tmp_path, monkeypatch):
+    """Past ``in_memory_max_mb`` the decoded images live in a memory-mapped file: the same
+    weights as in memory, and nothing left on disk."""
+    spill = tmp_path / "tmpdir"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    mapped_files = []
+    real_store = data_module.image_store
+
+    def store(*args):
+        array = real_store(*args)
+        mapped_files.append(isinstance(array, np.memmap))
+        assert not list(spill.iterdir()), "the mapped file keeps a name on disk"
+        return array
+
+    monkeypatch.setattr(data_module, "image_store", store)
+    run(prepared, tmp_path / "ram")
+    run(prepared, tmp_path / "mapped", recipe=replace(TINY_RECIPE, in_memory_max_mb=0))
+    assert mapped_files == [False, False, True, True]  # train and val, in memory then mapped
+    weights = [load_file(tmp_path / kind / "model" / "model.safetensors")
+               for kind in ("ram", "mapped")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
