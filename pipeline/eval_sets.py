@@ -28,6 +28,7 @@ class EvaluateConfig:
     options). ``device`` is not a params key: stages score on the best device found."""
 
     batch_size: int = 64
+    gradient_batch_size: int = 16  # images per Grad-CAM backward pass (its memory)
     tta: bool = False  # average the 8 flips/rotations
     external: tuple[str, ...] = ()  # other data sets scored beside the test split
     dataset: str | None = None  # None: the test split; else a folder / manifest.csv
@@ -47,8 +48,9 @@ class EvaluateConfig:
                 isinstance(k, str) and isinstance(v, str) for k, v in adapt.items()):
             raise ValueError(f"evaluate.adapt maps external set names to folders, not {adapt!r}")
         object.__setattr__(self, "adapt", dict(adapt))
-        if self.batch_size < 1:
-            raise ValueError(f"evaluate.batch_size must be at least 1, not {self.batch_size}")
+        for key in ("batch_size", "gradient_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"evaluate.{key} must be at least 1, not {getattr(self, key)}")
         if self.mistakes < 0:
             raise ValueError(f"evaluate.mistakes must be 0 or more, not {self.mistakes}")
         target = self.abstain_target_accuracy

@@ -98,7 +98,7 @@ def score_checkpoint(model_path: Path, data: EvalSet, config: EvaluateConfig,
     if localise and maps is not None:  # an ONNX export has no attention maps nor gradients
         localisation = explain.localise(
             model, images, maps, readable.paths, readable.mask_files, prep, mask_params, device,
-            config.batch_size, probabilities.argmax(1))
+            config.gradient_batch_size, probabilities.argmax(1))
     if validation is not None and model_file.summary.get("refit_on_val"):
         logger.info("%s trained on the validation images too (train.refit): no abstention "
                     "threshold nor ensemble temperature is fitted on them", model_file.name)
@@ -175,7 +175,8 @@ def score_external_sets(score: Callable[[str, EvalSet, str | None], Scored],
         for name, location, adapt_on in runs:
             logger.info("external set %s: %s", name, location)
             scored = score(name, external_set(Path(location)), adapt_on)
-            write_evaluation(scored, staging / name, staging / name / "eval.json", config)
+            write_evaluation(scored, staging / name, staging / name / "eval.json", config,
+                             data_name=name)
             results[name] = read_json(staging / name / "summary.json")
         write_json(staging / "index.json", {name: str(location) for name, location, _ in runs})
     return results

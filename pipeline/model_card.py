@@ -192,7 +192,7 @@ def _unseen_line(title: str, summary: dict[str, Any]) -> list[str]:
 
 def _unseen_lines(summary: dict[str, Any]) -> list[str]:
     """The checks of the test set and of every external set, then a blank line."""
-    lines = _unseen_line("test", summary) + [
+    lines = _unseen_line(summary.get("data_name", "test"), summary) + [
         line for set_name, external in summary.get("external", {}).items()
         for line in _unseen_line(f"external: {set_name}", external)]
     return [*lines, ""] if lines else []
@@ -201,7 +201,7 @@ def _unseen_lines(summary: dict[str, Any]) -> list[str]:
 def render_card(summary: dict[str, Any]) -> str:
     """The model card's Markdown, from ``summary.json`` (its external sets' rows included)."""
     card, training, name = summary.get("card", {}), summary["training"], summary["model"]
-    data = card.get("data", {})
+    data, scored_on = card.get("data", {}), summary.get("data_name", "test")
     recipe = card.get("recipe", {})
     lines = [f"# Model card: {name}", "",
              "## Intended use",
@@ -220,13 +220,13 @@ def render_card(summary: dict[str, Any]) -> str:
              "## Performance",
              "| data | images | accuracy | balanced accuracy | macro-F1 | ECE before -> after "
              "calibration |", "|---|---|---|---|---|---|",
-             *_metrics_rows("test", summary),
+             *_metrics_rows(scored_on, summary),
              *[row for set_name, external in summary.get("external", {}).items()
                for row in _metrics_rows(f"external: {set_name}", external)], "",
              *_unseen_lines(summary),
-             "Per-class recall (test): " + ", ".join(
+             f"Per-class recall ({scored_on}): " + ", ".join(
                  f"{r['class']} {r['recall']:.3f}" for r in card.get("per_class", [])), "",
-             "Most common confusions (test): " + (", ".join(
+             f"Most common confusions ({scored_on}): " + (", ".join(
                  f"{c['true']} -> {c['predicted']} ({c['images']})"
                  for c in card.get("confusions", [])) or "none"), ""]
     localisation = {k: summary["metrics"][k] for k in LOCALISATION_KEYS

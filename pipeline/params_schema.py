@@ -234,6 +234,7 @@ class Model(TypedDict, total=False):
 @with_config(_STRICT)
 class Evaluate(TypedDict, total=False):
     batch_size: Annotated[int, _between(1, 65_536)]
+    gradient_batch_size: Annotated[int, _between(1, 65_536)]
     tta: bool
     external: Text | Annotated[list[Text], Field(max_length=1000)]
     dataset: Text | None

@@ -52,7 +52,8 @@ def quality_metrics(headline: dict[str, Any]) -> dict[str, Any]:
 
 def write_evaluation(scored: Scored, out_dir: Path, metrics_path: Path, config: EvaluateConfig,
                      record_path: Path | None = None, raw_dir: Path | None = None,
-                     external: dict[str, Any] | None = None) -> dict[str, Any]:
+                     external: dict[str, Any] | None = None, data_name: str = "test"
+                     ) -> dict[str, Any]:
     """Compute metrics and write every evaluation output (see the module docstring).
 
     ``metrics_path`` gets the quality figures only (``quality_metrics``), with ``external``'s
@@ -73,7 +74,8 @@ def write_evaluation(scored: Scored, out_dir: Path, metrics_path: Path, config: 
         write_csv(out_dir / f"{name}.csv", table)
     abstention, curves = _abstention(scored, labels, config)
     with atomic_path(out_dir / "figures") as figures:
-        _write_figures(scored, labels, predicted, headline, plot_data, figures, config)
+        _write_figures(scored, labels, predicted, headline, plot_data, figures, config,
+                       data_name)
         if abstention:
             write_csv(out_dir / "risk_coverage.csv", curves["test"])
             abstain.risk_coverage_png(
@@ -84,7 +86,8 @@ def write_evaluation(scored: Scored, out_dir: Path, metrics_path: Path, config: 
                          if abstention["test"][k] is not None}
             headline["abstain_threshold"] = abstention["threshold"]
     write_json(out_dir / "summary.json", {
-        "model": scored.name, "metrics": headline, "training": scored.training,
+        "model": scored.name, "data_name": data_name, "metrics": headline,
+        "training": scored.training,
         "abstention": abstention, "adapted_on": scored.adapted_on,
         "unseen_check": scored.unseen_check,
         "card": card_facts(classes, labels, predicted, per_class, scored.recipe, raw_dir,
@@ -227,8 +230,9 @@ def _thumbnail(path: Path, size: int = 200) -> np.ndarray:
 
 def _write_figures(scored: Scored, labels: np.ndarray, predicted: np.ndarray,
                    headline: dict[str, Any], plot_data: dict[str, pd.DataFrame], figures: Path,
-                   config: EvaluateConfig) -> None:
-    classes, data, name = scored.classes, scored.data, figure_name(scored)
+                   config: EvaluateConfig, data_name: str) -> None:
+    classes, data = scored.classes, scored.data
+    name = f"{figure_name(scored)} on {data_name}"
     probabilities = scored.probabilities
     title = (f"{name}: accuracy {headline['accuracy']:.3f}, macro-F1 {headline['macro_f1']:.3f}"
              f" ({len(labels)} images)")
