@@ -22,12 +22,21 @@ import pandas as pd
 from pipeline import plots
 from pipeline.errors import InputError, one_line
 from pipeline.io import read_json, write_csv, write_json
-from pipeline.metrics import classification_metrics
+from pipeline.metrics import classification_metrics, quality_metrics
 from pipeline.metrics_ci import bootstrap_intervals, paired_difference
 
 logger = logging.getLogger(__name__)
 
 SPREAD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "ece")
+
+
+def cv_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The quality figures of a cross-validation for ``dvc metrics show``: the folds' mean, the
+    pooled out-of-fold scores and each external set's fold-average scores (spreads, intervals
+    and counts stay in the summary)."""
+    return {"fold_mean": summary["mean"], "out_of_fold": quality_metrics(summary["out_of_fold"]),
+            "external": {name: quality_metrics(result["fold_average"])
+                         for name, result in summary["external"].items()}}
 
 
 def score_predictions(predictions: pd.DataFrame, classes: list[str]
@@ -104,7 +113,9 @@ def read_fold_predictions(fold_dirs: list[Path]) -> tuple[list[pd.DataFrame], li
 
 def aggregate_folds(model: str, fold_dirs: list[Path], out_dir: Path, metrics_path: Path
                     ) -> dict[str, Any]:
-    """Write mean, std and pooled out-of-fold metrics, with a confusion matrix, for one model."""
+    """Write mean, std and pooled out-of-fold metrics, with a confusion matrix, for one model:
+    all of them to ``out_dir/summary.json`` (returned), and to ``metrics_path`` (the DVC metrics
+    file) what a reviewer compares (``cv_metrics``)."""
     frames, classes = read_fold_predictions(fold_dirs)
     fold_rows = [{"fold": fold, **score_predictions(frame, classes)[2]}
                  for fold, frame in enumerate(frames)]
@@ -132,7 +143,8 @@ def aggregate_folds(model: str, fold_dirs: list[Path], out_dir: Path, metrics_pa
         f"{model}: {len(frames)}-fold out-of-fold accuracy {out_of_fold['accuracy']:.3f} "
         f"({_right_of(labels, predicted)} images)", out_dir / "confusion.png")
     summary["external"] = aggregate_external(model, fold_dirs, classes, out_dir / "external")
-    write_json(metrics_path, summary)
+    write_json(out_dir / "summary.json", summary)
+    write_json(metrics_path, cv_metrics(summary))
     logger.info("%s: %d-fold accuracy %.4f ± %.4f, out-of-fold %.4f", model, len(frames),
                 summary["mean"]["accuracy"], summary["std"]["accuracy"], out_of_fold["accuracy"])
     return summary

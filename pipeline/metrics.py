@@ -145,3 +145,16 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
     optimizer.step(closure)
     return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+# What ``dvc metrics show`` compares, per model and per external set (at most 15 columns):
+# quality figures only; intervals, counts and settings go to the record file.
+QUALITY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "cohen_kappa",
+                "roc_auc_ovr", "ece", "attention_in_cell", "gradcam_in_cell", "abstain_coverage",
+                "abstain_accuracy", "restricted_accuracy", "restricted_balanced_accuracy",
+                "restricted_macro_f1")
+
+
+def quality_metrics(headline: dict[str, Any]) -> dict[str, Any]:
+    """The ``QUALITY_KEYS`` that ``headline`` holds, in that order (a DVC metrics file's)."""
+    return {key: headline[key] for key in QUALITY_KEYS if key in headline}

@@ -26,28 +26,17 @@ from pipeline.figures import model_title
 from pipeline.io import atomic_path, decode_image, write_csv, write_json
 from pipeline.metrics import (
     CALIBRATION_BINS,
+    QUALITY_KEYS,
     calibration_bins,
     classification_metrics,
     expected_calibration_error,
+    quality_metrics,
     restricted_predictions,
 )
 from pipeline.metrics_ci import bootstrap_intervals
 from pipeline.model_card import card_facts, write_model_card
 
 logger = logging.getLogger(__name__)
-
-
-# What ``dvc metrics show`` compares, per model and per external set (at most 15 columns):
-# quality figures only; intervals, counts and settings go to the record file.
-QUALITY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "cohen_kappa",
-                "roc_auc_ovr", "ece", "attention_in_cell", "gradcam_in_cell", "abstain_coverage",
-                "abstain_accuracy", "restricted_accuracy", "restricted_balanced_accuracy",
-                "restricted_macro_f1")
-
-
-def quality_metrics(headline: dict[str, Any]) -> dict[str, Any]:
-    """The ``QUALITY_KEYS`` that ``headline`` holds, in that order (a DVC metrics file's)."""
-    return {key: headline[key] for key in QUALITY_KEYS if key in headline}
 
 
 def write_evaluation(scored: Scored, out_dir: Path, metrics_path: Path, config: EvaluateConfig,

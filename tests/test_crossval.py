@@ -37,7 +37,11 @@ def test_aggregate_pools_folds_and_reports_the_spread(tmp_path):
     assert summary["out_of_fold"]["images"] == 8
     low, high = summary["out_of_fold_ci95"]["accuracy"]
     assert low <= 7 / 8 <= high < 1.0 + 1e-9
-    assert read_json(tmp_path / "cv.json") == summary
+    assert read_json(tmp_path / "out" / "summary.json") == summary
+    metrics = read_json(tmp_path / "cv.json")  # what dvc metrics show compares: quality only
+    assert metrics["fold_mean"] == summary["mean"] and metrics["external"] == {}
+    assert metrics["out_of_fold"]["accuracy"] == pytest.approx(7 / 8)
+    assert "images" not in metrics["out_of_fold"] and "std" not in metrics
     assert (tmp_path / "out" / "confusion.png").stat().st_size > 10_000
     assert len(pd.read_csv(tmp_path / "out" / "out_of_fold_predictions.csv")) == 8
 
@@ -68,7 +72,8 @@ def test_external_sets_scored_by_every_fold_model_are_averaged(tmp_path):
     averaged = pd.read_csv(tmp_path / "out" / "external" / "lab-b" / "fold_average_predictions.csv")
     assert averaged.loc[2, "p_c"] == pytest.approx((0.8 + 0.8 + 0.1) / 3)
     assert (tmp_path / "out" / "external" / "lab-b" / "confusion.png").stat().st_size > 10_000
-    assert read_json(tmp_path / "cv.json")["external"]["lab-b"] == lab
+    assert read_json(tmp_path / "out" / "summary.json")["external"]["lab-b"] == lab
+    assert read_json(tmp_path / "cv.json")["external"]["lab-b"]["accuracy"] == 1.0
     _external(folds[0], "lab-c", ["a", "b", "c", "c"])  # one fold scored a set the others did not
     with pytest.raises(ValueError, match="different external sets"):
         aggregate_folds("m", folds, tmp_path / "out", tmp_path / "cv.json")

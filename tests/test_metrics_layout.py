@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from matplotlib.figure import Figure
 
 from pipeline.evaluate import EvalSet, EvaluateConfig, Scored, ScoredValidation, write_evaluation
 from pipeline.io import read_json
-from pipeline.reports import QUALITY_KEYS
+from pipeline.metrics import QUALITY_KEYS
 
 CLASSES = ["lymphocyte", "monocyte", "neutrophil"]
 SETTINGS = EvaluateConfig(tta=False, mistakes=2, abstain_target_accuracy=0.8)
@@ -129,3 +130,20 @@ def test_model_title_marks_random_init_only():
                        ) == "m (random init)"
     assert model_title("m", {"weight_source": "imagenet (timm)"}) == "m"
     assert model_title("m", {"members": {"a": 0.5}}) == "m"  # an ensemble's record
+
+
+def test_top_level_plots_show_every_model():
+    """dvc.yaml's top-level plots name their files one by one (DVC expands no ``foreach``
+    there): every data-series plot must hold every model of params.yaml, and every model's
+    figures must be listed, so a model added to params.yaml without its plots fails here."""
+    root = Path(__file__).resolve().parent.parent
+    plots = yaml.safe_load((root / "dvc.yaml").read_text())["plots"]
+    models = list(yaml.safe_load((root / "params.yaml").read_text())["models"])
+    images = [entry for entry in plots if isinstance(entry, str)]
+    for entry in plots:
+        if isinstance(entry, dict):
+            (title, plot), = entry.items()
+            for model in models:
+                assert any(f"/{model}/" in path for path in plot["y"]), (title, model)
+    for model in models:
+        assert f"data/eval/{model}/figures/explain.png" in images, model

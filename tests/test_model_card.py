@@ -8,10 +8,10 @@ import pytest
 
 from pipeline.evaluate import EvalSet, EvaluateConfig, Scored, ScoredValidation, write_evaluation
 from pipeline.io import read_json
+from pipeline.metrics import quality_metrics
 from pipeline.metrics_ci import bootstrap_intervals
 from pipeline.model_card import render_card, reproduce_command
 from pipeline.model_file import data_fingerprint
-from pipeline.reports import quality_metrics
 
 CLASSES = ["lymphocyte", "monocyte", "neutrophil"]
 SETTINGS = EvaluateConfig(tta=False, mistakes=2, abstain_target_accuracy=0.9)
