@@ -534,12 +534,9 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
     run = set_up(name, model_config, config, mask_params, rows, images_dir, masks_dir, runtime)
     saving = None
     if resume_path is not None and config.resume:
-        settings = [name, asdict(model_config), {**asdict(config), "resume": True},
-                    asdict(mask_params), runtime.world_size]
-        files = [split_dir / f"{part}.csv" for part in rows]
-        masks = {mask_path(masks_dir, path) for part in rows.values() for path in part["path"]}
-        files += sorted(mask for mask in masks if mask.is_file())
-        saving = Saving(resume_path, run_key(settings, files))
+        saving = Saving(resume_path, run_key(
+            [name, asdict(model_config), asdict(config), asdict(mask_params), runtime.world_size],
+            _run_files(rows, split_dir, masks_dir)))
     with _live_logs(live_dir, runtime) as live:
         stopper, history = fit_with_early_stopping(name, run, runtime, clock, live, saving)
         run.model.load_state_dict(stopper.state)
@@ -589,6 +586,14 @@ def _epochs(name: str, run: Run, epochs: int, runtime: Runtime, clock: Throughpu
                                  runtime.device, run.amp, config.channels_last)
         stop_if_diverged(f"{name} {phase} {epoch + 1}", config, train_scores, model, run.kept)
         yield epoch, train_scores
+
+
+def _run_files(rows: dict[str, pd.DataFrame], split_dir: Path, masks_dir: Path) -> list[Path]:
+    """The files whose bytes identify a run's data: its split's CSVs (which hold every image's
+    sha256) and the mask files of its images."""
+    masks = {mask_path(masks_dir, path) for part in rows.values() for path in part["path"]}
+    return [*(split_dir / f"{part}.csv" for part in rows),
+            *sorted(mask for mask in masks if mask.is_file())]
 
 
 @dataclass(frozen=True)
