@@ -245,5 +245,5 @@ def _write_figures(scored: Scored, labels: np.ndarray, predicted: np.ndarray,
         explain.figure_for(scored.prepared, scored.localisation, scored.attention,
                            explain.sample_for_figure(labels, predicted, classes),
                            [classes[i] for i in predicted], probabilities.max(1), data.labels,
-                           f"{name}: where the model looks (attention rollout, Grad-CAM)",
+                           f"{name}: where the model looks (attention rollout, HiResCAM)",
                            figures / "explain.png")
