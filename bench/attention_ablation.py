@@ -21,7 +21,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.data import Preprocess, eval_transform, load_masks, load_prepared, read_split
+from pipeline.data import Preprocess, eval_transform, load_masks, load_prepared
 from pipeline.evaluate import held_out_set
 from pipeline.explain import (
     figure_for,
@@ -30,6 +30,7 @@ from pipeline.explain import (
     mean_scores,
     sample_for_figure,
 )
+from pipeline.io import read_split
 from pipeline.masks import MaskParams
 from pipeline.models import (
     ModelConfig,

@@ -16,7 +16,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -24,7 +23,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError, one_line, process_pool
-from pipeline.io import decode_image, opencv_threads, read_csv
+from pipeline.io import decode_image, opencv_threads
 from pipeline.masks import MaskParams, compute_mask
 from pipeline.transfer import (
     HedJitter,
@@ -291,8 +290,3 @@ class CellDataset(Dataset):
         image, mask = self.transform(tv_tensors.Image(self.images[index]),
                                      tv_tensors.Mask(self.masks[index]))
         return image.as_subclass(torch.Tensor), self.labels[index], mask.as_subclass(torch.Tensor)
-
-
-def read_split(split_dir: Path, part: str) -> pd.DataFrame:
-    """One part (train/val/test) of the split, as manifest rows."""
-    return read_csv(split_dir / f"{part}.csv", dtype={"sha256": str, "phash": str})

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from pipeline.config import as_tuple
-from pipeline.data import read_split
 from pipeline.errors import InputError
+from pipeline.io import read_split
 from pipeline.masks import mask_path
 from pipeline.sources import labelled_files
 

@@ -260,6 +260,11 @@ def read_csv(path: str | Path, **options: Any) -> pd.DataFrame:
     return _map_strings(frame, unescape_cell)
 
 
+def read_split(split_dir: Path, part: str) -> pd.DataFrame:
+    """One part (train/val/test) of the split, as manifest rows."""
+    return read_csv(split_dir / f"{part}.csv", dtype={"sha256": str, "phash": str})
+
+
 def read_json(path: str | Path) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -201,6 +201,7 @@ class Recipe(TypedDict, total=False):
     cell_stain_normalise: bool
     refit: bool
     resume: bool
+    resume_every_s: Annotated[float, _between(0, 1e9)]
 
 
 @with_config(_STRICT)

@@ -44,14 +44,13 @@ from pipeline.data import (
     eval_transform,
     load_masks,
     load_prepared,
-    read_split,
     train_transform,
 )
 from pipeline.device import autocast, numeric_mode, select_device, use_bf16
 from pipeline.environment import run_environment
 from pipeline.errors import PipelineError
 from pipeline.inference import predict_logits
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, read_split, write_json
 from pipeline.leakage import seen_record
 from pipeline.masks import MaskParams, mask_path
 from pipeline.metrics import fit_temperature, macro_f1
@@ -82,6 +81,9 @@ logger = logging.getLogger(__name__)
 # AdamW fine-tunes pretrained features; SGD with Nesterov momentum learned faster from scratch at
 # 64 px on the synthetic set (BENCHMARKS.md, "Random-init fallback"), but no default uses it yet.
 OPTIMIZERS = ("adamw", "sgd")
+
+
+RESUME_KEYS = ("resume", "resume_every_s")  # how a run is saved, not what it computes
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,9 @@ class TrainConfig:
     # fitted on validation in the first run)
     refit: bool = False
     # continue an interrupted run after its last finished epoch (same params, split and code):
-    # the state is saved after every validated epoch (``pipeline.resume``)
+    # the state is saved after every validated epoch (``pipeline.resume``)...
     resume: bool = True
+    resume_every_s: float = 60.0  # ...once this long has passed since the last save (0: every)
     # The recipe's keys that a backbone starting from random weights (no pretrained weights
     # found) trains with instead, as written: a recipe tuned to fine-tune ImageNet features does
     # not train one from scratch. Nothing else in the recipe is ever changed in code.
@@ -144,7 +147,7 @@ class TrainConfig:
                              f"not {self.distributed!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), not {self.ema_decay}")
-        keys = {f.name for f in dataclasses.fields(self)} - {"random_init", "resume"}
+        keys = {f.name for f in dataclasses.fields(self)} - {"random_init", *RESUME_KEYS}
         if unknown := sorted(set(self.random_init) - keys):
             raise ValueError(f"train.random_init may set recipe keys only, not {unknown}")
         guidance = self.mask_guidance
@@ -390,27 +393,10 @@ def train_one_epoch(network: nn.Module, model: AttentionClassifier, loader: Data
     loss_sum, correct, count = 0.0, 0, 0
     progress = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not runtime.is_main)
     for images, targets, *masks in progress:
-        images = images.to(runtime.device, non_blocking=True)
         targets = targets.to(runtime.device, non_blocking=True)
-        if config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(runtime.device, amp):
-            logits = network(images)
-            loss = fit.criterion(logits.float(), targets)
-        if masks:  # mask guidance: the class token's attention belongs on the cell
-            attention = model.last_attention.float()
-            cover = token_cover(masks[0].to(runtime.device), attention.shape[-2:])
-            loss = loss + config.mask_guidance * attention_outside_cell_loss(attention, cover)
-        fit.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        fit.optimizer.step()
-        fit.step += 1
-        if fit.ema is not None:
-            fit.ema.update(model, step=fit.step)
-        fit.scheduler.step_update(fit.step)
-        loss_sum += loss.item() * len(targets)
+        loss, logits = train_step(network, model, images, targets, masks, fit, config,
+                                  runtime.device, amp)
+        loss_sum += loss * len(targets)
         correct += (logits.argmax(1) == targets).sum().item()
         count += len(targets)
         progress.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}")
@@ -421,6 +407,34 @@ def train_one_epoch(network: nn.Module, model: AttentionClassifier, loader: Data
     scores = {"train_loss": float(totals[0] / totals[2]),
               "train_accuracy": float(totals[1] / totals[2])}
     return scores, int(totals[2])
+
+
+def train_step(network: nn.Module, model: AttentionClassifier, images: torch.Tensor,
+               targets: torch.Tensor, masks: list[torch.Tensor], fit: Optimisation,
+               config: TrainConfig, device: torch.device, amp: bool
+               ) -> tuple[float, torch.Tensor]:
+    """One optimiser step on a batch (``masks``: the cell masks when mask guidance is on);
+    the batch's loss and logits."""
+    images = images.to(device, non_blocking=True)
+    if config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        logits = network(images)
+        loss = fit.criterion(logits.float(), targets)
+    if masks:  # mask guidance: the class token's attention belongs on the cell
+        attention = model.last_attention.float()
+        cover = token_cover(masks[0].to(device), attention.shape[-2:])
+        loss = loss + config.mask_guidance * attention_outside_cell_loss(attention, cover)
+    fit.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    fit.optimizer.step()
+    fit.step += 1
+    if fit.ema is not None:
+        fit.ema.update(model, step=fit.step)
+    fit.scheduler.step_update(fit.step)
+    return loss.item(), logits
 
 
 def validate(model: nn.Module, loader: DataLoader, labels: torch.Tensor, runtime: Runtime,
@@ -534,8 +548,9 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
     run = set_up(name, model_config, config, mask_params, rows, images_dir, masks_dir, runtime)
     saving = None
     if resume_path is not None and config.resume:
+        settings = {key: value for key, value in asdict(config).items() if key not in RESUME_KEYS}
         saving = Saving(resume_path, run_key(
-            [name, asdict(model_config), asdict(config), asdict(mask_params), runtime.world_size],
+            [name, asdict(model_config), settings, asdict(mask_params), runtime.world_size],
             _run_files(rows, split_dir, masks_dir)))
     with _live_logs(live_dir, runtime) as live:
         stopper, history = fit_with_early_stopping(name, run, runtime, clock, live, saving)
@@ -608,11 +623,13 @@ def fit_with_early_stopping(name: str, run: Run, runtime: Runtime, clock: Throug
                             saving: Saving | None = None
                             ) -> tuple[EarlyStopping, list[dict[str, Any]]]:
     """Train, validating each epoch; return the best epoch (its weights and validation logits)
-    and every epoch's record. With ``saving``, the state is saved after each epoch, and a saved
-    state of the same run is picked up where it stopped."""
+    and every epoch's record. With ``saving``, the state is saved after an epoch once
+    ``config.resume_every_s`` have passed since the last save, and a saved state of the same run
+    is picked up where it stopped."""
     config, fit, kept = run.config, run.fit, run.kept
     stopper, history = EarlyStopping(config.patience), []
     stopped = resume_run(saving, run, stopper, history, clock) if saving else False
+    saved_at = time.perf_counter()
     for record in history:  # the epochs of the interrupted run, in the logs again
         _log_epoch(live, record, name, config.epochs, runtime)
     epochs = _epochs(name, run, config.epochs, runtime, clock, first=len(history))
@@ -625,9 +642,10 @@ def fit_with_early_stopping(name: str, run: Run, runtime: Runtime, clock: Throug
         history.append(record)
         _log_epoch(live, record, name, config.epochs, runtime)
         stopped = stopper.should_stop(record, kept, val)
-        if saving and runtime.is_main:
+        if saving and runtime.is_main and time.perf_counter() - saved_at >= config.resume_every_s:
             save_state(saving.path, saving.key, training_state(run, stopper, history, clock,
                                                                stopped))
+            saved_at = time.perf_counter()
         if stopped:
             if runtime.is_main:
                 logger.info("%s: early stop, no val macro-F1 gain for %d epochs", name,

@@ -5,9 +5,8 @@ import sys
 from pathlib import Path
 
 from pipeline.config import from_params
-from pipeline.data import read_split
 from pipeline.errors import run_entry_point
-from pipeline.io import atomic_path, load_params, write_csv, write_json
+from pipeline.io import atomic_path, load_params, read_split, write_csv, write_json
 from pipeline.split import PARTS, SplitConfig, fold_dataset, fold_summary
 
 SPLIT_DIR, FOLDS_DIR = Path("data/split"), Path("data/folds")

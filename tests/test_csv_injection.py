@@ -15,8 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_hostile import cell_image, tiny_checkpoint
 
-from pipeline.data import read_split
-from pipeline.io import csv_text, escape_cell, read_csv, unescape_cell, write_csv
+from pipeline.io import csv_text, escape_cell, read_csv, read_split, unescape_cell, write_csv
 from pipeline.sources.ingest import ingest
 from pipeline.sources.labels import normalize_label
 from pipeline.sources.layout import labelled_files

@@ -17,7 +17,6 @@ from pipeline import plots
 from pipeline import predict as predict_module
 from pipeline.cli import main as wbc
 from pipeline.compare import CompareConfig, compare
-from pipeline.data import read_split
 from pipeline.ensemble import (
     EnsembleConfig,
     combine_evaluations,
@@ -35,7 +34,7 @@ from pipeline.evaluate import (
     score_checkpoint,
     write_evaluation,
 )
-from pipeline.io import read_json, write_json
+from pipeline.io import read_json, read_split, write_json
 from pipeline.masks import MaskParams
 from pipeline.metrics import expected_calibration_error
 from pipeline.model_files import read_spec, write_fold_average, write_spec

@@ -20,7 +20,7 @@ MODEL = ModelConfig("mobilenetv2_100", image_size=48, embed_dim=32, heads=2)
 # moving average, mask guidance and a warmup: every piece of state an epoch hands to the next
 TRAIN_ONE_EPOCH = training.train_one_epoch
 RECIPE = TrainConfig(epochs=3, batch_size=16, lr=1e-3, patience=3, ema_decay=0.99,
-                     mask_guidance=0.3, warmup_epochs=1, backbone_lr_scale=0.1)
+                     mask_guidance=0.3, warmup_epochs=1, backbone_lr_scale=0.1, resume_every_s=0)
 
 
 def train(prepared: Path, out: Path, recipe: TrainConfig = RECIPE) -> dict:
@@ -104,3 +104,12 @@ def test_a_run_that_had_stopped_early_does_not_train_again(prepared, tmp_path, m
     trained = count_epochs(monkeypatch)
     summary = train(prepared, tmp_path, recipe)
     assert trained == [] and (summary["best_epoch"], summary["epochs_run"]) == (1, 3)
+
+
+def test_the_state_waits_for_its_interval(prepared, tmp_path, monkeypatch):
+    """``resume_every_s``: no save before that long has passed (the default run's epochs take
+    seconds; a save of Xception's state takes most of one)."""
+    count_epochs(monkeypatch, fail_at=2)
+    with pytest.raises(Interrupted):
+        train(prepared, tmp_path, replace(RECIPE, resume_every_s=3600))
+    assert not (tmp_path / "resume" / "state.pt").exists()

@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.data import read_split
 from pipeline.errors import USER_ERROR_EXIT, run_entry_point
-from pipeline.io import write_csv
+from pipeline.io import read_split, write_csv
 from pipeline.split import (
     PARTS,
     SplitConfig,

@@ -28,12 +28,12 @@ from pipeline.data import (
     eval_transform,
     load_masks,
     load_prepared,
-    read_split,
     train_transform,
 )
 from pipeline.device import amp_supported, use_bf16
 from pipeline.errors import PipelineError
 from pipeline.explain import localisation_scores
+from pipeline.io import read_split
 from pipeline.masks import MaskParams, mask_path
 from pipeline.models import ModelConfig, build_model, load_checkpoint
 from pipeline.train import TrainConfig, train_model
