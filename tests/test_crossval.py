@@ -10,9 +10,20 @@ import pandas as pd
 import pytest
 
 from pipeline.crossval import aggregate_folds, average_predictions
+from pipeline.errors import USER_ERROR_EXIT, run_entry_point
 from pipeline.io import read_json
 
 CLASSES = ["a", "b", "c"]
+
+
+def refusal(main, args: list[str], capsys) -> str:
+    """What a command-line tool prints when it refuses ``args``, run in this process as its
+    ``__main__`` runs it: exit code 2 and one line on stderr (each tool's real command line is
+    checked once as a subprocess)."""
+    assert run_entry_point(main, args) == USER_ERROR_EXIT
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    return stderr
 
 
 def _fold(tmp_path, fold: int, paths: list[str], labels: list[str], predicted: list[str]):
@@ -402,11 +413,13 @@ def test_recipes_give_no_recall_to_a_class_with_no_images(tmp_path):
     assert table.splitlines()[-1] == "| lite0 | 0.95 / 0.90 | - / 1.00 |"
 
 
-def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
+def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path, capsys):
     import shutil
     import subprocess
     import sys
     from pathlib import Path
+
+    from bench.cv_compare import main
 
     reference = _recipe(tmp_path, "reference", ["a", "b", "c", "a"],
                         [["a", "b", "b", "c"], ["a", "b", "b", "c"]])
@@ -452,15 +465,16 @@ def test_cv_compare_refuses_recipes_scored_on_other_images(tmp_path):
             ([f"r={reference},{no_folds}"], "without a fold column"),
             ([f"r={no_folds},{reference}"], "without a fold column"),
             ([f"r={reference},"], "NAME=RUN,RUN")):
-        run = subprocess.run([sys.executable, "-m", "bench.cv_compare", *recipes, "--json",
-                              str(tmp_path / "c.json")], capture_output=True, text=True,
-                             cwd=Path(__file__).parents[1])
-        assert run.returncode == 2, run.stderr
-        assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert message in refusal(main, [*recipes, "--json", str(tmp_path / "c.json")], capsys)
         assert not (tmp_path / "c.json").exists()
+    run = subprocess.run([sys.executable, "-m", "bench.cv_compare", f"r={reference}",
+                          f"o={other}", "--json", str(tmp_path / "c.json")],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "not scored on the same images" in run.stderr and not (tmp_path / "c.json").exists()
 
 
-def test_cv_ensemble_refuses_what_it_cannot_ensemble(tmp_path):
+def test_cv_ensemble_refuses_what_it_cannot_ensemble(tmp_path, capsys, monkeypatch):
     """Members that were not cross-validated, a lone member, folds off or a recipe to pair with
     that is not a predictions table: a one-line error before anything is written."""
     import subprocess
@@ -469,16 +483,16 @@ def test_cv_ensemble_refuses_what_it_cannot_ensemble(tmp_path):
 
     import yaml
 
+    from bench.cv_ensemble import main
+
     root = Path(__file__).parents[1]
     params = yaml.safe_load((root / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
 
-    def run(members: list[str], folds: list[int], *extra: str) -> subprocess.CompletedProcess:
+    def arguments(members: list[str], folds: list[int], *extra: str) -> list[str]:
         params["split"]["folds"] = folds
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-        return subprocess.run([sys.executable, "-m", "bench.cv_ensemble", *members, *extra,
-                               "--out", "out", "--json", "out.json"], cwd=tmp_path,
-                              capture_output=True, text=True, env={**os.environ,
-                                                                   "PYTHONPATH": str(root)})
+        return [*members, *extra, "--out", "out", "--json", "out.json"]
 
     for name in ("a", "b"):  # two members' folds, each with what the ensemble reads first
         for fold in (0, 1):
@@ -500,8 +514,10 @@ def test_cv_ensemble_refuses_what_it_cannot_ensemble(tmp_path):
             (["a", "b"], [0, 1], ["--pair-with", "nowhere.csv"], "nowhere.csv is missing"),
             (["a", "b"], [0, 1], ["--pair-with", "spoiled.csv"], "is not a number"),
             (["a", "b"], [0, 1], ["--pair-with", "elsewhere.csv"], "not scored on the same")):
-        result = run(members, folds, *extra)
-        assert result.returncode == 2, result.stderr
-        assert message in result.stderr and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+        assert message in refusal(main, arguments(members, folds, *extra), capsys)
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.json").exists()
+    result = subprocess.run([sys.executable, "-m", "bench.cv_ensemble",
+                             *arguments(["a", "b"], [])], cwd=tmp_path, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "split.folds is empty" in result.stderr and not (tmp_path / "out.json").exists()
