@@ -178,6 +178,7 @@ class Recipe(TypedDict, total=False):
     grad_clip: Annotated[float, _between(0, 1e6)]  # 0: off
     ema_decay: Annotated[float, _between(0, 1, high_open=True)]  # 0: off
     recompute_bn: bool
+    recompute_bn_images: Annotated[int, _between(1, 10_000_000)] | None
     patience: Annotated[int, _between(1, 10_000)]
     balance: Literal["none", "loss_weights", "sampler"]
     mask_mode: Literal["none", "crop", "suppress"]

@@ -102,6 +102,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.998  # 0: off; else validate and keep an exponential moving average
     recompute_bn: bool = False  # re-estimate batch-norm statistics of the kept weights each epoch
+    recompute_bn_images: int | None = None  # ...on the first batches reaching this many (None: all)
     patience: int = 4
     balance: str = "loss_weights"
     mask_mode: str = "crop"
@@ -597,10 +598,33 @@ def _epochs(name: str, run: Run, epochs: int, runtime: Runtime, clock: Throughpu
         clock.train_seconds += time.perf_counter() - epoch_start
         clock.images += images
         if config.recompute_bn:  # from scratch, the running averages lag behind the weights
-            reestimate_batchnorm(run.kept, (images for images, *_ in run.train_loader),
-                                 runtime.device, run.amp, config.channels_last)
+            with random_streams_kept(run.train_loader):
+                batches = first_images(run.train_loader, config.recompute_bn_images)
+                reestimate_batchnorm(run.kept, batches, runtime.device, run.amp,
+                                     config.channels_last)
         stop_if_diverged(f"{name} {phase} {epoch + 1}", config, train_scores, model, run.kept)
         yield epoch, train_scores
+
+
+def first_images(loader: DataLoader, count: int | None) -> Iterator[torch.Tensor]:
+    """The loader's image batches, up to the one that reaches ``count`` images (None: all)."""
+    seen = 0
+    for images, *_ in loader:
+        if count is not None and seen >= count:
+            return
+        yield images
+        seen += len(images)
+
+
+@contextmanager
+def random_streams_kept(loader: DataLoader) -> Iterator[None]:
+    """Within the block, draws from the generators an epoch uses (PyTorch's, NumPy's, the
+    loader's) are given back: an extra pass over the data leaves every later epoch as it was."""
+    state = random_state(loader.generator)
+    try:
+        yield
+    finally:
+        restore_random_state(state, loader.generator)
 
 
 def _run_files(rows: dict[str, pd.DataFrame], split_dir: Path, masks_dir: Path) -> list[Path]:

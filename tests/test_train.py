@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline import data as data_module
 from pipeline import train as training
@@ -354,3 +355,27 @@ def test_memory_mapped_images_train_the_same_weights(prepared, tmp_path, monkeyp
     weights = [load_file(tmp_path / kind / "model" / "model.safetensors")
                for kind in ("ram", "mapped")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize(("count", "sizes"), [(None, [4, 4, 2]), (4, [4]), (5, [4, 4]),
+                                              (100, [4, 4, 2])])
+def test_batch_norm_is_reestimated_on_the_first_batches_that_reach_the_count(count, sizes):
+    loader = DataLoader(TensorDataset(torch.arange(10.0), torch.zeros(10)), batch_size=4)
+    assert [len(images) for images in training.first_images(loader, count)] == sizes
+
+
+def test_an_extra_pass_over_the_data_leaves_the_random_draws_of_training_alone():
+    """The batch-norm pass draws shuffles and augmentations: with its draws given back, the
+    epochs after it see what they would have seen without it."""
+    def epoch_then_draws(extra_pass: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        np.random.seed(0)
+        loader = DataLoader(TensorDataset(torch.arange(10.0)), batch_size=4, shuffle=True,
+                            generator=torch.Generator().manual_seed(1))
+        if extra_pass:
+            with training.random_streams_kept(loader):
+                list(loader), torch.rand(3), np.random.rand(3)
+        return [*(batch for (batch,) in loader), torch.rand(3), torch.from_numpy(np.random.rand(3))]
+
+    assert all(torch.equal(a, b) for a, b in zip(epoch_then_draws(False), epoch_then_draws(True),
+                                                 strict=True))
