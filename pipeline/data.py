@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError, one_line, process_pool
 from pipeline.io import decode_image, opencv_threads
-from pipeline.masks import MaskParams, compute_mask
+from pipeline.masks import MaskParams, compute_mask, read_mask
 from pipeline.transfer import (
     HedJitter,
     crop_to_cell_scale,
@@ -149,7 +149,7 @@ def prepare_file(job: tuple[Path, Path | None, Preprocess, MaskParams]) -> np.nd
     image = decode_image(image_path)
     mask = None
     if mask_file is not None:
-        mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE)
+        mask = read_mask(mask_file)
     elif prep.mask_mode != "none":
         mask, _ = compute_mask(image, mask_params)
     return prepare_image(image, mask, prep)
@@ -241,7 +241,7 @@ def load_masks(paths: list[Path], mask_files: list[Path] | None, prep: Preproces
     for index, path in enumerate(tqdm(paths, desc="masks", unit="img", leave=False)):
         image = decode_image(path) if needs_image else None
         if mask_files is not None:
-            mask = cv2.imread(str(mask_files[index]), cv2.IMREAD_GRAYSCALE)
+            mask = read_mask(mask_files[index])
             if mask is None:
                 raise PipelineError(f"{mask_files[index]}: unreadable mask (rerun the masks stage)")
         else:

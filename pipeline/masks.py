@@ -19,7 +19,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.errors import process_pool
-from pipeline.io import atomic_path, decode_image, opencv_threads, write_csv
+from pipeline.io import (
+    ImageDecodeError,
+    atomic_path,
+    decode_image,
+    opencv_threads,
+    read_regular_file,
+    write_csv,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +258,16 @@ def mask_path(masks_dir: Path, image_relative: str) -> Path:
     return masks_dir / f"{image_relative}.png"
 
 
+def read_mask(path: Path) -> np.ndarray | None:
+    """A stored mask (grayscale uint8), or None where the file is missing or not an image;
+    quietly, where ``cv2.imread`` would print a warning for every missing file of a folder."""
+    try:
+        data = read_regular_file(path)
+    except (OSError, ImageDecodeError):
+        return None
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) if data else None
+
+
 def _mask_one(job: tuple[str, Path, Path, MaskParams]) -> dict[str, Any]:
     relative, images_dir, masks_dir, params = job
     mask, info = compute_mask(decode_image(images_dir / relative), params)
@@ -338,7 +355,7 @@ def draw_gallery(stats: pd.DataFrame, images_dir: Path, masks_dir: Path, out_pat
             if pick is None:
                 continue
             image = decode_image(images_dir / pick.path).copy()
-            mask = cv2.imread(str(mask_path(masks_dir, pick.path)), cv2.IMREAD_GRAYSCALE)
+            mask = read_mask(mask_path(masks_dir, pick.path))
             contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
             cv2.drawContours(image, contours, -1, (0, 220, 0), max(2, image.shape[0] // 120))
             ax.imshow(image)

@@ -379,3 +379,15 @@ def test_an_extra_pass_over_the_data_leaves_the_random_draws_of_training_alone()
 
     assert all(torch.equal(a, b) for a, b in zip(epoch_then_draws(False), epoch_then_draws(True),
                                                  strict=True))
+
+
+def test_missing_masks_stop_training_in_one_line_and_no_warning_per_file(prepared, tmp_path,
+                                                                          capfd):
+    """A masks folder that is not there: one error naming the cause, and not one OpenCV
+    warning per image before it (``cv2.imread`` prints one for every file it cannot open)."""
+    with pytest.raises(PipelineError, match="needs a mask") as raised:
+        train_model("tiny", TINY_MODEL, TINY_RECIPE, MaskParams(), prepared / "split",
+                    prepared / "raw" / "images", tmp_path / "no-masks", tmp_path / "model",
+                    tmp_path / "train.json", tmp_path / "live")
+    assert "\n" not in str(raised.value)
+    assert "WARN" not in capfd.readouterr().err and not (tmp_path / "model").exists()
