@@ -131,10 +131,11 @@ class TrainConfig:
     # on train + validation for that many epochs and keep those weights (and the temperature
     # fitted on validation in the first run)
     refit: bool = False
-    # continue an interrupted run after its last finished epoch (same params, split and code):
-    # the state is saved after every validated epoch (``pipeline.resume``)...
+    # continue an interrupted run after its last saved epoch (same params, split and code): the
+    # state is saved after a validated epoch (``pipeline.resume``) once ``resume_every_s`` have
+    # passed since the last save (0: after every epoch)
     resume: bool = True
-    resume_every_s: float = 60.0  # ...once this long has passed since the last save (0: every)
+    resume_every_s: float = 60.0
     # The recipe's keys that a backbone starting from random weights (no pretrained weights
     # found) trains with instead, as written: a recipe tuned to fine-tune ImageNet features does
     # not train one from scratch. Nothing else in the recipe is ever changed in code.
@@ -540,8 +541,8 @@ def train_model(name: str, model_config: ModelConfig, config: TrainConfig, mask_
 
     Timings, throughput and memory go to ``resources_path`` (default: beside the metrics, as
     ``train_resources.json``), not to the metrics, so that metric diffs show quality only. With
-    ``resume_path`` (and ``config.resume``), the state saved there after each epoch lets an
-    interrupted run continue where it stopped."""
+    ``resume_path`` (and ``config.resume``), the state saved there between epochs (at least
+    ``config.resume_every_s`` apart) lets an interrupted run continue after its last saved epoch."""
     runtime = start_runtime(config)
     _seed_everything(config.seed)
     clock = Throughput()
@@ -637,7 +638,7 @@ def _run_files(rows: dict[str, pd.DataFrame], split_dir: Path, masks_dir: Path) 
 
 @dataclass(frozen=True)
 class Saving:
-    """Where a run saves its state after each epoch, and the key of the run (``run_key``)."""
+    """Where a run saves its state between epochs, and the key of the run (``run_key``)."""
 
     path: Path
     key: str
